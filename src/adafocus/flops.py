@@ -1,0 +1,84 @@
+"""Multiply-adds per sub-network and per exit step, counted by running the modules under
+`torch.utils.flop_counter.FlopCounterMode` on meta tensors (no memory, no weights, no arithmetic).
+
+Units are GMACs (1e9 multiply-adds), which the paper and the official code call "GFLOPs". The
+counter sees convolutions and matrix products; BN, activations, pooling and the cube crop are not
+counted, as in the official accounting.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from adafocus.model.networks import AdaFocusV3
+from adafocus.model.presets import Preset
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """GFLOPs (GMACs) of one video. `exit_cumulative[k]` is the cost of a video that exits after
+    k cubes: glance + p0 head for k = 0 (the policy runs only for videos that go on), then
+    + policy + k × (cube + classifier step)."""
+
+    preset: str
+    glance: float  # fG on the Tg glance frames
+    glance_per_frame: float
+    classifier_glance: float  # global MLP on Tg frames + the p0 head
+    policy: float
+    cube: float  # fL on one cube
+    local_per_frame: float  # fL on one frame of a cube
+    classifier_step: float  # local MLP + the stacked step heads, per cube
+    exit_cumulative: list[float]
+    dense_local: float  # fL at full resolution on the Tg glance frames
+    dense_baseline: float  # the paper's "+" baseline: glance + dense_local + classifier
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _gmacs(fn, *args) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops() / 2e9
+
+
+@functools.cache
+def count_flops(preset: Preset) -> FlopsReport:
+    p = preset
+    with torch.device("meta"):
+        model = AdaFocusV3(p).eval()
+        frames = torch.empty(1, p.glance_frames, 3, p.frame_size, p.frame_size)
+        cube = torch.empty(1, p.cube_frames, 3, p.cube_size, p.cube_size)
+        full_clip = torch.empty(1, p.glance_frames, 3, p.frame_size, p.frame_size)
+        maps, pooled = model.glance(frames)
+        _, global_state = model.classifier.glance(pooled)
+        features = model.local(cube)
+        step = torch.ones(1, dtype=torch.int64)
+
+        glance = _gmacs(model.glance, frames)
+        classifier_glance = _gmacs(model.classifier.glance, pooled)
+        policy = _gmacs(model.policy, maps)
+        cube_cost = _gmacs(model.local, cube)
+        classifier_step = _gmacs(model.classifier.step, features, torch.zeros_like(global_state), global_state, step)
+        dense_local = _gmacs(model.local.with_frames(p.glance_frames), full_clip)
+
+    first = glance + classifier_glance
+    per_cube = cube_cost + classifier_step
+    exits = [first] + [first + policy + k * per_cube for k in range(1, p.max_cubes + 1)]
+    return FlopsReport(
+        preset=p.name,
+        glance=glance,
+        glance_per_frame=glance / p.glance_frames,
+        classifier_glance=classifier_glance,
+        policy=policy,
+        cube=cube_cost,
+        local_per_frame=cube_cost / p.cube_frames,
+        classifier_step=classifier_step,
+        exit_cumulative=exits,
+        dense_local=dense_local,
+        dense_baseline=glance + classifier_glance + dense_local + classifier_step,
+    )

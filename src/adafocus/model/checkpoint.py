@@ -1,0 +1,199 @@
+"""Checkpoints: our own format, and foreign state dicts mapped onto our modules.
+
+Our format is a `torch.save`d dict that `torch.load(weights_only=True)` can read (tensors and plain
+Python only, no pickled classes):
+
+    {"format": "adafocus-checkpoint", "format_version": 1, "preset": {...Preset fields...},
+     "class_names": [...], "state_dict": {...}, "meta": {...}}
+
+A foreign checkpoint is a bare state dict or one under "state_dict"/"model" (the official code saves
+{'epoch', 'state_dict', ...} from DDP, keys prefixed `module.`). Its keys are mapped by the prefix
+table below; it needs a preset to say which shapes to build.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adafocus.errors import AdaFocusError
+from adafocus.model.networks import AdaFocusV3
+from adafocus.model.presets import Preset
+
+FORMAT = "adafocus-checkpoint"
+FORMAT_VERSION = 1
+
+# Official (Uni-)AdaFocus names -> ours (official-notes.md). Keys outside it are reported as unexpected.
+FOREIGN_PREFIXES = {
+    "global_CNN.features.": "glance.features.",
+    "local_CNN.": "local.",
+    "spatial_policy.encoder.": "policy.encoder.",
+    "classifier.global_mlp.layers.": "classifier.global_mlp.",
+    "classifier.local_mlp.layers.": "classifier.local_mlp.",
+}
+
+
+@dataclass
+class LoadReport:
+    """What a non-strict load left out, by name."""
+
+    missing: list[str] = field(default_factory=list)  # our parameters the file did not have
+    unexpected: list[str] = field(default_factory=list)  # file entries nothing of ours took
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.unexpected
+
+
+@dataclass
+class Checkpoint:
+    model: AdaFocusV3
+    class_names: list[str]
+    meta: dict
+    report: LoadReport
+
+    @property
+    def preset(self) -> Preset:
+        return self.model.preset
+
+
+def default_class_names(preset: Preset) -> list[str]:
+    return [f"class_{i}" for i in range(preset.num_classes)]
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: AdaFocusV3, class_names: list[str] | None = None, meta: dict | None = None
+) -> Path:
+    """Write `model` in our format; the file appears whole or not at all."""
+    preset = model.preset
+    names = list(class_names) if class_names is not None else default_class_names(preset)
+    if len(names) != preset.num_classes:
+        raise AdaFocusError(
+            f"{len(names)} class names for preset {preset.name!r} with {preset.num_classes} classes",
+            "pass one name per class",
+        )
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "preset": preset.to_dict(),
+        "class_names": names,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(record, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, preset: Preset | None = None, *, strict: bool = True) -> Checkpoint:
+    """Read our format or a foreign state dict (which needs `preset`).
+
+    With `strict`, any missing or unexpected key is an error naming the keys; otherwise the model
+    keeps its random initialisation there and `Checkpoint.report` lists them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdaFocusError(f"checkpoint {path} does not exist", "check the path")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a non-checkpoint file
+        raise AdaFocusError(
+            f"{path} is not a PyTorch checkpoint that can be read safely ({type(e).__name__}: {str(e)[:200]})",
+            "pass a file written by `adafocus` or a state dict saved with torch.save",
+        ) from None
+
+    if isinstance(record, dict) and record.get("format") == FORMAT:
+        version = record.get("format_version")
+        if version != FORMAT_VERSION:
+            raise AdaFocusError(
+                f"{path} has checkpoint format version {version}; this adafocus-deploy reads {FORMAT_VERSION}",
+                "use the adafocus-deploy version that wrote it",
+            )
+        stored = Preset.from_dict(record["preset"])
+        if preset is not None and preset != stored:
+            raise AdaFocusError(
+                f"{path} holds a {stored.name!r} model, not {preset.name!r}", "drop --preset or pick the matching one"
+            )
+        state, names, meta, foreign = record["state_dict"], record["class_names"], record["meta"], False
+    else:
+        state = _foreign_state_dict(record, path)
+        if preset is None:
+            raise AdaFocusError(
+                f"{path} is a plain state dict with no preset in it", "say which preset it is (e.g. --preset sthsth-v1)"
+            )
+        stored, names, meta, foreign = preset, default_class_names(preset), {"source": str(path)}, True
+
+    model = AdaFocusV3(stored)
+    if foreign:
+        state = map_foreign_keys(state)
+    report = _load_state(model, state, path, strict)
+    return Checkpoint(model.eval(), list(names), dict(meta), report)
+
+
+def _foreign_state_dict(record: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(record, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(record.get(key), dict):
+                record = record[key]
+                break
+    if not isinstance(record, dict) or not record or not all(isinstance(v, torch.Tensor) for v in record.values()):
+        raise AdaFocusError(
+            f"{path} holds no state dict (expected name -> tensor, bare or under 'state_dict')",
+            "pass a checkpoint of an AdaFocus model",
+        )
+    return record
+
+
+def map_foreign_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP's `module.` and rename the official prefixes; unknown keys pass through unchanged
+    (and are then reported as unexpected)."""
+    mapped = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        for theirs, ours in FOREIGN_PREFIXES.items():
+            if key.startswith(theirs):
+                key = ours + key[len(theirs) :]
+                break
+        mapped[key] = value
+    return mapped
+
+
+def _load_state(model: AdaFocusV3, state: dict[str, torch.Tensor], path: Path, strict: bool) -> LoadReport:
+    own = model.state_dict()
+    wrong_shape = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if wrong_shape:
+        raise AdaFocusError(
+            f"{path} does not fit preset {model.preset.name!r}; shapes differ for {len(wrong_shape)} tensors: "
+            + "; ".join(wrong_shape[:5]),
+            "pick the preset the checkpoint was trained with",
+        )
+    report = LoadReport(missing=sorted(set(own) - set(state)), unexpected=sorted(set(state) - set(own)))
+    if strict and not report.complete:
+        raise AdaFocusError(
+            f"{path} does not match preset {model.preset.name!r}: "
+            f"{len(report.missing)} missing keys {_first(report.missing)}, "
+            f"{len(report.unexpected)} unexpected keys {_first(report.unexpected)}",
+            "pick the matching preset, or load with strict=False to keep random weights where keys are missing",
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return report
+
+
+def _first(names: list[str], n: int = 8) -> str:
+    return "[" + ", ".join(names[:n]) + (", ..." if len(names) > n else "") + "]"

@@ -1,0 +1,169 @@
+"""The configurations of the paper (appendix A, sections 4.1-4.2) and a small demo, as plain data."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from adafocus.errors import AdaFocusError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that fixes the shapes of an AdaFocusV3 model.
+
+    A video enters as `num_frames` frames of `frame_size`² pixels (TSN-sampled, centre-cropped,
+    normalised). The glance network sees `glance_frames` of them, resized to `glance_size`². The
+    policy places `max_cubes` cubes of `cube_size`² pixels × `cube_frames` frames.
+    """
+
+    name: str
+    dataset: str
+    num_classes: int
+    num_frames: int
+    glance_frames: int
+    cube_size: int
+    cube_frames: int
+    max_cubes: int
+    tsm: bool
+    frame_size: int = 224
+    glance_size: int = 224
+    glance_width: float = 1.0
+    local_arch: str = "resnet50"
+    hidden_dim: int = 4096
+    policy_channels: int = 128
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, what: str) -> None:
+            if not ok:
+                raise AdaFocusError(f"preset {self.name!r}: {what}", "fix the preset definition")
+
+        check(self.local_arch in LOCAL_ARCHS, f"local_arch must be one of {sorted(LOCAL_ARCHS)}")
+        check(0 < self.glance_frames <= self.num_frames, "need 0 < glance_frames <= num_frames")
+        check(0 < self.cube_frames <= self.num_frames, "need 0 < cube_frames <= num_frames")
+        check(0 < self.cube_size <= self.frame_size, "need 0 < cube_size <= frame_size")
+        check(self.max_cubes >= 1, "need max_cubes >= 1")
+        check(
+            not self.frame_wise or self.max_cubes <= self.num_frames,
+            "frame-wise cubes never repeat a frame, so max_cubes must be <= num_frames",
+        )
+
+    @property
+    def frame_wise(self) -> bool:
+        """Cubes one frame long (paper 4.1): a later cube never re-uses a frame."""
+        return self.cube_frames == 1
+
+    @property
+    def num_exits(self) -> int:
+        """Exit steps 0..K: p0 from the glance, then one after each cube."""
+        return self.max_cubes + 1
+
+    @property
+    def video_shape(self) -> tuple[int, int, int, int]:
+        """Shape of one preprocessed video: (T, 3, H, W)."""
+        return (self.num_frames, 3, self.frame_size, self.frame_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preset:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AdaFocusError(
+                f"preset record has unknown fields {unknown}",
+                "it was written by a newer adafocus-deploy; upgrade this one",
+            )
+        return cls(**data)
+
+
+LOCAL_ARCHS = {"resnet18": 512, "resnet50": 2048}  # arch -> feature width
+
+
+def _framewise(dataset: str, key: str, classes: int, patch: int) -> Preset:
+    return Preset(
+        name=f"{key}-p{patch}",
+        dataset=dataset,
+        num_classes=classes,
+        num_frames=18,
+        glance_frames=18,
+        cube_size=patch,
+        cube_frames=1,
+        max_cubes=18,
+        tsm=False,
+        description=f"{dataset}: MobileNetV2 glance on 18 frames, up to 18 frame-wise {patch}² cubes "
+        "for a ResNet-50 (paper 4.1)",
+    )
+
+
+def _tsm(dataset: str, key: str, classes: int, frames: int) -> Preset:
+    return Preset(
+        name=f"{key}-t{frames}",
+        dataset=dataset,
+        num_classes=classes,
+        num_frames=16,
+        glance_frames=8,
+        cube_size=128,
+        cube_frames=frames,
+        max_cubes=2,
+        tsm=True,
+        description=f"{dataset}: TSM-MobileNetV2 glance on 8 of 16 frames, up to 2 cubes of "
+        f"128²×{frames} for a TSM-ResNet-50 (paper 4.2)",
+    )
+
+
+DEMO = Preset(
+    name="demo",
+    dataset="synthetic 'find the detail' videos",
+    num_classes=10,
+    num_frames=8,
+    glance_frames=8,
+    frame_size=128,
+    glance_size=64,
+    glance_width=0.5,
+    cube_size=48,
+    cube_frames=1,
+    max_cubes=4,
+    tsm=False,
+    local_arch="resnet18",
+    hidden_dim=256,
+    policy_channels=64,
+    description="small model that trains on 2 CPU cores in minutes: MobileNetV2×0.5 glance at 64², "
+    "up to 4 frame-wise 48² cubes for a ResNet-18",
+)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        *(_framewise("ActivityNet", "activitynet", 200, s) for s in (96, 128)),
+        *(_framewise("FCVID", "fcvid", 239, s) for s in (96, 128)),
+        *(_framewise("Mini-Kinetics", "mini-kinetics", 200, s) for s in (96, 128)),
+        *(_tsm("Something-Something V1", "sthsth-v1", 174, t) for t in (8, 12, 16)),
+        *(_tsm("Something-Something V2", "sthsth-v2", 174, t) for t in (8, 12, 16)),
+        *(_tsm("Diving48", "diving48", 48, t) for t in (8, 12, 16)),
+        DEMO,
+    ]
+}
+
+# Short names pick the configuration the paper uses by default (Table 5: 128²×1; Sec. 4.2: 128²×12).
+ALIASES = {
+    "activitynet": "activitynet-p128",
+    "fcvid": "fcvid-p128",
+    "mini-kinetics": "mini-kinetics-p128",
+    "sthsth-v1": "sthsth-v1-t12",
+    "sthsth-v2": "sthsth-v2-t12",
+    "diving48": "diving48-t12",
+}
+
+
+def get_preset(name: str) -> Preset:
+    """A preset by its name or alias (case-insensitive)."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in PRESETS:
+        raise AdaFocusError(
+            f"unknown preset {name!r}",
+            f"choose one of: {', '.join([*PRESETS, *ALIASES])} (`adafocus presets` lists them)",
+        )
+    return PRESETS[key]

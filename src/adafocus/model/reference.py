@@ -1,0 +1,139 @@
+"""Reference adaptive inference in PyTorch: the oracle every backend is checked against.
+
+    glance -> p0 -> [exit?] -> policy plans all K cubes -> for t = 1..K: crop, fL, fC -> p_t -> [exit?]
+
+A video exits at the first step t whose prediction has entropy <= thresholds[t]; after the K-th cube
+every remaining video exits. Videos that exit leave the batch (the rest are compacted), so an exited
+video costs nothing more, and each video's result equals the one it gets when run alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from adafocus import flops  # a module, not its names: adafocus.flops imports this package
+from adafocus.errors import AdaFocusError
+from adafocus.model.cubes import crop_cubes, plan_cubes
+from adafocus.model.networks import AdaFocusV3
+from adafocus.model.presets import Preset
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) along the last axis."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1)
+
+
+@dataclass
+class AdaptiveResult:
+    """Per-video results of one batch (B videos, K cubes, N classes).
+
+    Steps a video never reached are NaN in `step_logits` and `centres` and -1 in `cube_starts`
+    (a video that exits at step 0 never runs the policy).
+    """
+
+    logits: torch.Tensor  # (B, N) at the exit step
+    exit_step: torch.Tensor  # (B,) int64 in 0..K = number of cubes processed
+    centres: torch.Tensor  # (B, K, 3) policy output (x, y, t) in [0, 1]
+    cube_starts: torch.Tensor  # (B, K, 3) int64 (x0, y0, t0) by the crop rule
+    gflops: torch.Tensor  # (B,) float64 GMACs spent
+    step_logits: torch.Tensor  # (B, K+1, N)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=-1)
+
+    @property
+    def prediction(self) -> torch.Tensor:
+        return self.logits.argmax(dim=-1)
+
+    def video(self, i: int, top_k: int = 5) -> dict:
+        """One video's result as plain Python: class, top-k, exit step, cubes used, GFLOPs."""
+        used = int(self.exit_step[i])
+        top = self.probs[i].topk(min(top_k, self.logits.shape[1]))
+        return {
+            "class": int(self.prediction[i]),
+            "top_k": [[int(c), float(p)] for p, c in zip(top.values, top.indices)],
+            "exit_step": used,
+            "centres": self.centres[i, :used].tolist(),
+            "cube_starts": self.cube_starts[i, :used].tolist(),
+            "gflops": float(self.gflops[i]),
+        }
+
+
+def check_videos(videos: torch.Tensor, preset: Preset, name: str = "videos") -> None:
+    """One clear error for a batch that this preset cannot take."""
+    expected = "(B, " + ", ".join(map(str, preset.video_shape)) + ")"
+    if not isinstance(videos, torch.Tensor):
+        raise AdaFocusError(f"{name} must be a torch.Tensor, got {type(videos).__name__}", "torch.from_numpy(...) it")
+    if videos.ndim != 5 or tuple(videos.shape[1:]) != preset.video_shape:
+        raise AdaFocusError(
+            f"{name} has shape {tuple(videos.shape)}, preset {preset.name!r} takes {expected}",
+            f"sample {preset.num_frames} frames, centre-crop to {preset.frame_size}², layout (B, T, C, H, W)",
+        )
+    if videos.dtype != torch.float32:
+        raise AdaFocusError(f"{name} has dtype {videos.dtype}, expected torch.float32", "normalise frames to float32")
+    if not torch.isfinite(videos).all():
+        bad = (~torch.isfinite(videos)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        raise AdaFocusError(f"{name} holds NaN or inf values (videos {bad})", "check the decoder and normalisation")
+
+
+def check_thresholds(thresholds: Sequence[float], preset: Preset) -> list[float]:
+    values = [float(t) for t in thresholds]
+    if len(values) != preset.num_exits or any(math.isnan(t) for t in values):
+        raise AdaFocusError(
+            f"preset {preset.name!r} needs {preset.num_exits} exit thresholds (steps 0..{preset.max_cubes}), "
+            f"got {thresholds!r}",
+            "give one entropy threshold per step; +inf always exits, -inf never does",
+        )
+    return values
+
+
+@torch.no_grad()
+def adaptive_inference(model: AdaFocusV3, videos: torch.Tensor, thresholds: Sequence[float]) -> AdaptiveResult:
+    """Run AdaFocusV3 with early exit on a batch of preprocessed videos (B, T, 3, H, W)."""
+    preset = model.preset
+    check_videos(videos, preset)
+    eta = check_thresholds(thresholds, preset)
+    cost = flops.count_flops(preset).exit_cumulative
+    n, k_max, classes = videos.shape[0], preset.max_cubes, preset.num_classes
+    device = videos.device
+
+    step_logits = torch.full((n, k_max + 1, classes), math.nan, device=device)
+    exit_step = torch.full((n,), k_max, dtype=torch.int64, device=device)
+    centres = torch.full((n, k_max, 3), math.nan, device=device)
+    cube_starts = torch.full((n, k_max, 3), -1, dtype=torch.int64, device=device)
+
+    maps, pooled = model.glance(model.glance_frames(videos))
+    logits, global_state = model.classifier.glance(pooled)
+    step_logits[:, 0] = logits
+    go_on = entropy(logits) > eta[0]
+    exit_step[~go_on] = 0
+    rows = go_on.nonzero().flatten()  # the videos still running, as indices into the batch
+
+    if rows.numel():
+        centres[rows] = model.policy(maps[rows])
+        cube_starts[rows] = plan_cubes(centres[rows], preset)
+    global_state = global_state[rows]
+    local_state = torch.zeros_like(global_state)
+
+    for step in range(1, k_max + 1):
+        if rows.numel() == 0:
+            break
+        cubes = crop_cubes(videos, rows, cube_starts[rows, step - 1], preset.cube_size, preset.cube_frames)
+        step_index = torch.full_like(rows, step)
+        logits, local_state = model.classifier.step(model.local(cubes), local_state, global_state, step_index)
+        step_logits[rows, step] = logits
+        if step == k_max:
+            break
+        go_on = entropy(logits) > eta[step]
+        exit_step[rows[~go_on]] = step
+        rows, local_state, global_state = rows[go_on], local_state[go_on], global_state[go_on]
+
+    final = step_logits.gather(1, exit_step.view(-1, 1, 1).expand(-1, 1, classes)).squeeze(1)
+    gflops = torch.tensor(cost, dtype=torch.float64, device=device)[exit_step]
+    return AdaptiveResult(final, exit_step, centres, cube_starts, gflops, step_logits)
