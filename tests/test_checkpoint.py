@@ -75,7 +75,7 @@ def test_shape_mismatch_is_one_clear_error(demo, tmp_path):
     other = get_preset("demo").to_dict() | {"name": "demo-20", "num_classes": 20}
     with pytest.raises(
         AdaFocusError,
-        match=r"does not fit preset 'demo-20'.*classifier.glance_head.weight: file \(10, 256\) vs model \(20, 256\)",
+        match=r"does not fit preset 'demo-20'.*classifier.glance_head.weight: file \(10, 128\) vs model \(20, 128\)",
     ):
         load_checkpoint(tmp_path / "bare.pt", preset=Preset(**other))
     with pytest.raises(AdaFocusError, match="holds a 'demo' model, not 'demo-20'"):
@@ -110,3 +110,15 @@ def test_other_refusals(demo, tmp_path):
     torch.save(record, tmp_path / "v99.pt")
     with pytest.raises(AdaFocusError, match="format version 99"):
         load_checkpoint(tmp_path / "v99.pt")
+
+
+def test_half_storage_is_smaller_and_loads_into_float32(demo, tmp_path):
+    full = save_checkpoint(tmp_path / "full.pt", demo)
+    half = save_checkpoint(tmp_path / "half.pt", demo, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_checkpoint(half).model
+    for key, value in demo.state_dict().items():
+        got = loaded.state_dict()[key]
+        assert got.dtype == value.dtype, key
+        if value.is_floating_point():
+            assert torch.equal(got, value.half().float()), key

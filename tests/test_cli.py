@@ -10,14 +10,14 @@ def test_presets_lists_every_preset_and_alias():
     assert result.exit_code == 0, result.output
     assert "sthsth-v1-t12" in result.output and "demo" in result.output
     assert "sthsth-v1 = sthsth-v1-t12" in result.output
-    data = json.loads(CliRunner().invoke(main, ["presets", "--json"]).output)
+    data = json.loads(CliRunner().invoke(main, ["presets", "--json"]).stdout)
     assert {p["name"] for p in data["presets"]} >= {"activitynet-p96", "diving48-t16", "demo"}
 
 
 def test_flops_json_has_the_agreed_keys():
     result = CliRunner().invoke(main, ["flops", "sthsth-v1", "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert {"glance", "policy", "cube", "exit_cumulative", "dense_baseline"} <= set(data)
     assert len(data["exit_cumulative"]) == 3
     assert 34.4 < data["dense_baseline"] < 35.8

@@ -56,10 +56,10 @@ def test_plan_uses_the_rule_per_axis_and_dedups_only_frame_wise():
     centres = torch.tensor([[[0.0, 1.0, 0.5], [0.5, 0.5, 0.5]]])
     tsm = plan_cubes(centres, get_preset("sthsth-v1"))  # 224², 16 frames, 128²×12
     assert tsm.tolist() == [[[0, 96, 2], [48, 48, 2]]]  # same t twice is fine for 3-D cubes
-    demo = get_preset("demo")  # 128², 8 frames, 48²×1
+    demo = get_preset("demo")  # 128², 8 frames, 64²×1
     fw = plan_cubes(centres.expand(1, 2, 3).clone(), demo)
     assert fw[0, :, 2].tolist() == [4, 3]  # second cube wanted frame 4 too: nearest free is 3
-    assert fw[0, :, :2].tolist() == [[0, 80], [40, 40]]
+    assert fw[0, :, :2].tolist() == [[0, 64], [32, 32]]
 
 
 @pytest.mark.parametrize("frames", [1, 3])

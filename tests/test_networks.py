@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from adafocus.model import PRESETS, AdaFocusV3, crop_cubes, get_preset, plan_cubes
-from adafocus.model.networks import glance_frame_indices, glance_map_size
+from adafocus.model.networks import glance_frame_indices, stride32_size
 from adafocus.model.tsm import temporal_shift
 from conftest import random_videos
 
@@ -33,9 +33,9 @@ def run_all_subnetworks(model: AdaFocusV3, videos: torch.Tensor) -> dict[str, to
 
 
 def expected_shapes(p, b: int) -> dict[str, tuple]:
-    m = glance_map_size(p.glance_size)
-    c = 1280
-    d = {"resnet50": 2048, "resnet18": 512}[p.local_arch]
+    m = stride32_size(p.glance_size)
+    c = p.glance_channels
+    d = {"resnet50": 2048, "resnet18": 512, "resnet10-slim": 256}[p.local_arch]
     return dict(
         maps=(b, p.glance_frames, c, m, m),
         pooled=(b, p.glance_frames, c),
@@ -100,7 +100,7 @@ def test_tsm_presets_shift_and_frame_wise_presets_do_not(model_of):
 def test_classifier_rows_at_different_steps_share_one_call(model_of):
     clf = model_of("demo").classifier
     torch.manual_seed(1)
-    features, g = torch.randn(4, 512), torch.rand(4, clf.global_mlp[0].out_features)
+    features, g = torch.randn(4, 256), torch.rand(4, clf.global_mlp[0].out_features)
     local = torch.rand_like(g)
     steps = torch.tensor([1, 2, 3, 4])
     logits, _ = clf.step(features, local, g, steps)
@@ -108,3 +108,36 @@ def test_classifier_rows_at_different_steps_share_one_call(model_of):
         alone, _ = clf.step(features[i : i + 1], local[i : i + 1], g[i : i + 1], s.view(1))
         torch.testing.assert_close(logits[i : i + 1], alone)
     assert not torch.allclose(logits[0], clf.step(features[:1], local[:1], g[:1], torch.tensor([2]))[0][0])
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_local_trunks_have_torchvision_names_and_shapes(arch):
+    import torchvision
+
+    from adafocus.model.networks import LocalEncoder
+
+    with torch.device("meta"):
+        ours = LocalEncoder(arch=arch, frames=1, tsm=False).state_dict()
+        theirs = {k: v for k, v in getattr(torchvision.models, arch)().state_dict().items() if not k.startswith("fc.")}
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+def test_clip_length_runs_other_lengths_and_restores():
+    from adafocus.model.networks import LocalEncoder
+
+    local = LocalEncoder(arch="resnet18", frames=8, tsm=True).eval()
+    clip = torch.randn(1, 4, 3, 32, 32)
+    with pytest.raises(RuntimeError):
+        local(clip)  # 4 frames cannot be split into 8-frame segments
+    with local.clip_length(4):
+        assert local(clip).shape == (1, 512)
+    assert {m.segments for m in local.modules() if type(m).__name__ == "ShiftThen"} == {8}
+
+
+def test_untrained_policy_spreads_cubes_over_time(model_of):
+    model = model_of("demo")
+    with torch.no_grad():
+        maps, _ = model.glance(model.glance_frames(random_videos(model.preset, 2)))
+        t = model.policy(maps)[..., 2]
+    assert (t[:, 1:] > t[:, :-1]).all()  # cube k starts near (k + 0.5) / K

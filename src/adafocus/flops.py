@@ -64,7 +64,8 @@ def count_flops(preset: Preset) -> FlopsReport:
         policy = _gmacs(model.policy, maps)
         cube_cost = _gmacs(model.local, cube)
         classifier_step = _gmacs(model.classifier.step, features, torch.zeros_like(global_state), global_state, step)
-        dense_local = _gmacs(model.local.with_frames(p.glance_frames), full_clip)
+        with model.local.clip_length(p.glance_frames):
+            dense_local = _gmacs(model.local, full_clip)
 
     first = glance + classifier_glance
     per_cube = cube_cost + classifier_step

@@ -13,6 +13,7 @@ table below; it needs a preset to say which shapes to build.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -66,9 +67,15 @@ def default_class_names(preset: Preset) -> list[str]:
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: AdaFocusV3, class_names: list[str] | None = None, meta: dict | None = None
+    path: str | os.PathLike,
+    model: AdaFocusV3,
+    class_names: list[str] | None = None,
+    meta: dict | None = None,
+    *,
+    half: bool = False,
 ) -> Path:
-    """Write `model` in our format; the file appears whole or not at all."""
+    """Write `model` in our format; the file appears whole or not at all. `half` stores floating
+    tensors as float16 (half the size; they load back into float32 exactly as rounded)."""
     preset = model.preset
     names = list(class_names) if class_names is not None else default_class_names(preset)
     if len(names) != preset.num_classes:
@@ -81,8 +88,11 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "preset": preset.to_dict(),
         "class_names": names,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "meta": dict(meta or {}),
+        "state_dict": {
+            k: v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()
+            for k, v in model.state_dict().items()
+        },
+        "meta": json.loads(json.dumps(meta or {})),  # plain JSON types, so weights_only loading works
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +100,9 @@ def save_checkpoint(
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(record, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint is not
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

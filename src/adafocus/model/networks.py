@@ -18,11 +18,16 @@ The classifier's state is explicit: `global_state` is the running max of the gla
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops.misc import Conv2dNormActivation
 
 from adafocus.model.presets import LOCAL_ARCHS, Preset
 from adafocus.model.tsm import ShiftThen
@@ -31,11 +36,14 @@ from adafocus.model.tsm import ShiftThen
 class GlanceEncoder(nn.Module):
     """fG: a MobileNetV2 (torchvision's structure and key names) on every glance frame."""
 
-    def __init__(self, *, frames: int, input_size: int, width: float = 1.0, tsm: bool = False):
+    def __init__(self, *, frames: int, input_size: int, width: float = 1.0, channels: int = 1280, tsm: bool = False):
         super().__init__()
         self.input_size = input_size
         self.features = torchvision.models.mobilenet_v2(width_mult=width).features
-        self.out_channels: int = self.features[-1].out_channels
+        if channels != self.features[-1].out_channels:  # a narrower last 1×1 conv (the demo)
+            last_in = self.features[-1][0].in_channels
+            self.features[-1] = Conv2dNormActivation(last_in, channels, kernel_size=1, activation_layer=nn.ReLU6)
+        self.out_channels = channels
         if tsm:
             for block in self.features:
                 if isinstance(block, InvertedResidual) and block.use_res_connect:
@@ -73,33 +81,68 @@ class PolicyNetwork(nn.Module):
             *conv_bn_relu(width, width, 3),
         )
         self.head = nn.Conv3d(width, 3 * cubes, kernel_size=(glance_frames, map_size, map_size))
+        # Start from cubes spread evenly over time at the frame centre, so that an untrained policy
+        # (and a random-weight benchmark model) looks at different frames, not K times the same.
+        with torch.no_grad():
+            self.head.weight.mul_(0.1)
+            spread = torch.logit((torch.arange(cubes) + 0.5) / cubes)
+            self.head.bias.copy_(torch.stack([torch.zeros(cubes), torch.zeros(cubes), spread], dim=1).flatten())
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         x = self.encoder(maps.transpose(1, 2))  # (B, C, Tg, h, w) for Conv3d
         return torch.sigmoid(self.head(x).flatten(1)).unflatten(1, (self.cubes, 3))
 
 
+def _resnet_stage(block: type[nn.Module], cin: int, width: int, blocks: int, stride: int) -> nn.Sequential:
+    """One ResNet stage of torchvision blocks, with torchvision's layout and key names."""
+    cout = width * block.expansion
+    downsample = None
+    if stride != 1 or cin != cout:
+        downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+    layers = [block(cin, width, stride, downsample)]
+    layers += [block(cout, width) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
 class LocalEncoder(nn.Module):
     """fL: a ResNet trunk (no fc) on the frames of one cube, TSM-shifted when the cube has
-    several frames; the feature is the mean over the cube's frames and positions."""
+    several frames; the feature is the mean over the cube's frames and positions. The trunk is
+    torchvision's ResNet layout (same key names); LOCAL_ARCHS sets depth and widths."""
 
     def __init__(self, *, arch: str, frames: int, tsm: bool):
         super().__init__()
         self.arch, self.frames, self.tsm = arch, frames, tsm
-        net = getattr(torchvision.models, arch)()
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.out_dim = LOCAL_ARCHS[arch]
-        if tsm and frames > 1:
+        kind, depths, widths = LOCAL_ARCHS[arch]
+        block = {"basic": BasicBlock, "bottleneck": Bottleneck}[kind]
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        cin = widths[0]
+        for i, (depth, width) in enumerate(zip(depths, widths)):
+            setattr(self, f"layer{i + 1}", _resnet_stage(block, cin, width, depth, stride=1 if i == 0 else 2))
+            cin = width * block.expansion
+        self.out_dim = cin
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if tsm:
             for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
                 for block in layer:
                     block.conv1 = ShiftThen(block.conv1, frames)
 
-    def with_frames(self, frames: int) -> LocalEncoder:
-        """The same weights for inputs of another length (the dense baseline runs whole clips)."""
-        other = LocalEncoder(arch=self.arch, frames=frames, tsm=self.tsm)
-        other.load_state_dict(self.state_dict())
-        return other.train(self.training)
+    @contextlib.contextmanager
+    def clip_length(self, frames: int) -> Iterator[LocalEncoder]:
+        """Run clips of another length with the same weights: the dense baseline runs whole
+        clips, training runs cubes one frame longer. Only the TSM shifts need to know."""
+        shifts = [m for m in self.modules() if isinstance(m, ShiftThen)]
+        for m in shifts:
+            m.segments = frames
+        try:
+            yield self
+        finally:
+            for m in shifts:
+                m.segments = self.frames
 
     def feature_maps(self, cubes: torch.Tensor) -> torch.Tensor:
         """(B, T', 3, h, w) -> (B, T', D, h/32, w/32)."""
@@ -159,12 +202,16 @@ class AdaFocusV3(nn.Module):
         super().__init__()
         self.preset = preset
         self.glance = GlanceEncoder(
-            frames=preset.glance_frames, input_size=preset.glance_size, width=preset.glance_width, tsm=preset.tsm
+            frames=preset.glance_frames,
+            input_size=preset.glance_size,
+            width=preset.glance_width,
+            channels=preset.glance_channels,
+            tsm=preset.tsm,
         )
         self.policy = PolicyNetwork(
             in_channels=self.glance.out_channels,
             glance_frames=preset.glance_frames,
-            map_size=glance_map_size(preset.glance_size),
+            map_size=stride32_size(preset.glance_size),
             cubes=preset.max_cubes,
             width=preset.policy_channels,
         )
@@ -192,9 +239,8 @@ def glance_frame_indices(num_frames: int, glance_frames: int) -> list[int]:
     return [(2 * i + 1) * num_frames // (2 * glance_frames) for i in range(glance_frames)]
 
 
-def glance_map_size(glance_size: int) -> int:
-    """MobileNetV2 halves the size five times, rounding up (stride-2 convs with padding 1)."""
-    size = glance_size
+def stride32_size(size: int) -> int:
+    """Feature-map side of MobileNetV2 and ResNet trunks: five halvings, rounding up."""
     for _ in range(5):
         size = (size + 1) // 2
     return size

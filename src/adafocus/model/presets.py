@@ -29,6 +29,7 @@ class Preset:
     frame_size: int = 224
     glance_size: int = 224
     glance_width: float = 1.0
+    glance_channels: int = 1280
     local_arch: str = "resnet50"
     hidden_dim: int = 4096
     policy_channels: int = 128
@@ -79,7 +80,13 @@ class Preset:
         return cls(**data)
 
 
-LOCAL_ARCHS = {"resnet18": 512, "resnet50": 2048}  # arch -> feature width
+# Local encoder trunks: (block, blocks per stage, stage widths). The first two are torchvision's
+# ResNet-18/50; "resnet10-slim" is a half-width, one-block-per-stage ResNet for the CPU demo.
+LOCAL_ARCHS = {
+    "resnet18": ("basic", (2, 2, 2, 2), (64, 128, 256, 512)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512)),
+    "resnet10-slim": ("basic", (1, 1, 1, 1), (32, 64, 128, 256)),
+}
 
 
 def _framewise(dataset: str, key: str, classes: int, patch: int) -> Preset:
@@ -119,19 +126,20 @@ DEMO = Preset(
     dataset="synthetic 'find the detail' videos",
     num_classes=10,
     num_frames=8,
-    glance_frames=8,
+    glance_frames=4,
     frame_size=128,
     glance_size=64,
     glance_width=0.5,
-    cube_size=48,
+    glance_channels=256,
+    cube_size=64,
     cube_frames=1,
     max_cubes=4,
     tsm=False,
-    local_arch="resnet18",
-    hidden_dim=256,
-    policy_channels=64,
+    local_arch="resnet10-slim",
+    hidden_dim=128,
+    policy_channels=32,
     description="small model that trains on 2 CPU cores in minutes: MobileNetV2×0.5 glance at 64², "
-    "up to 4 frame-wise 48² cubes for a ResNet-18",
+    "up to 4 frame-wise 64² cubes for a slim ResNet-10",
 )
 
 PRESETS: dict[str, Preset] = {

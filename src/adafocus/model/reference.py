@@ -94,8 +94,16 @@ def check_thresholds(thresholds: Sequence[float], preset: Preset) -> list[float]
 
 
 @torch.no_grad()
-def adaptive_inference(model: AdaFocusV3, videos: torch.Tensor, thresholds: Sequence[float]) -> AdaptiveResult:
-    """Run AdaFocusV3 with early exit on a batch of preprocessed videos (B, T, 3, H, W)."""
+def adaptive_inference(
+    model: AdaFocusV3,
+    videos: torch.Tensor,
+    thresholds: Sequence[float],
+    centres: torch.Tensor | None = None,
+) -> AdaptiveResult:
+    """Run AdaFocusV3 with early exit on a batch of preprocessed videos (B, T, 3, H, W).
+
+    `centres` (B, K, 3) replaces the policy's output, for ablations such as a random policy.
+    """
     preset = model.preset
     check_videos(videos, preset)
     eta = check_thresholds(thresholds, preset)
@@ -105,7 +113,7 @@ def adaptive_inference(model: AdaFocusV3, videos: torch.Tensor, thresholds: Sequ
 
     step_logits = torch.full((n, k_max + 1, classes), math.nan, device=device)
     exit_step = torch.full((n,), k_max, dtype=torch.int64, device=device)
-    centres = torch.full((n, k_max, 3), math.nan, device=device)
+    planned = torch.full((n, k_max, 3), math.nan, device=device)
     cube_starts = torch.full((n, k_max, 3), -1, dtype=torch.int64, device=device)
 
     maps, pooled = model.glance(model.glance_frames(videos))
@@ -116,8 +124,8 @@ def adaptive_inference(model: AdaFocusV3, videos: torch.Tensor, thresholds: Sequ
     rows = go_on.nonzero().flatten()  # the videos still running, as indices into the batch
 
     if rows.numel():
-        centres[rows] = model.policy(maps[rows])
-        cube_starts[rows] = plan_cubes(centres[rows], preset)
+        planned[rows] = model.policy(maps[rows]) if centres is None else centres[rows].to(planned)
+        cube_starts[rows] = plan_cubes(planned[rows], preset)
     global_state = global_state[rows]
     local_state = torch.zeros_like(global_state)
 
@@ -136,4 +144,4 @@ def adaptive_inference(model: AdaFocusV3, videos: torch.Tensor, thresholds: Sequ
 
     final = step_logits.gather(1, exit_step.view(-1, 1, 1).expand(-1, 1, classes)).squeeze(1)
     gflops = torch.tensor(cost, dtype=torch.float64, device=device)[exit_step]
-    return AdaptiveResult(final, exit_step, centres, cube_starts, gflops, step_logits)
+    return AdaptiveResult(final, exit_step, planned, cube_starts, gflops, step_logits)

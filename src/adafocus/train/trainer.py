@@ -1,0 +1,253 @@
+"""Training AdaFocusV3 (paper 3.3): Eq. 1, the sum of the cross-entropies of p0..pK.
+
+Schedules:
+- "joint": every network from the start; the policy learns through the chosen cube gradient.
+- "two-stage" (appendix C): first the encoders and the classifier under a random policy, then the
+  policy alone (the rest frozen, in eval mode).
+
+Training state is saved every `checkpoint_every` steps (and at the end) to OUT/train_state.pt; a
+run started again with `resume=True` continues from it and, because every batch is a pure function
+of (seed, step), ends where an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from adafocus.errors import AdaFocusError
+from adafocus.model.checkpoint import save_checkpoint
+from adafocus.model.networks import AdaFocusV3, build_model
+from adafocus.model.presets import Preset
+from adafocus.model.reference import adaptive_inference
+from adafocus.train.cube_gradients import CUBE_FEATURES
+from adafocus.train.synthetic import SyntheticTask
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    gradient: str = "deep"  # how the policy learns: "deep" (Eq. 5-6) or "pixel" (Eq. 2-4)
+    schedule: str = "joint"  # or "two-stage"
+    stage_one_share: float = 0.7  # two-stage: the share of steps under a random policy
+    val_every: int = 200
+    val_videos: int = 256
+    checkpoint_every: int = 100
+    seed: int = 0
+    easy_share: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.gradient not in ("deep", "pixel"):
+            raise AdaFocusError(f"unknown gradient estimator {self.gradient!r}", "use 'deep' or 'pixel'")
+        if self.schedule not in ("joint", "two-stage"):
+            raise AdaFocusError(f"unknown schedule {self.schedule!r}", "use 'joint' or 'two-stage'")
+
+    def stage(self, step: int) -> int:
+        """1: everything under the policy being trained (joint) or a random policy (two-stage);
+        2: the policy alone."""
+        return 2 if self.schedule == "two-stage" and step >= int(self.steps * self.stage_one_share) else 1
+
+
+def random_centres(batch: int, cubes: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(batch, cubes, 3, generator=generator)
+
+
+def training_logits(
+    model: AdaFocusV3, videos: torch.Tensor, cube_features: Callable, centres: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Logits of p0..pK with gradients. `centres` replaces the policy (a random policy)."""
+    maps, pooled = model.glance(model.glance_frames(videos))
+    logits, global_state = model.classifier.glance(pooled)
+    if centres is None:
+        centres = model.policy(maps.detach())  # the policy reads the glance but does not train it
+    local_state = torch.zeros_like(global_state)
+    outputs = [logits]
+    for k in range(model.preset.max_cubes):
+        features = cube_features(model, videos, centres[:, k])
+        step = torch.full((videos.shape[0],), k + 1, dtype=torch.int64, device=videos.device)
+        logits, local_state = model.classifier.step(features, local_state, global_state, step)
+        outputs.append(logits)
+    return outputs
+
+
+def summed_cross_entropy(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: the sum over every prediction p0..pK."""
+    return sum(F.cross_entropy(x, labels) for x in logits)
+
+
+def train_step(
+    model: AdaFocusV3,
+    optimizer: torch.optim.Optimizer,
+    videos: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    gradient: str,
+    random_policy: torch.Tensor | None = None,
+) -> float:
+    """One optimisation step; with `random_policy` centres the cubes are cut by the crop rule."""
+    cube_features = CUBE_FEATURES["crop" if random_policy is not None else gradient]
+    loss = summed_cross_entropy(training_logits(model, videos, cube_features, random_policy), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def accuracy_per_step(
+    model: AdaFocusV3, task: SyntheticTask, split: str, count: int, *, policy: str = "learned", batch: int = 64
+) -> list[float]:
+    """Accuracy after t = 0..K cubes on `count` videos of a split (no early exit). policy "random"
+    draws the centres uniformly (a fixed generator, so the figure is repeatable)."""
+    modes = {m: m.training for m in model.modules()}  # stage 2 keeps frozen parts in eval mode
+    model.eval()
+    p = model.preset
+    generator = torch.Generator().manual_seed(12345)
+    correct = torch.zeros(p.num_exits)
+    for start in range(0, count, batch):
+        videos, labels = task.batch(split, range(start, min(start + batch, count)))
+        centres = random_centres(len(labels), p.max_cubes, generator) if policy == "random" else None
+        result = adaptive_inference(model, videos, [-1.0] * p.num_exits, centres=centres)
+        correct += (result.step_logits.argmax(dim=-1) == labels[:, None]).sum(dim=0)
+    for module, training in modes.items():
+        module.training = training
+    return (correct / count).tolist()
+
+
+def _learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to zero, restarted for the policy stage of two-stage."""
+    first, total = 0, config.steps
+    if config.schedule == "two-stage":
+        boundary = int(config.steps * config.stage_one_share)
+        first, total = (0, boundary) if step < boundary else (boundary, config.steps)
+    local = step - first
+    if local < config.warmup_steps:
+        return config.lr * (local + 1) / config.warmup_steps
+    progress = (local - config.warmup_steps) / max(1, total - first - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(model: AdaFocusV3, config: TrainConfig, stage: int) -> torch.optim.Optimizer:
+    params = model.policy.parameters() if stage == 2 else model.parameters()
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _set_stage(model: AdaFocusV3, stage: int) -> None:
+    model.train()
+    if stage == 2:  # the policy alone: everything else frozen, BN statistics included
+        for name, module in model.named_children():
+            if name != "policy":
+                module.eval().requires_grad_(False)
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    preset: Preset,
+    out: str | os.PathLike,
+    config: TrainConfig = TrainConfig(),
+    *,
+    resume: bool = False,
+    stop_at: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path | None:
+    """Train `preset` on the synthetic task; returns the path of the final checkpoint OUT/model.pt,
+    or None when `stop_at` paused the run (its state is saved; continue with resume=True)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "train_state.pt"
+    task = SyntheticTask(preset, seed=config.seed, easy_share=config.easy_share)
+    torch.manual_seed(config.seed)
+    model = build_model(preset)
+    step, history, elapsed = 0, [], 0.0
+    stage = config.stage(0)
+    optimizer = _optimizer(model, config, stage)
+
+    if resume and state_path.exists():
+        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        if saved["config"] != dataclasses.asdict(config) or saved["preset"] != preset.to_dict():
+            raise AdaFocusError(
+                f"{state_path} belongs to a run with other settings",
+                "resume with the same options, or train into a new --out directory",
+            )
+        model.load_state_dict(saved["model"])
+        step, history, elapsed = saved["step"], saved["history"], saved["elapsed_s"]
+        stage = config.stage(step)
+        optimizer = _optimizer(model, config, stage)
+        optimizer.load_state_dict(saved["optimizer"])
+        log(f"resumed from {state_path} at step {step}")
+    elif state_path.exists():
+        raise AdaFocusError(f"{out} already holds a training run", "pass --resume to continue it, or another --out")
+
+    _set_stage(model, stage)
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {preset.name}", unit="step")
+    started = time.perf_counter() - elapsed
+    while step < min(config.steps, stop_at or config.steps):
+        if config.stage(step) != stage:
+            stage = config.stage(step)
+            optimizer = _optimizer(model, config, stage)
+            _set_stage(model, stage)
+            log(f"step {step}: stage 2, training the policy alone")
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, step)
+        first = step * config.batch_size
+        videos, labels = task.batch("train", range(first, first + config.batch_size))
+        random_policy = None
+        if config.schedule == "two-stage" and stage == 1:
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            random_policy = random_centres(len(labels), preset.max_cubes, generator)
+        loss = train_step(model, optimizer, videos, labels, gradient=config.gradient, random_policy=random_policy)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", stage=stage)
+        if step % config.val_every == 0 or step == config.steps:
+            accuracy = accuracy_per_step(model, task, "val", config.val_videos)
+            history.append({"step": step, "loss": loss, "val_accuracy_per_step": accuracy})
+            bar.write(
+                f"step {step}: loss {loss:.3f}, val accuracy after t cubes " + " ".join(f"{a:.3f}" for a in accuracy)
+            )
+        if step % config.checkpoint_every == 0 or step in (config.steps, stop_at):
+            _save_state(
+                state_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "history": history,
+                    "elapsed_s": time.perf_counter() - started,
+                    "config": dataclasses.asdict(config),
+                    "preset": preset.to_dict(),
+                },
+            )
+    bar.close()
+    if step < config.steps:
+        log(f"paused at step {step}; continue with resume")
+        return None
+    model.eval()
+    meta = {
+        "task": "adafocus.train.synthetic.SyntheticTask",
+        "train_config": dataclasses.asdict(config),
+        "history": history,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+    }
+    return save_checkpoint(out / "model.pt", model, task.class_names, meta=meta)

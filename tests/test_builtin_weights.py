@@ -1,0 +1,60 @@
+"""The demo model that ships inside the package (src/adafocus/weights/)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from adafocus.cli import main
+from adafocus.model import load_checkpoint
+from adafocus.train.synthetic import SyntheticTask
+from adafocus.train.trainer import accuracy_per_step
+from adafocus.weights import DEMO, DEMO_PIXEL, builtin_checkpoint
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_checkpoint(builtin_checkpoint(DEMO))
+
+
+@pytest.fixture(scope="module")
+def heldout(demo):
+    """The recorded held-out set and the accuracy after t cubes measured on it now."""
+    recorded = demo.meta["heldout"]
+    task = SyntheticTask(demo.preset, seed=demo.meta["train_config"]["seed"])
+    return task, recorded, accuracy_per_step(demo.model, task, recorded["split"], recorded["videos"])
+
+
+@pytest.mark.parametrize("name", [DEMO, DEMO_PIXEL])
+def test_builtin_checkpoints_are_small_and_documented(name):
+    path = builtin_checkpoint(name)
+    assert path.stat().st_size <= 5 * 2**20
+    loaded = load_checkpoint(path)
+    assert loaded.preset.name == "demo" and loaded.report.complete
+    assert loaded.meta["command"].startswith("adafocus train --preset demo")
+    assert loaded.meta["train_seconds"] <= 15 * 60
+
+
+def test_demo_reproduces_its_recorded_heldout_accuracy(heldout):
+    _, recorded, measured = heldout
+    assert measured == pytest.approx(recorded["accuracy_per_step"], abs=0.01)
+
+
+def test_learned_policy_beats_a_random_one(demo, heldout):
+    task, recorded, learned = heldout
+    random = accuracy_per_step(demo.model, task, recorded["split"], recorded["videos"], policy="random")
+    assert learned[1] >= random[1] + 0.05  # after one cube: where the policy matters most
+    assert learned[-1] >= random[-1] + 0.05
+    assert learned[0] == random[0]  # the glance does not depend on the policy
+
+
+def test_evaluate_cli_json(demo):
+    result = CliRunner().invoke(main, ["evaluate", "--videos", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # the progress bar goes to stderr
+    steps = data["accuracy_per_step"]
+    assert set(steps) == {"learned", "random", "pixel"}
+    assert all(len(steps[k]) == demo.preset.num_exits for k in steps)
+    assert [p["threshold"] for p in data["early_exit"]] == [0.8, 1.2, 1.6, 2.0]
+    for point in data["early_exit"]:
+        assert sum(point["exit_fractions"]) == pytest.approx(1.0)

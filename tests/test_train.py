@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from adafocus import AdaFocusError
+from adafocus.model import build_model, get_preset, load_checkpoint
+from adafocus.train.cube_gradients import CUBE_FEATURES, deep_feature_cube, pixel_cube
+from adafocus.train.synthetic import SyntheticTask
+from adafocus.train.trainer import TrainConfig, summed_cross_entropy, train, train_step, training_logits
+
+DEMO = get_preset("demo")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return SyntheticTask(DEMO).batch("train", range(8))
+
+
+def fresh_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(DEMO).train()
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch(batch):
+    videos, labels = batch
+    model = fresh_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = train_step(model, optimizer, videos, labels, gradient="deep")
+    with torch.no_grad():
+        after = float(summed_cross_entropy(training_logits(model, videos, CUBE_FEATURES["deep"]), labels))
+    assert after < before - 0.01
+
+
+@pytest.mark.parametrize("gradient", ["deep", "pixel"])
+def test_the_policy_gets_gradients_through_the_cube(batch, gradient):
+    videos, labels = batch
+    model = fresh_model()
+    summed_cross_entropy(training_logits(model, videos, CUBE_FEATURES[gradient]), labels).backward()
+    for name, param in model.policy.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.glance.parameters() if p.grad is not None and p.grad.abs().sum() == 0)
+
+
+def test_no_policy_gradient_when_frozen_or_random(batch):
+    videos, labels = batch
+    model = fresh_model()
+    model.policy.requires_grad_(False)
+    summed_cross_entropy(training_logits(model, videos, CUBE_FEATURES["deep"]), labels).backward()
+    assert all(p.grad is None for p in model.policy.parameters())
+    assert model.local.conv1.weight.grad.abs().sum() > 0  # the rest did learn
+
+    model = fresh_model()
+    centres = torch.rand(len(labels), DEMO.max_cubes, 3)
+    summed_cross_entropy(training_logits(model, videos, CUBE_FEATURES["crop"], centres), labels).backward()
+    assert all(p.grad is None for p in model.policy.parameters())
+
+
+def test_deep_feature_path_equals_the_crop_at_cell_aligned_positions():
+    # With the true cube on a feature-cell boundary (offset 0 on every axis) the interpolated feature
+    # is fL on the enlarged crop's first cells; check the offset math against an explicit crop.
+    model = fresh_model().eval()
+    videos = SyntheticTask(DEMO).batch("val", range(2))[0]
+    centres = torch.tensor([[32 / 128, 32 / 128, 0.5 / 8], [0.5, 0.5, 4.5 / 8]], requires_grad=True)
+    features = deep_feature_cube(model, videos, centres)
+    features.sum().backward()
+    assert centres.grad.abs().sum() > 0
+    # the first video's cube starts at (0, 0, 0): the enlarged window starts there too, offset 0
+    with torch.no_grad():
+        cube = videos[:1, 0:2, :, 0:96, 0:96]  # one feature cell (32 px) and one frame larger
+        maps = model.local.feature_maps(cube)
+    expected = maps[:, :1, :, :2, :2].mean(dim=(1, 3, 4))
+    torch.testing.assert_close(features[:1].detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pixel_path_equals_the_crop_at_integer_positions():
+    model = fresh_model().eval()
+    videos = SyntheticTask(DEMO).batch("val", range(1))[0]
+    # start = c*L - l/2 = 40 in x and y, frame 3: pixel centres fall exactly on pixels
+    centres = torch.tensor([[72 / 128, 72 / 128, 3.5 / 8]])
+    with torch.no_grad():
+        sampled = pixel_cube(model, videos, centres)
+        exact = model.local(videos[:, 3:4, :, 40:104, 40:104])
+    torch.testing.assert_close(sampled, exact, rtol=1e-5, atol=1e-5)
+
+
+def tiny_config(**changes) -> TrainConfig:
+    base = dict(steps=4, batch_size=4, val_every=2, val_videos=8, checkpoint_every=2, warmup_steps=1)
+    return TrainConfig(**(base | changes))
+
+
+def test_resumed_training_ends_where_an_uninterrupted_run_does(tmp_path):
+    config = tiny_config(schedule="two-stage", stage_one_share=0.5)
+    straight = load_checkpoint(train(DEMO, tmp_path / "a", config, progress=False, log=lambda _: None))
+
+    state = tmp_path / "b"
+    assert train(DEMO, state, config, stop_at=3, progress=False, log=lambda _: None) is None
+    assert not (state / "model.pt").exists()
+    resumed = load_checkpoint(train(DEMO, state, config, resume=True, progress=False, log=lambda _: None))
+
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    assert [h["step"] for h in resumed.meta["history"]] == [2, 4]
+
+
+def test_training_refuses_to_overwrite_or_mix_runs(tmp_path):
+    train(DEMO, tmp_path, tiny_config(steps=1), progress=False, log=lambda _: None)
+    with pytest.raises(AdaFocusError, match="already holds a training run"):
+        train(DEMO, tmp_path, tiny_config(steps=1), progress=False, log=lambda _: None)
+    with pytest.raises(AdaFocusError, match="other settings"):
+        train(DEMO, tmp_path, tiny_config(steps=2, lr=1e-4), resume=True, progress=False, log=lambda _: None)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(AdaFocusError, match="gradient estimator"):
+        TrainConfig(gradient="rl")
+    with pytest.raises(AdaFocusError, match="schedule"):
+        TrainConfig(schedule="three-stage")
+
+
+def test_validation_keeps_frozen_parts_in_eval_mode():
+    from adafocus.train.trainer import _set_stage, accuracy_per_step
+
+    model = fresh_model()
+    _set_stage(model, 2)
+    accuracy_per_step(model, SyntheticTask(DEMO), "val", 4)
+    assert model.policy.training and not model.local.training and not model.glance.training
+    assert not any(m.training for m in model.classifier.modules())
