@@ -124,3 +124,14 @@ def test_validation_keeps_frozen_parts_in_eval_mode():
     accuracy_per_step(model, SyntheticTask(DEMO), "val", 4)
     assert model.policy.training and not model.local.training and not model.glance.training
     assert not any(m.training for m in model.classifier.modules())
+
+
+@pytest.mark.parametrize(("schedule", "policy_moves"), [("joint", True), ("two-stage", False)])
+def test_schedules_train_what_they_say(tmp_path, schedule, policy_moves):
+    # two-stage with 2 of 4 steps in stage 1 (random policy): after 2 steps only fL/fC have moved
+    config = tiny_config(schedule=schedule, stage_one_share=0.5)
+    train(DEMO, tmp_path, config, stop_at=2, progress=False, log=lambda _: None)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)["model"]
+    start = fresh_model().state_dict()
+    assert (not torch.equal(state["policy.head.weight"], start["policy.head.weight"])) == policy_moves
+    assert not torch.equal(state["local.conv1.weight"], start["local.conv1.weight"])

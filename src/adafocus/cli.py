@@ -98,10 +98,11 @@ def flops(preset: str, as_json: bool) -> None:
 )
 @click.option(
     "--schedule",
-    type=click.Choice(["joint", "two-stage"]),
-    default="joint",
+    type=click.Choice(["two-stage", "joint"]),
+    default="two-stage",
     show_default=True,
-    help="joint: all networks together; two-stage: encoders+classifier under a random policy, then the policy.",
+    help="two-stage (appendix C): encoders+classifier under a random policy, then the policy alone; "
+    "joint: all networks together from the start.",
 )
 @click.option("--val-every", type=click.IntRange(1), default=200, show_default=True, help="Validate every N steps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the task and the initialisation.")

@@ -40,10 +40,11 @@ class FlopsReport:
         return asdict(self)
 
 
-def _gmacs(fn, *args) -> float:
+def _gmacs(fn, *args) -> tuple[float, object]:
+    """GMACs of fn(*args), and its output."""
     with FlopCounterMode(display=False) as counter:
-        fn(*args)
-    return counter.get_total_flops() / 2e9
+        output = fn(*args)
+    return counter.get_total_flops() / 2e9, output
 
 
 @functools.cache
@@ -53,19 +54,16 @@ def count_flops(preset: Preset) -> FlopsReport:
         model = AdaFocusV3(p).eval()
         frames = torch.empty(1, p.glance_frames, 3, p.frame_size, p.frame_size)
         cube = torch.empty(1, p.cube_frames, 3, p.cube_size, p.cube_size)
-        full_clip = torch.empty(1, p.glance_frames, 3, p.frame_size, p.frame_size)
-        maps, pooled = model.glance(frames)
-        _, global_state = model.classifier.glance(pooled)
-        features = model.local(cube)
         step = torch.ones(1, dtype=torch.int64)
 
-        glance = _gmacs(model.glance, frames)
-        classifier_glance = _gmacs(model.classifier.glance, pooled)
-        policy = _gmacs(model.policy, maps)
-        cube_cost = _gmacs(model.local, cube)
-        classifier_step = _gmacs(model.classifier.step, features, torch.zeros_like(global_state), global_state, step)
-        with model.local.clip_length(p.glance_frames):
-            dense_local = _gmacs(model.local, full_clip)
+        glance, (maps, pooled) = _gmacs(model.glance, frames)
+        classifier_glance, (_, global_state) = _gmacs(model.classifier.glance, pooled)
+        policy, _ = _gmacs(model.policy, maps)
+        cube_cost, features = _gmacs(model.local, cube)
+        local_state = torch.zeros_like(global_state)
+        classifier_step, _ = _gmacs(model.classifier.step, features, local_state, global_state, step)
+        with model.local.clip_length(p.glance_frames):  # the dense baseline: fL on the full glance frames
+            dense_local, _ = _gmacs(model.local, frames)
 
     first = glance + classifier_glance
     per_cube = cube_cost + classifier_step
