@@ -58,3 +58,15 @@ def test_evaluate_cli_json(demo):
     assert [p["threshold"] for p in data["early_exit"]] == [0.8, 1.2, 1.6, 2.0]
     for point in data["early_exit"]:
         assert sum(point["exit_fractions"]) == pytest.approx(1.0)
+
+
+def test_one_pass_evaluation_agrees_with_separate_passes(demo):
+    from adafocus.train.evaluate import evaluate
+
+    task = SyntheticTask(demo.preset, seed=0)
+    results = evaluate(demo.model, task, split="val", count=96, thresholds=(1.6,))
+    assert results["accuracy_per_step"]["learned"] == accuracy_per_step(demo.model, task, "val", 96)
+    assert results["accuracy_per_step"]["random"] == accuracy_per_step(demo.model, task, "val", 96, policy="random")
+    assert results["accuracy_per_step"]["pixel"] is None
+    point = results["early_exit"][0]
+    assert point["gflops"] < results["gflops_per_exit_step"][-1]  # some videos did exit early

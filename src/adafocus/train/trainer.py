@@ -14,11 +14,12 @@ of (seed, step), ends where an uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +64,30 @@ class TrainConfig:
         return 2 if self.schedule == "two-stage" and step >= int(self.steps * self.stage_one_share) else 1
 
 
+RANDOM_POLICY_SEED = 12345  # the random-policy baseline draws the same centres in every evaluation
+
+
 def random_centres(batch: int, cubes: int, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(batch, cubes, 3, generator=generator)
+
+
+@contextlib.contextmanager
+def eval_mode(*models: AdaFocusV3 | None) -> Iterator[None]:
+    """Evaluate, then give every module back its own mode (stage 2 keeps frozen parts in eval)."""
+    modes = {m: m.training for model in models if model is not None for m in model.modules()}
+    for model in models:
+        if model is not None:
+            model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def correct_per_step(result, labels: torch.Tensor) -> torch.Tensor:
+    """(K+1,) number of videos whose prediction after t cubes is right (from a run without exits)."""
+    return (result.step_logits.argmax(dim=-1) == labels[:, None]).sum(dim=0)
 
 
 def training_logits(
@@ -114,18 +137,14 @@ def accuracy_per_step(
 ) -> list[float]:
     """Accuracy after t = 0..K cubes on `count` videos of a split (no early exit). policy "random"
     draws the centres uniformly (a fixed generator, so the figure is repeatable)."""
-    modes = {m: m.training for m in model.modules()}  # stage 2 keeps frozen parts in eval mode
-    model.eval()
     p = model.preset
-    generator = torch.Generator().manual_seed(12345)
+    generator = torch.Generator().manual_seed(RANDOM_POLICY_SEED)
     correct = torch.zeros(p.num_exits)
-    for start in range(0, count, batch):
-        videos, labels = task.batch(split, range(start, min(start + batch, count)))
-        centres = random_centres(len(labels), p.max_cubes, generator) if policy == "random" else None
-        result = adaptive_inference(model, videos, [-1.0] * p.num_exits, centres=centres)
-        correct += (result.step_logits.argmax(dim=-1) == labels[:, None]).sum(dim=0)
-    for module, training in modes.items():
-        module.training = training
+    with eval_mode(model):
+        for start in range(0, count, batch):
+            videos, labels = task.batch(split, range(start, min(start + batch, count)))
+            centres = random_centres(len(labels), p.max_cubes, generator) if policy == "random" else None
+            correct += correct_per_step(adaptive_inference(model, videos, [-1.0] * p.num_exits, centres), labels)
     return (correct / count).tolist()
 
 
