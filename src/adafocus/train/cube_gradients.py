@@ -32,8 +32,8 @@ def cube_starts(centres: torch.Tensor, length: int, extent: int) -> torch.Tensor
 def _window(start: torch.Tensor, length: int, extent: int, stride: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Integer start of the enlarged window (no gradient) and the true cube's offset inside it in
     feature cells, in [0, 1] (with gradient). None when the axis has no room to grow."""
-    if extent + stride > length:
-        return start.detach().round().long(), None
+    if extent + stride > length:  # no room: the test-time crop rule's start, floor(s + 0.5)
+        return torch.floor(start.detach() + 0.5).long(), None
     origin = torch.round(start.detach() - stride / 2).clamp(0, length - extent - stride)
     offset = ((start - origin) / stride).clamp(0, 1)
     return origin.long(), offset

@@ -58,10 +58,15 @@ class TrainConfig:
         if self.schedule not in ("joint", "two-stage"):
             raise AdaFocusError(f"unknown schedule {self.schedule!r}", "use 'joint' or 'two-stage'")
 
+    @property
+    def policy_stage_start(self) -> int:
+        """The first step of stage 2 (never reached by the joint schedule)."""
+        return int(self.steps * self.stage_one_share) if self.schedule == "two-stage" else self.steps
+
     def stage(self, step: int) -> int:
         """1: everything under the policy being trained (joint) or a random policy (two-stage);
         2: the policy alone."""
-        return 2 if self.schedule == "two-stage" and step >= int(self.steps * self.stage_one_share) else 1
+        return 2 if step >= self.policy_stage_start else 1
 
 
 RANDOM_POLICY_SEED = 12345  # the random-policy baseline draws the same centres in every evaluation
@@ -150,10 +155,8 @@ def accuracy_per_step(
 
 def _learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to zero, restarted for the policy stage of two-stage."""
-    first, total = 0, config.steps
-    if config.schedule == "two-stage":
-        boundary = int(config.steps * config.stage_one_share)
-        first, total = (0, boundary) if step < boundary else (boundary, config.steps)
+    boundary = config.policy_stage_start
+    first, total = (0, boundary) if step < boundary else (boundary, config.steps)
     local = step - first
     if local < config.warmup_steps:
         return config.lr * (local + 1) / config.warmup_steps
@@ -198,10 +201,7 @@ def train(
     task = SyntheticTask(preset, seed=config.seed, easy_share=config.easy_share)
     torch.manual_seed(config.seed)
     model = build_model(preset)
-    step, history, elapsed = 0, [], 0.0
-    stage = config.stage(0)
-    optimizer = _optimizer(model, config, stage)
-
+    step, history, elapsed, saved = 0, [], 0.0, None
     if resume and state_path.exists():
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
         if saved["config"] != dataclasses.asdict(config) or saved["preset"] != preset.to_dict():
@@ -211,13 +211,14 @@ def train(
             )
         model.load_state_dict(saved["model"])
         step, history, elapsed = saved["step"], saved["history"], saved["elapsed_s"]
-        stage = config.stage(step)
-        optimizer = _optimizer(model, config, stage)
-        optimizer.load_state_dict(saved["optimizer"])
-        log(f"resumed from {state_path} at step {step}")
     elif state_path.exists():
         raise AdaFocusError(f"{out} already holds a training run", "pass --resume to continue it, or another --out")
 
+    stage = config.stage(step)
+    optimizer = _optimizer(model, config, stage)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        log(f"resumed from {state_path} at step {step}")
     _set_stage(model, stage)
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {preset.name}", unit="step")
     started = time.perf_counter() - elapsed
@@ -232,7 +233,7 @@ def train(
         first = step * config.batch_size
         videos, labels = task.batch("train", range(first, first + config.batch_size))
         random_policy = None
-        if config.schedule == "two-stage" and stage == 1:
+        if config.schedule == "two-stage" and stage == 1:  # stage 1 of two-stage: a random policy
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             random_policy = random_centres(len(labels), preset.max_cubes, generator)
         loss = train_step(model, optimizer, videos, labels, gradient=config.gradient, random_policy=random_policy)
