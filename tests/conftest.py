@@ -21,3 +21,29 @@ def model_of():
 def random_videos(preset, batch: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, *preset.video_shape, generator=g)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """exported("demo") -> an Export of the built-in demo model; exported("sthsth-v1-t8") -> one of
+    random weights (seed 0) of that preset. Each is exported once per test session."""
+    from adafocus.export.exporter import export_model
+    from adafocus.model.checkpoint import default_class_names, load_checkpoint
+    from adafocus.weights import builtin_checkpoint
+
+    root = tmp_path_factory.mktemp("exports")
+
+    @functools.cache
+    def make(name: str):
+        if name == "demo":
+            loaded = load_checkpoint(builtin_checkpoint())
+            model, classes, weights = loaded.model, loaded.class_names, {"source": "built-in demo model"}
+        else:
+            torch.manual_seed(0)
+            model = build_model(get_preset(name))
+            classes, weights = default_class_names(model.preset), {"source": "random", "seed": 0}
+        return export_model(
+            model, root / name, class_names=classes, weights=weights, validate_batch=3, log=lambda _: None
+        )
+
+    return make

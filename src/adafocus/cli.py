@@ -178,3 +178,248 @@ def evaluate(checkpoint, pixel_checkpoint, videos, as_json) -> None:
             f"GFLOPs/video {point['gflops']:.4f}  exits per step "
             + " ".join(f"{f:.2f}" for f in point["exit_fractions"])
         )
+
+
+class _Command(click.Command):
+    """A standalone command (`adafocus-export`) that reports an AdaFocusError like the group does."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AdaFocusError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _batch_range(ctx, param, value: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(v) for v in value.split(":"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
+        raise click.BadParameter(f"{value!r} is not MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX (e.g. 1:128:128)")
+    return parts
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Trained model (adafocus checkpoint or a foreign state dict with --preset) "
+    "[default: the built-in demo model; with --preset alone: random weights of that preset].",
+)
+@click.option("--preset", default=None, help="Preset of the model (see `adafocus presets`).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights (--preset alone).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Export directory to write [default: exports/PRESET].",
+)
+@click.option("--opset", type=click.IntRange(18), default=18, show_default=True, help="ONNX opset (18 or newer).")
+@click.option(
+    "--exporter",
+    type=click.Choice(["dynamo", "torchscript"]),
+    default="dynamo",
+    show_default=True,
+    help="torch.onnx exporter; dynamo falls back to torchscript (recorded in the manifest) if it fails.",
+)
+@click.option("--validate-batch", type=click.IntRange(2), default=5, show_default=True, help="Larger validation batch.")
+@click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt and an NVIDIA GPU).")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp16", "fp32"]),
+    multiple=True,
+    default=("fp16",),
+    show_default=True,
+    help="TensorRT engine precision (repeat for both). Strongly typed: fp16 engines come from fp16 graphs.",
+)
+@click.option(
+    "--batch-range",
+    default="1:128:128",
+    show_default=True,
+    callback=_batch_range,
+    help="TensorRT optimisation profile MIN:OPT:MAX over the batch sizes the runtime will use.",
+)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def export(checkpoint, preset, seed, out, opset, exporter, validate_batch, trt, precision, batch_range, force) -> None:
+    """Export a model to ONNX: glance, policy, crop, local and classifier graphs with a dynamic batch
+    axis, each validated against PyTorch in ONNX Runtime, plus manifest.json (shapes, GFLOPs counted
+    from the graphs, validation errors, sha256 of every file). With --trt, TensorRT engines too.
+
+    Nothing is left behind if any step fails: the directory appears only when complete.
+    """
+    from adafocus.export.exporter import export_model
+
+    model, class_names, weights = _model_to_export(checkpoint, preset, seed)
+    out = out or f"exports/{model.preset.name}"
+    export_model(
+        model,
+        out,
+        class_names=class_names,
+        weights=weights,
+        opset=opset,
+        exporter=exporter,
+        validate_batch=validate_batch,
+        trt=trt,
+        precisions=precision,
+        batch_range=batch_range,
+        force=force,
+        log=click.echo,
+    )
+
+
+def _model_to_export(checkpoint, preset_name, seed):
+    import torch
+
+    from adafocus.export.manifest import sha256_file
+    from adafocus.model import build_model, get_preset, load_checkpoint
+    from adafocus.model.checkpoint import default_class_names
+    from adafocus.weights import builtin_checkpoint
+
+    preset = get_preset(preset_name) if preset_name else None
+    if checkpoint is None and preset is not None:
+        torch.manual_seed(seed)
+        model = build_model(preset)
+        return model, default_class_names(preset), {"source": "random", "seed": seed}
+    path = checkpoint or builtin_checkpoint()
+    loaded = load_checkpoint(path, preset=preset)
+    source = "built-in demo model" if checkpoint is None else str(path)
+    return loaded.model, loaded.class_names, {"source": source, "sha256": sha256_file(path)}
+
+
+main.add_command(export)
+
+
+def _floats(ctx, param, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("export_dir", required=False, type=click.Path(file_okay=False, exists=True))
+@click.option("--preset", default=None, help="Benchmark this preset with random weights (exported once, cached).")
+@click.option(
+    "--backend",
+    "backends",
+    type=click.Choice(["onnxruntime", "pytorch", "tensorrt"]),
+    multiple=True,
+    default=("onnxruntime",),
+    show_default=True,
+    help="Backend(s) to measure; repeat the option for several.",
+)
+@click.option("--batch", type=click.IntRange(1), default=128, show_default=True, help="Videos per batch.")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed runs per method.")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Threads (ONNX Runtime and torch).")
+@click.option("--thresholds", callback=_floats, default=None, help="Exit thresholds, K+1 comma-separated entropies.")
+@click.option("--budget", type=float, default=None, help="GFLOPs/video: use the calibrated entry for this budget.")
+@click.option("--no-reference", is_flag=True, help="Skip the (slow) PyTorch-eager reference loop.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="JSON report [default: benchmarks/results/bench-PRESET-BACKENDS.json]; a PNG is written beside it.",
+)
+def bench(export_dir, preset, backends, batch, repeats, warmup, threads, thresholds, budget, no_reference, out):
+    """Videos/s of adaptive inference vs the dense baseline and the PyTorch-eager reference loop,
+    measured in one run on the same backend and the same videos (default: the built-in demo export,
+    ONNX Runtime on the CPU, batch 128).
+
+    Prints a table and writes JSON (with machine details) and a PNG. realisation = (adaptive videos/s
+    ÷ dense videos/s) ÷ (dense GFLOPs ÷ adaptive GFLOPs); loop_overhead = share of the adaptive run
+    spent outside the graphs.
+    """
+    import math
+    from pathlib import Path
+
+    import torch
+
+    from adafocus import bench as b
+    from adafocus.export.builtin import demo_export, random_export
+    from adafocus.export.manifest import open_export
+
+    if threads:
+        torch.set_num_threads(threads)
+    if export_dir and preset:
+        raise click.UsageError("give EXPORT_DIR or --preset, not both")
+    export = open_export(export_dir) if export_dir else random_export(preset) if preset else demo_export()
+    runtime_thresholds = _bench_thresholds(export, thresholds, budget)
+    note = (
+        "never exit early (no thresholds set or calibrated)"
+        if all(t == -math.inf for t in runtime_thresholds)
+        else "thresholds " + ", ".join(f"{t:.4g}" for t in runtime_thresholds)
+    )
+    click.echo(f"preset {export.preset.name}, batch {batch}, {repeats} runs after {warmup} warm-up; {note}", err=True)
+    videos = b.bench_videos(export, batch)
+    report = {
+        "preset": export.preset.name,
+        "export": str(export.path),
+        "batch": batch,
+        "thresholds": [None if math.isinf(t) and t < 0 else t for t in runtime_thresholds],
+        "machine": b.machine(),
+        "backends": [
+            b.bench_backend(
+                export,
+                name,
+                videos,
+                runtime_thresholds,
+                repeats=repeats,
+                warmup=warmup,
+                threads=threads,
+                reference=not no_reference,
+                log=lambda line: click.echo(line, err=True),
+            )
+            for name in backends
+        ],
+    }
+    out = Path(out or f"benchmarks/results/bench-{export.preset.name}-{'-'.join(backends)}.json")
+    b.write_report(report, out)
+    b.plot_report(report, out.with_suffix(".png"))
+    for r in report["backends"]:
+        click.echo(f"\n{r['backend']['backend']} ({r['backend']['device']}), batch {batch}")
+        click.echo(f"  {'method':<16} {'videos/s':>9} {'ms/batch p50':>13} {'p99':>9} {'GFLOPs/video':>13}")
+        for name, m in r["methods"].items():
+            click.echo(
+                f"  {name:<16} {m['videos_per_s']:9.1f} {m['ms_per_batch_p50']:13.1f} "
+                f"{m['ms_per_batch_p99']:9.1f} {m['gflops_per_video']:13.4f}"
+            )
+        click.echo(
+            f"  realisation {r['realisation']:.2f}   loop overhead {100 * r['loop_overhead']:.1f} %   "
+            + (f"speed-up vs torch eager {r['speedup_vs_torch_eager']:.2f}×   " if r["speedup_vs_torch_eager"] else "")
+            + "exits per step "
+            + "/".join(str(e) for e in r["exits_per_step"])
+        )
+    click.echo(f"\nwrote {out} and {out.with_suffix('.png')}")
+
+
+def _bench_thresholds(export, thresholds, budget) -> list[float]:
+    import math
+
+    from adafocus.runtime.runtime import budget_entry
+
+    k1 = export.preset.num_exits
+    if thresholds is not None and budget is not None:
+        raise click.UsageError("give --thresholds or --budget, not both")
+    if thresholds is not None:
+        if len(thresholds) != k1:
+            raise click.BadParameter(f"needs {k1} values (steps 0..{k1 - 1})", param_hint="--thresholds")
+        return thresholds
+    if budget is not None:
+        return [-math.inf if t is None else float(t) for t in budget_entry(export, budget)["thresholds"]]
+    stored = export.manifest["thresholds"]
+    return [-math.inf if t is None else float(t) for t in stored] if stored else [-math.inf] * k1
+
+
+main.add_command(bench)
+
+# commands that live beside their API; imported last because they use _Command
+from adafocus.calibration.cli import calibrate  # noqa: E402
+from adafocus.predict import predict  # noqa: E402
+
+main.add_command(calibrate)
+main.add_command(predict)

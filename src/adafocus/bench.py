@@ -1,0 +1,234 @@
+"""adafocus-bench: videos/s of adaptive inference against the dense baseline, measured in one run on
+the same backend, plus the PyTorch-eager reference loop.
+
+Method (per backend): warm up, then `repeats` timed runs of each method on the same batch of videos;
+medians and spread are reported. The realisation says how much of the compute saving turns into
+speed: (adaptive videos/s ÷ dense videos/s) ÷ (dense GFLOPs ÷ adaptive GFLOPs); 1.0 means time
+scales exactly with GFLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adafocus.errors import AdaFocusError
+from adafocus.export.graphs import DENSE, graph_specs
+from adafocus.export.manifest import Export
+from adafocus.model.checkpoint import load_checkpoint
+from adafocus.model.reference import adaptive_inference
+from adafocus.runtime import Runtime
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    for dist in ("adafocus-deploy", "torch", "onnxruntime", "onnx", "numpy", "tensorrt"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return info
+
+
+def _timed(fn: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> list[float]:
+    for _ in range(warmup):
+        fn()
+        sync()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        sync()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def _summary(seconds: list[float], videos: int, gflops: float) -> dict:
+    ms = sorted(1e3 * s for s in seconds)
+    median = statistics.median(seconds)
+    return {
+        "videos_per_s": videos / median,
+        "ms_per_batch_p50": statistics.median(ms),
+        "ms_per_batch_p99": float(np.percentile(ms, 99)),
+        "ms_per_batch_min": ms[0],
+        "ms_per_batch_max": ms[-1],
+        "runs": len(seconds),
+        "gflops_per_video": gflops,
+    }
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_backend(
+    export: Export,
+    backend: str,
+    videos: torch.Tensor,
+    thresholds: list[float],
+    *,
+    repeats: int,
+    warmup: int,
+    threads: int | None,
+    reference: bool,
+    log: Callable[[str], None],
+) -> dict:
+    """All methods on one backend, on the same batch."""
+    if DENSE not in export.manifest["graphs"]:
+        raise AdaFocusError(f"{export.path} has no dense baseline graph", "re-export it with this adafocus-deploy")
+    options = {"threads": threads} if backend == "onnxruntime" and threads else {}
+    runtime = Runtime.load(export.path, backend, **options)
+    runtime.set_thresholds(thresholds)
+    sync = runtime.backend.synchronize
+    batch = videos.shape[0]
+    methods: dict[str, dict] = {}
+
+    log(f"[{backend}] adaptive, per-batch mode")
+    result = runtime.predict(videos)
+    adaptive_gflops = float(result.gflops.mean())
+    seconds = _timed(lambda: runtime.predict(videos), repeats, warmup, sync)
+    methods["adaptive"] = _summary(seconds, batch, adaptive_gflops)
+    methods["adaptive"]["exits_per_step"] = np.bincount(result.exit_step, minlength=runtime.preset.num_exits).tolist()
+
+    log(f"[{backend}] adaptive, streaming mode")
+    seconds = _timed(lambda: list(runtime.stream(iter(videos), batch_size=batch)), repeats, warmup, sync)
+    methods["adaptive_stream"] = _summary(seconds, batch, adaptive_gflops)
+
+    log(f"[{backend}] profile of the per-batch mode")
+    profiled = Runtime(export, runtime.backend, profile=True)
+    profiled.set_thresholds(thresholds)
+    profiled.predict(videos)
+    profile = profiled.profile_report()
+    runtime.backend.graph_seconds = None
+
+    log(f"[{backend}] dense baseline")
+    dense = _dense_runner(export, runtime)
+    seconds = _timed(lambda: dense(videos), repeats, warmup, sync)
+    methods["dense"] = _summary(seconds, batch, export.manifest["gflops"]["dense_baseline"])
+
+    if reference:
+        log(f"[{backend}] PyTorch-eager reference loop")
+        model = load_checkpoint(export.path / export.manifest["pytorch"]).model
+        seconds = _timed(lambda: adaptive_inference(model, videos, thresholds), repeats, warmup, lambda: None)
+        methods["torch_eager"] = _summary(seconds, batch, adaptive_gflops)
+
+    a, d = methods["adaptive"], methods["dense"]
+    report = {
+        "backend": runtime.backend.describe(),
+        "batch": batch,
+        "videos_per_s": {name: m["videos_per_s"] for name, m in methods.items()},
+        "gflops_per_video": {name: m["gflops_per_video"] for name, m in methods.items()},
+        "realisation": (a["videos_per_s"] / d["videos_per_s"]) / (d["gflops_per_video"] / a["gflops_per_video"]),
+        "loop_overhead": profile["host_loop_share"],
+        "speedup_vs_torch_eager": a["videos_per_s"] / methods["torch_eager"]["videos_per_s"] if reference else None,
+        "seconds_per_stage": profile["seconds"],
+        "exits_per_step": methods["adaptive"]["exits_per_step"],
+        "methods": methods,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
+    if torch.cuda.is_available():
+        report["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return report
+
+
+def _dense_runner(export: Export, runtime: Runtime) -> Callable[[torch.Tensor], object]:
+    """The dense graph on the runtime's backend."""
+    backend = runtime.backend
+    if backend.name == "onnxruntime":
+        session = _ort_session(export, backend)
+        return lambda videos: session.run(None, {"videos": backend.videos(videos)})
+    if backend.name == "pytorch":
+        model = load_checkpoint(export.path / export.manifest["pytorch"]).model.to(backend.device)
+        module = graph_specs(model)[DENSE].module
+
+        def run(videos):
+            with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=backend.precision == "fp16"):
+                return module(backend.videos(videos))
+
+        return run
+    if backend.name == "tensorrt":
+        from adafocus.runtime.tensorrt_engine import TensorRTEngine
+
+        engine = TensorRTEngine(export.engine_path(DENSE, backend.precision), device=backend.device)
+        return lambda videos: engine.run({"videos": backend.videos(videos).contiguous()})
+    raise AdaFocusError(f"no dense runner for backend {backend.name}")
+
+
+def _ort_session(export: Export, backend):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if backend.threads:
+        options.intra_op_num_threads = backend.threads
+    path = export.path / export.manifest["graphs"][DENSE]["file"]
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def bench_videos(export: Export, count: int, seed: int = 0) -> torch.Tensor:
+    """Generated videos of the export's shape (the synthetic task: structured content, not noise)."""
+    from adafocus.train.synthetic import SyntheticTask
+
+    preset = export.preset
+    task = SyntheticTask(dataclasses.replace(preset, num_classes=min(preset.num_classes, 10)), seed=seed)
+    videos, _ = task.batch("test", range(count))
+    return videos
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_report(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [
+        (b["backend"]["backend"], name, b["videos_per_s"][name], b["gflops_per_video"][name])
+        for b in report["backends"]
+        for name in b["videos_per_s"]
+    ]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{backend}\n{name}" for backend, name, _, _ in rows]
+    left.bar(labels, [r[2] for r in rows], color="tab:blue")
+    left.set_ylabel("videos / s")
+    left.set_title(f"throughput, batch {report['batch']}")
+    right.bar(labels, [r[3] for r in rows], color="tab:orange")
+    right.set_ylabel("GFLOPs / video")
+    right.set_title("compute")
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelsize=7, rotation=45)
+    fig.suptitle(f"{report['preset']} — {report['machine']['cpu']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

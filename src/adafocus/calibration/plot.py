@@ -1,0 +1,77 @@
+"""The accuracy-vs-GFLOPs curve of a calibrated export, with the paper's Fig. 6 baselines."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def plot_curve(table: list[dict], baselines: dict | None, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Write a PNG: the budget table (held-out accuracy at realised GFLOPs when the entries carry
+    held-out figures, and the calibration curve dashed), fixed-t-cubes points and the random-exit
+    curve (`calibrate.baselines`). Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
+    cal_x = [e["gflops"] for e in table]
+    cal_y = [100 * e["accuracy"] for e in table]
+    if table and "heldout_accuracy" in table[0]:
+        ax.plot(cal_x, cal_y, "--", color="tab:blue", alpha=0.45, lw=1.2, label="entropy exit, calibration set")
+        ax.plot(
+            [e["heldout_gflops"] for e in table],
+            [100 * e["heldout_accuracy"] for e in table],
+            "o-",
+            color="tab:blue",
+            ms=3.5,
+            lw=1.6,
+            label="entropy exit (calibrated thresholds), held-out",
+        )
+    else:
+        ax.plot(cal_x, cal_y, "o-", color="tab:blue", ms=3.5, lw=1.6, label="entropy exit, calibration set")
+    if baselines:
+        random_exit = sorted(baselines.get("random_exit", []), key=lambda e: e["gflops"])
+        if random_exit:
+            ax.plot(
+                [e["gflops"] for e in random_exit],
+                [100 * e["accuracy"] for e in random_exit],
+                ".-",
+                color="tab:orange",
+                ms=3,
+                lw=1.2,
+                label="random exit, same exit proportions",
+            )
+        fixed = baselines.get("fixed_cubes", [])
+        if fixed:
+            ax.plot(
+                [e["gflops"] for e in fixed],
+                [100 * e["accuracy"] for e in fixed],
+                "s",
+                color="black",
+                ms=6,
+                label="fixed number of cubes for every video",
+            )
+            for e in fixed:
+                ax.annotate(
+                    f"t={e['cubes']}",
+                    (e["gflops"], 100 * e["accuracy"]),
+                    textcoords="offset points",
+                    xytext=(5, -11),
+                    fontsize=8,
+                )
+    ax.set_xlabel("GFLOPs / video (multiply-adds)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,230 @@
+"""Exit thresholds for a FLOPs budget (paper Eq. 7), solved the MSDNet way: pure numpy, no model.
+
+Inputs, for N calibration videos and exits k = 0..K (exit k = stop after k cubes):
+
+    E     (N, K+1)  entropy of the softmax at each exit (nats)
+    C     (N, K+1)  whether the prediction at each exit is right
+    cost  (K+1,)    GFLOPs of a video that exits at k (cumulative, from the graphs)
+
+A budget knob p sets exit proportions q_k ∝ p^k (`exit_proportions`); `solve_thresholds` turns them
+into entropy thresholds η_k, the exit rule being "stop at the first k < K with entropy <= η_k, else
+at K"; `simulate` applies thresholds; `budget_table` sweeps p and keeps the accuracy-vs-GFLOPs front.
+
+Comparisons are made in float32, as the runtime and the PyTorch reference make them (their entropies
+are float32 and they cast thresholds to float32), and every finite threshold is a float32 value, so
+the solver, `simulate` and the deployed loop agree on which side of a threshold a value lies.
+
+JSON has no infinities. In tables and manifests a threshold of +inf ("always exit here") is written
+as ALWAYS = 1e9 and -inf ("never exit here") as NEVER = -1e9. Entropies lie in [0, log(classes)], so
+the sentinels act exactly like the infinities wherever they are used, and `Runtime.set_thresholds`
+takes them as they are. (Runtime also reads None as -inf, but the manifest schema wants numbers in
+`budgets[*].thresholds`, so None is not used.) `thresholds_from_json` maps them back to ±inf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from adafocus.errors import AdaFocusError
+
+ALWAYS = 1e9  # JSON stand-in for +inf: every video still running exits at this step
+NEVER = -1e9  # JSON stand-in for -inf: no video exits at this step
+DEFAULT_PS = tuple(np.geomspace(0.01, 100.0, 60).tolist())  # q_0 ≈ 0.99 ... q_K ≈ 0.99 for K >= 1
+_QUOTA_EPS = 1e-9  # N·q_k that is an integer up to rounding (47.9999999999) counts as that integer
+
+
+def exit_proportions(p: float, K: int) -> np.ndarray:
+    """q_k ∝ p^k for k = 0..K, normalised to sum 1 (p < 1: most exit early; p > 1: most go on)."""
+    if not (p > 0 and math.isfinite(p)):
+        raise AdaFocusError(f"the budget knob p must be a positive finite number, got {p!r}")
+    if K < 0:
+        raise AdaFocusError(f"need K >= 0 cubes, got {K}")
+    log_w = np.arange(K + 1) * math.log(p)
+    w = np.exp(log_w - log_w.max())  # no overflow for large p or K
+    return w / w.sum()
+
+
+def exit_quotas(n: int, q: Sequence[float]) -> np.ndarray:
+    """floor(N·q_k) for k = 0..K-1: how many samples each exit takes before the last (which takes all)."""
+    q = np.asarray(q, dtype=np.float64)
+    return np.floor(n * q[:-1] + _QUOTA_EPS).astype(np.int64)
+
+
+def _check_entropies(E: np.ndarray) -> np.ndarray:
+    E = np.asarray(E)
+    if E.ndim != 2 or E.shape[1] < 1:
+        raise AdaFocusError(f"entropies must be (N samples, K+1 exits), got shape {E.shape}")
+    if not np.isfinite(E).all():
+        raise AdaFocusError("entropies hold NaN or inf values", "compute every exit's entropy for every sample")
+    return E.astype(np.float32)
+
+
+def _midway(lo: np.float32, hi: np.float32) -> float | None:
+    """A float32 value strictly between lo < hi, as close to their midpoint as float32 allows; None
+    when lo and hi are neighbouring float32 values (nothing lies between them)."""
+    mid = np.float32((float(lo) + float(hi)) / 2.0)
+    return float(mid) if lo < mid < hi else None
+
+
+def solve_thresholds(E: np.ndarray, q: Sequence[float]) -> np.ndarray:
+    """MSDNet "dynamic evaluation" thresholds (K+1,) for exit proportions q (K+1,).
+
+    For k = 0..K-1: among the samples not yet assigned, sorted by entropy at exit k ascending (most
+    confident first), the first m = floor(N·q_k) are assigned to exit k (N = all samples, as in the
+    official code). The threshold is placed midway (in float32) between the entropy of the last sample
+    taken and the next unassigned one, so no calibration sample sits on a threshold and the rule
+    "entropy <= η_k" takes exactly those m. No sample taken: η_k = -inf. All remaining taken: η_k =
+    +inf. The last exit takes everyone left: η_K = +inf.
+
+    Ties: when the m-th and (m+1)-th smallest entropies are equal (in float32, or neighbouring float32
+    values with nothing between them) no threshold can separate them, and the solver takes FEWER
+    samples: only those strictly below the tied group (possibly none, then η_k = -inf). The shortfall
+    is not added to any later exit's quota: the untaken samples compete for the later exits' own
+    quotas and otherwise end at exit K, so the realised proportions shift towards later exits and the
+    realised cost is a little higher than q implies. `simulate` reports what is actually realised.
+
+    Returns float64 values that are all float32-exact, or ±inf (see `thresholds_to_json`).
+    """
+    E = _check_entropies(E)
+    n, exits = E.shape
+    q = np.asarray(q, dtype=np.float64)
+    if q.shape != (exits,) or (q < 0).any() or not math.isclose(q.sum(), 1.0, rel_tol=1e-9):
+        raise AdaFocusError(f"exit proportions must be {exits} non-negative numbers summing to 1, got {q.tolist()}")
+    quotas = exit_quotas(n, q)
+    thresholds = np.full(exits, math.inf)
+    remaining = np.arange(n)
+    for k in range(exits - 1):
+        values = np.sort(E[remaining, k], kind="stable")
+        m = min(int(quotas[k]), len(values))
+        if m == len(values) and m > 0:  # every remaining sample exits here
+            thresholds[k] = math.inf
+            remaining = remaining[:0]
+            continue
+        threshold = None
+        while m > 0:
+            m = int(np.searchsorted(values, values[m], side="left"))  # drop a group tied with the next sample
+            if m == 0:
+                break
+            threshold = _midway(values[m - 1], values[m])
+            if threshold is not None:
+                break
+            m -= 1  # neighbouring float32 values: no threshold between them; try one fewer
+        if m == 0 or threshold is None:
+            thresholds[k] = -math.inf
+            continue
+        thresholds[k] = threshold
+        remaining = remaining[E[remaining, k] > np.float32(threshold)]
+    return thresholds
+
+
+@dataclass
+class Outcome:
+    """What a set of thresholds does on a set of samples."""
+
+    exit_step: np.ndarray  # (N,) int64 in 0..K
+    correct: np.ndarray  # (N,) bool, at the exit step
+    video_gflops: np.ndarray  # (N,) cost of each sample
+    exit_counts: np.ndarray  # (K+1,)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean())
+
+    @property
+    def gflops(self) -> float:
+        """Mean GFLOPs per video."""
+        return float(self.video_gflops.mean())
+
+    @property
+    def gflops_stderr(self) -> float:
+        """Standard error of the mean cost (sampling noise of `gflops`)."""
+        n = len(self.video_gflops)
+        return float(self.video_gflops.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+
+    @property
+    def exit_fractions(self) -> np.ndarray:
+        return self.exit_counts / len(self.exit_step)
+
+
+def exit_steps(E: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """(N,) the first k < K with E[:, k] <= η_k (compared in float32), else K."""
+    E = _check_entropies(E)
+    thr = np.asarray(thresholds_from_json(thresholds), dtype=np.float64)
+    if thr.shape != (E.shape[1],) or np.isnan(thr).any():
+        raise AdaFocusError(f"need {E.shape[1]} thresholds (one per exit), got {list(thresholds)!r}")
+    K = E.shape[1] - 1
+    passes = E[:, :K] <= thr[:K].astype(np.float32)
+    return np.where(passes.any(axis=1), passes.argmax(axis=1), K).astype(np.int64)
+
+
+def simulate(E: np.ndarray, C: np.ndarray, cost: Sequence[float], thresholds: Sequence[float]) -> Outcome:
+    """Apply thresholds (±inf or the JSON sentinels) to samples: exit step, accuracy, cost, exit mix."""
+    C = np.asarray(C, dtype=bool)
+    cost = np.asarray(cost, dtype=np.float64)
+    steps = exit_steps(E, thresholds)
+    if C.shape != np.shape(E) or cost.shape != (C.shape[1],):
+        raise AdaFocusError(f"correct {C.shape} and cost {cost.shape} must match entropies {np.shape(E)}")
+    rows = np.arange(len(steps))
+    return Outcome(steps, C[rows, steps], cost[steps], np.bincount(steps, minlength=C.shape[1]))
+
+
+def thresholds_to_json(thresholds: Sequence[float]) -> list[float]:
+    """±inf -> ±1e9 (ALWAYS / NEVER); finite values as Python floats."""
+    out = []
+    for t in thresholds:
+        t = float(t)
+        if math.isnan(t):
+            raise AdaFocusError("a threshold is NaN")
+        out.append(ALWAYS if t >= ALWAYS else NEVER if t <= NEVER else t)
+    return out
+
+
+def thresholds_from_json(values: Sequence[float | None]) -> list[float]:
+    """The inverse of `thresholds_to_json`: ±1e9 (or beyond) -> ±inf; None -> -inf, as Runtime reads it."""
+    out = []
+    for v in values:
+        v = -math.inf if v is None else float(v)
+        out.append(math.inf if v >= ALWAYS else -math.inf if v <= NEVER else v)
+    return out
+
+
+def budget_table(E: np.ndarray, C: np.ndarray, cost: Sequence[float], ps: Sequence[float] | None = None) -> list[dict]:
+    """Operating points for a sweep of p (default: 60 values log-spaced over 0.01..100, from nearly all
+    videos exiting at the glance to nearly all using K cubes).
+
+    Each entry: {"p", "gflops", "accuracy", "thresholds" (JSON form, ±1e9 for ±inf), "exit_fractions"},
+    with cost and accuracy realised on these samples. Entries are sorted by gflops and dominated ones
+    are dropped: an entry is kept only if it is strictly more accurate than every cheaper one, so the
+    table is monotone — more budget never means lower calibration accuracy — and Eq. 7 for a budget B
+    is answered by the last entry with gflops <= B.
+    """
+    E = _check_entropies(E)
+    K = E.shape[1] - 1
+    entries = []
+    for p in DEFAULT_PS if ps is None else ps:
+        thresholds = solve_thresholds(E, exit_proportions(float(p), K))
+        outcome = simulate(E, C, cost, thresholds)
+        entries.append(
+            {
+                "p": float(p),
+                "gflops": outcome.gflops,
+                "accuracy": outcome.accuracy,
+                "thresholds": thresholds_to_json(thresholds),
+                "exit_fractions": outcome.exit_fractions.tolist(),
+            }
+        )
+    return pareto_front(entries)
+
+
+def pareto_front(entries: list[dict]) -> list[dict]:
+    """Sort by gflops; keep each entry only if it beats the accuracy of every cheaper one (at equal
+    cost, the more accurate one, then the smaller p, wins)."""
+    front: list[dict] = []
+    for entry in sorted(entries, key=lambda e: (e["gflops"], -e["accuracy"], e.get("p", 0.0))):
+        if not front or entry["accuracy"] > front[-1]["accuracy"]:
+            front.append(entry)
+    return front

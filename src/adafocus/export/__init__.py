@@ -1,0 +1,1 @@
+"""torch -> ONNX per sub-network, validation against PyTorch, the manifest, TensorRT engines."""

@@ -1,0 +1,173 @@
+"""manifest.json: everything a loop needs to run an export directory, and the proof that the
+directory is whole.
+
+The manifest lists every other file with its sha256; its own content is hashed too
+(`manifest_sha256`, over the canonical JSON of every other key), so a mixed, stale or tampered
+directory is refused when opened. Tools that change the manifest (calibration) go through
+`update_manifest`, which rewrites it atomically with a fresh hash.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+
+from adafocus.errors import AdaFocusError
+from adafocus.model.presets import Preset
+
+FORMAT = "adafocus-export"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_REEXPORT = "re-run adafocus-export into a fresh directory (or restore the directory from its source)"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_hash(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@functools.cache
+def schema() -> dict:
+    return json.loads((resources.files(__package__) / "manifest.schema.json").read_text())
+
+
+def check_schema(manifest: dict, where: str = MANIFEST) -> None:
+    validator = jsonschema.Draft202012Validator(schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(manifest))
+    if error is not None:
+        key = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise AdaFocusError(f"{where} does not follow the export schema at {key}: {error.message[:300]}", _REEXPORT)
+
+
+def list_files(directory: Path) -> dict[str, dict]:
+    """sha256 and size of every file in `directory` except the manifest and hidden files."""
+    return {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
+
+
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    """Seal `manifest` (file hashes, own hash) and write it atomically into `directory`."""
+    manifest = dict(manifest)
+    manifest["files"] = list_files(directory)
+    manifest["manifest_sha256"] = content_hash(manifest)
+    check_schema(manifest)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".manifest.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, directory / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return manifest
+
+
+@dataclass(frozen=True)
+class Export:
+    """An opened, verified export directory."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def preset(self) -> Preset:
+        return Preset.from_dict(self.manifest["preset"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest["class_names"]
+
+    @property
+    def exit_gflops(self) -> list[float]:
+        """Cost of a video that exits after t cubes, t = 0..K, counted from the graphs."""
+        return self.manifest["gflops"]["per_exit_step"]
+
+    def graph_path(self, name: str, precision: str = "fp32") -> Path:
+        graph = self.manifest["graphs"][name]
+        return self.path / (graph["file"] if precision == "fp32" else graph["variants"][precision])
+
+    def engine_path(self, name: str, precision: str) -> Path:
+        engines = self.manifest["engines"].get(precision)
+        if not engines:
+            built = ", ".join(self.manifest["engines"]) or "none"
+            raise AdaFocusError(
+                f"{self.path} has no {precision} TensorRT engines (built: {built})",
+                f"re-export with --trt --precision {precision} on the GPU that will run them",
+            )
+        return self.path / engines[name]["file"]
+
+
+def open_export(directory: str | os.PathLike) -> Export:
+    """Read and verify an export directory: schema, own hash, every file's hash, no stray files."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise AdaFocusError(
+            f"export directory {directory} does not exist", "run adafocus-export first, or fix the path"
+        )
+    if not path.is_file():
+        raise AdaFocusError(f"{directory} has no {MANIFEST}: it is not an adafocus export", "run adafocus-export")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdaFocusError(f"{path} is not valid JSON ({e})", _REEXPORT) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise AdaFocusError(f"{path} is not an adafocus export manifest", "run adafocus-export")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise AdaFocusError(
+            f"{path} has schema version {manifest.get('schema_version')}; this adafocus-deploy reads {SCHEMA_VERSION}",
+            "re-export with this version of adafocus-deploy",
+        )
+    check_schema(manifest, str(path))
+    if content_hash(manifest) != manifest["manifest_sha256"]:
+        raise AdaFocusError(
+            f"{path} was changed after it was written (its content hash does not match)",
+            "change thresholds with adafocus-calibrate, not by hand; or " + _REEXPORT,
+        )
+    listed = manifest["files"]
+    present = {p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    if missing := sorted(set(listed) - present):
+        raise AdaFocusError(f"{directory} lacks {', '.join(missing)}, listed in its manifest", _REEXPORT)
+    if stray := sorted(present - set(listed)):
+        raise AdaFocusError(
+            f"{directory} holds {', '.join(stray)}, not part of this export (a mixed directory?)",
+            "remove the stray files, or " + _REEXPORT,
+        )
+    for name, record in listed.items():
+        file = directory / name
+        if file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
+            raise AdaFocusError(
+                f"{file} does not match its manifest entry (sha256 differs): stale, mixed or tampered", _REEXPORT
+            )
+    return Export(directory, manifest)
+
+
+def update_manifest(directory: str | os.PathLike, change: Callable[[dict], None]) -> Export:
+    """Verify, apply `change` to the manifest in place, re-seal and rewrite it atomically."""
+    export = open_export(directory)
+    manifest = json.loads(json.dumps(export.manifest))
+    change(manifest)
+    return Export(export.path, write_manifest(export.path, manifest))

@@ -1,0 +1,479 @@
+"""`adafocus-predict`: classify video files with an export, one JSON line per video.
+
+Decoding overlaps inference: a few decoder threads (PyAV releases the GIL while it decodes) work
+ahead of the runtime, at most about two batches ahead, so memory stays bounded whatever the number
+of inputs. The runtime's streaming mode (continuous batching) consumes the decoded clips in input
+order and hands results back in completion order; each is written and flushed at once, so a run
+that stops half-way can be continued with --resume.
+
+Library use:
+
+    runtime = Runtime.load("exports/demo")
+    for record in predict_paths(expand_paths(["videos/"]), runtime):
+        print(record["path"], record.get("class") or record["error"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import click
+
+from adafocus.cli import _Command
+from adafocus.errors import AdaFocusError
+from adafocus.video import load_clip_for
+
+if TYPE_CHECKING:
+    import torch
+
+    from adafocus.model.presets import Preset
+    from adafocus.runtime import Runtime
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+LIST_EXTENSIONS = (".txt", ".list")
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+
+def read_path_list(list_file: str | os.PathLike) -> list[str]:
+    """Paths in a list file, one a line: blank lines and lines starting with `#` are skipped, and
+    relative paths are taken relative to the list file's folder."""
+    name = os.fspath(list_file)
+    try:
+        with open(name, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdaFocusError(f"{name}: cannot read the list of videos ({e})", "give a UTF-8 text file") from None
+    folder = os.path.dirname(name)
+    paths = []
+    for line in lines:
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        entry = os.path.expanduser(entry)
+        paths.append(entry if os.path.isabs(entry) else os.path.join(folder, entry))
+    return paths
+
+
+def find_videos(folder: str | os.PathLike) -> list[str]:
+    """Video files under `folder`, recursively, sorted; hidden files and folders are skipped."""
+    root = os.fspath(folder)
+    found = []
+    for current, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [
+            os.path.join(current, f) for f in files if not f.startswith(".") and f.lower().endswith(VIDEO_EXTENSIONS)
+        ]
+    return sorted(found)
+
+
+def expand_paths(args: Iterable[str | os.PathLike]) -> list[str]:
+    """Command-line PATHs -> video paths: a directory gives its videos (recursively, sorted), a
+    `.txt`/`.list` file the paths it lists, anything else is taken as a video. A video named twice
+    is kept once, at its first position."""
+    paths: list[str] = []
+    for arg in args:
+        name = os.fspath(arg)
+        if os.path.isdir(name):
+            paths += find_videos(name)
+        elif name.lower().endswith(LIST_EXTENSIONS):
+            paths += read_path_list(name)
+        else:
+            paths.append(name)
+    seen: set[str] = set()
+    unique = []
+    for path in paths:
+        key = _path_key(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def _path_key(path: str) -> str:
+    """What makes two spellings of a path the same input (for de-duplication and --resume)."""
+    return os.path.normcase(os.path.abspath(path))
+
+
+# --- drawing ---------------------------------------------------------------------------------------
+
+
+def _numbered_boxes(result: dict, preset: Preset) -> list[tuple[int, int, int, int, int]]:
+    boxes = []
+    for number, cube in enumerate(result.get("cubes", []), start=1):
+        x0, y0, t0 = (int(v) for v in cube["start"])
+        boxes += [(number, t, x0, y0, preset.cube_size) for t in range(t0, t0 + preset.cube_frames)]
+    return boxes
+
+
+def cube_boxes(result: dict, preset: Preset) -> list[tuple[int, int, int, int]]:
+    """Where each used cube lies: (frame, x0, y0, size) per frame of each cube, in cube order.
+
+    `frame` indexes the preset's num_frames sampled frames; x0, y0, size are pixels of the
+    frame_size² model input (the coordinates the runtime cropped in). A cube of cube_frames frames
+    starting at t0 gives one box on each of frames t0 .. t0 + cube_frames - 1.
+    """
+    return [box[1:] for box in _numbered_boxes(result, preset)]
+
+
+def draw_result(frames: torch.Tensor, result: dict, preset: Preset, out_file: str | os.PathLike) -> None:
+    """A PNG of the sampled frames (de-normalised model input) with a numbered box per used cube."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from adafocus.preprocess import denormalize
+
+    # Figure + FigureCanvasAgg is matplotlib's Agg backend without pyplot: no display needed, no
+    # global state, and a caller's own backend choice is left alone.
+    images = np.clip(denormalize(np.asarray(frames, dtype=np.float32)), 0.0, 1.0).transpose(0, 2, 3, 1)
+    count = len(images)
+    cols = min(count, math.ceil(math.sqrt(1.5 * count)))
+    rows = math.ceil(count / cols)
+    figure = Figure(figsize=(2.2 * cols, 2.3 * rows + 0.7), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    colours = [f"C{i}" for i in range(10)]
+    boxes = _numbered_boxes(result, preset)
+    used_frames = {box[1] for box in boxes}
+    source = result.get("frames") or list(range(count))
+    for t, ax in enumerate(axes):
+        ax.set_axis_off()
+        if t >= count:
+            continue
+        ax.imshow(images[t], interpolation="nearest", alpha=1.0 if t in used_frames else 0.45)
+        ax.set_title(f"frame {t} (source {source[t]})", fontsize=8)
+    for number, t, x0, y0, size in boxes:
+        colour = colours[(number - 1) % len(colours)]
+        # pixel i covers [i - 0.5, i + 0.5] in imshow's coordinates
+        axes[t].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), size, size, fill=False, edgecolor=colour, linewidth=2))
+        axes[t].text(
+            x0 + 1,
+            y0 + 1,
+            str(number),
+            color="white",
+            fontsize=8,
+            va="top",
+            ha="left",
+            bbox={"facecolor": colour, "edgecolor": "none", "pad": 1},
+        )
+    steps = result["exit_step"]
+    cubes = "exited at the glance (no cubes)" if steps == 0 else f"exit after {steps} cube{'s' if steps != 1 else ''}"
+    probability = result["top_k"][0][1] if result.get("top_k") else None
+    confidence = f" ({probability:.0%})" if probability is not None else ""
+    figure.suptitle(
+        f"{os.path.basename(result.get('path', ''))}\n{result['class']}{confidence}, {cubes}, "
+        f"{result['gflops']:.4f} GFLOPs",
+        fontsize=10,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing")  # exotic characters in a file name
+        figure.savefig(out_file, dpi=100)
+
+
+def image_name(path: str) -> str:
+    """The PNG --show writes for `path`: its stem plus a digest of its absolute path, so videos
+    with the same name in different folders do not overwrite each other's picture."""
+    stem = os.path.splitext(os.path.basename(path))[0] or "video"
+    digest = hashlib.sha1(_path_key(path).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{stem}-{digest}.png"
+
+
+# --- the pipeline ----------------------------------------------------------------------------------
+
+
+def _error_text(error: BaseException) -> str:
+    if isinstance(error, AdaFocusError):
+        return error.what if error.fix is None else f"{error.what} (fix: {error.fix})"
+    return f"{type(error).__name__}: {error}"
+
+
+def predict_paths(
+    paths: Iterable[str | os.PathLike],
+    runtime: Runtime,
+    *,
+    batch_size: int = 16,
+    workers: int = 2,
+    top_k: int = 5,
+    show_dir: str | os.PathLike | None = None,
+) -> Iterator[dict]:
+    """One dict per path, in completion order.
+
+    Success: path, class, class_index, top_k ([name, probability] pairs), exit_step, cubes
+    ([{centre, start}] of the cubes used), gflops, frames (the sampled source frame indices), and
+    image (the PNG written) with `show_dir`. Failure (the file cannot be decoded, is too short,
+    or the runtime refused it): path and error. Every path gets exactly one dict.
+
+    `workers` decoder threads decode ahead of the runtime, at most max(2 * batch_size, workers)
+    clips beyond what the runtime holds.
+    """
+    if batch_size < 1 or workers < 1 or top_k < 1:
+        raise AdaFocusError(
+            f"batch_size, workers and top_k must be >= 1 (got {batch_size}, {workers}, {top_k})", "use positive values"
+        )
+    names = [os.fspath(p) for p in paths]
+    preset = runtime.preset
+    show = os.fspath(show_dir) if show_dir is not None else None
+    if show is not None:
+        os.makedirs(show, exist_ok=True)
+    ahead = max(2 * batch_size, workers)
+    failures: deque[dict] = deque()  # decode errors, reported with the next result
+    admitted: dict[int, tuple[str, list[int], torch.Tensor | None]] = {}  # stream position -> video
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adafocus-decode")
+
+    def clips() -> Iterator[torch.Tensor]:
+        """Decoded clips in input order; runs in the caller's thread, pulled by runtime.stream."""
+        pending = deque()
+        remaining = iter(names)
+
+        def top_up() -> None:
+            while len(pending) < ahead:
+                path = next(remaining, None)
+                if path is None:
+                    return
+                pending.append((path, pool.submit(load_clip_for, path, preset)))
+
+        top_up()
+        position = 0
+        while pending:
+            path, future = pending.popleft()
+            top_up()
+            try:
+                clip = future.result()
+            except Exception as e:  # any file may be broken in its own way; the others go on
+                failures.append({"path": path, "error": _error_text(e)})
+                continue
+            admitted[position] = (path, clip.indices, clip.frames if show is not None else None)
+            position += 1
+            yield clip.frames
+
+    try:
+        for result in runtime.stream(clips(), batch_size=batch_size):
+            while failures:
+                yield failures.popleft()
+            path, indices, frames = admitted.pop(result.index)
+            if result.error is not None:
+                yield {"path": path, "error": result.error}
+                continue
+            record = {"path": path, **result.to_dict(runtime.class_names, top_k)}
+            del record["index"]  # the position in this run's stream: meaningless to the caller
+            record["frames"] = indices
+            if show is not None:
+                target = os.path.join(show, image_name(path))
+                try:
+                    draw_result(frames, record, preset, target)
+                except OSError as e:
+                    raise AdaFocusError(f"{target}: cannot write the picture ({e})", "check OUT_DIR is writable") from e
+                record["image"] = target
+            yield record
+        while failures:
+            yield failures.popleft()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- --resume --------------------------------------------------------------------------------------
+
+
+def recorded_paths(out_file: str | os.PathLike) -> set[str]:
+    """Paths (as `_path_key`) that already have a line in a JSONL results file.
+
+    A last line cut off by a crash (no newline at the end) is removed from the file, so that lines
+    appended after it stay valid JSON; that video is simply done again.
+    """
+    name = os.fspath(out_file)
+    if not os.path.exists(name):
+        return set()
+    with open(name, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(name, "r+b") as f:
+            f.truncate(end)
+        click.echo(f"{name}: removed an unfinished last line (the previous run stopped while writing it)", err=True)
+    done = set()
+    for number, line in enumerate(data[:end].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            done.add(_path_key(record["path"]))
+        except (ValueError, TypeError, KeyError):
+            click.echo(f"{name}:{number}: not a result line, ignored", err=True)
+    return done
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+
+def _thresholds(ctx, param, value: str | None) -> list[float | None] | None:
+    if value is None:
+        return None
+    values: list[float | None] = []
+    for part in value.split(","):
+        text = part.strip().lower()
+        if text in ("none", "null"):
+            values.append(None)
+            continue
+        try:
+            values.append(float(text))
+        except ValueError:
+            raise click.BadParameter(
+                f"{part.strip()!r} is not a number: give comma-separated entropies, e.g. 0.5,0.4,0.3 (inf, -inf, none)"
+            ) from None
+    return values
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True), metavar="PATH...")
+@click.option(
+    "--export",
+    "export_dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Export directory (from adafocus-export) [default: the built-in demo export].",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "pytorch"]),
+    default="onnxruntime",
+    show_default=True,
+    help="Runtime backend.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Videos in the runtime's pool."
+)
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Decoder threads.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="JSONL file to write (replaced, or appended to with --resume) [default: stdout].",
+)
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Classes listed per video.")
+@click.option(
+    "--thresholds",
+    callback=_thresholds,
+    default=None,
+    metavar="H0,...,HK",
+    help="Exit thresholds: K+1 comma-separated entropies, one per step 0..K (inf: always exit there; "
+    "-inf or none: never) [default: the export's].",
+)
+@click.option(
+    "--budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="GFLOPS",
+    help="Use the export's calibrated thresholds for at most this many GFLOPs per video (not with --thresholds).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="With --out: skip inputs that already have a line in the file, and append the others.",
+)
+@click.option(
+    "--show",
+    "show_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="OUT_DIR",
+    help="Write a PNG per video: the sampled frames with a numbered box per cube the model looked at.",
+)
+@click.pass_context
+def predict(ctx, paths, export_dir, backend, batch_size, workers, out, top_k, thresholds, budget, resume, show_dir):
+    """Classify videos: one JSON line per input video.
+
+    PATH is a video file, a directory (its .mp4 .avi .mkv .mov .webm .m4v files, recursively,
+    sorted), or a .txt/.list file of paths (one a line; blank lines and # comments skipped;
+    relative paths are relative to the list file).
+
+    \b
+    Each line holds the video's "path" and either
+      "class", "class_index", "top_k" ([class, probability] pairs), "exit_step" (cubes used),
+      "cubes" ([{"centre": [x, y, t], "start": [x0, y0, t0]}]), "gflops" and "frames" (the
+      sampled source frame indices), plus "image" with --show;
+    or "error", saying why the video could not be processed (unreadable, truncated, empty, too
+    short). Lines are written as videos finish, in completion order.
+
+    Exit status: 0 when the run completes, even if some videos failed (their lines say why, and a
+    summary "N ok, M failed" goes to stderr); 1 if no video could be processed at all, or if the
+    export or an option value is unusable (e.g. the wrong number of --thresholds); 2 for invalid
+    command-line usage.
+    """
+    from tqdm import tqdm
+
+    from adafocus.runtime import Runtime
+
+    if resume and out is None:
+        raise click.UsageError("--resume needs --out: the results file to continue")
+    if thresholds is not None and budget is not None:
+        raise click.UsageError("give --thresholds or --budget, not both")
+
+    videos = expand_paths(paths)
+    if not videos:
+        raise AdaFocusError(
+            f"no videos found in {', '.join(paths)}",
+            f"give video files, folders holding {' '.join(VIDEO_EXTENSIONS)} files, or a .txt/.list of paths",
+        )
+    done = recorded_paths(out) if resume else set()
+    todo = [v for v in videos if _path_key(v) not in done]
+    skipped = len(videos) - len(todo)
+
+    runtime = Runtime.load(export_dir, backend=backend)
+    if thresholds is not None:
+        runtime.set_thresholds(thresholds)
+    if budget is not None:
+        chosen = runtime.set_budget(budget)
+        click.echo(
+            f"budget {budget} GFLOPs/video: calibrated point of {chosen['gflops']:.4f} GFLOPs, "
+            f"accuracy {chosen['accuracy']:.3f}",
+            err=True,
+        )
+
+    ok = failed = 0
+    sink = open(out, "a" if resume else "w", encoding="utf-8") if out is not None else sys.stdout
+    try:
+        with tqdm(total=len(todo), unit="video", file=sys.stderr, disable=None) as bar:
+            for record in predict_paths(
+                todo, runtime, batch_size=batch_size, workers=workers, top_k=top_k, show_dir=show_dir
+            ):
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                sink.flush()
+                if "error" in record:
+                    failed += 1
+                else:
+                    ok += 1
+                bar.set_postfix(ok=ok, failed=failed, refresh=False)
+                bar.update(1)
+    finally:
+        if out is not None:
+            sink.close()
+
+    summary = f"{ok} ok, {failed} failed"
+    if skipped:
+        summary += f", {skipped} skipped (already in {out})"
+    if out is not None:
+        summary += f"; results in {out}"
+    click.echo(summary, err=True)
+    if todo and ok == 0:
+        ctx.exit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    predict.main(args=argv, prog_name="adafocus-predict")
+
+
+if __name__ == "__main__":
+    main()

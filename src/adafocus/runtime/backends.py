@@ -1,0 +1,255 @@
+"""Backends: each knows how to run one graph of an export and a handful of array operations on its
+device. The cube loop (`loop.py`) knows the method and drives any of them the same way.
+
+Arrays are whatever the backend computes on: numpy for ONNX Runtime on the CPU, torch tensors (CPU
+or CUDA) for PyTorch and TensorRT. Host-side values the loop needs (entropies, row indices, cube
+starts) cross with `to_host` / `from_host` and are small.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from adafocus.errors import AdaFocusError
+from adafocus.export.graphs import GRAPH_NAMES, graph_specs
+from adafocus.export.manifest import Export
+
+BACKENDS = ("onnxruntime", "pytorch", "tensorrt")
+
+
+class Backend:
+    """Runs the graphs of one export. Subclasses fill in `_run` and the array operations."""
+
+    name = "?"
+    device = "cpu"
+
+    def __init__(self, export: Export):
+        self.export = export
+        self.inputs = {g: [t["name"] for t in export.manifest["graphs"][g]["inputs"]] for g in GRAPH_NAMES}
+        self.outputs = {g: [t["name"] for t in export.manifest["graphs"][g]["outputs"]] for g in GRAPH_NAMES}
+        self.graph_seconds: dict[str, float] | None = None  # per graph, when profiling
+
+    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        if self.graph_seconds is None:
+            return self._run(graph, feeds)
+        started = time.perf_counter()
+        out = self._run(graph, feeds)
+        self.synchronize()
+        self.graph_seconds[graph] = self.graph_seconds.get(graph, 0.0) + time.perf_counter() - started
+        return out
+
+    def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (GPU backends), so that timings are honest."""
+
+    # array operations the loop needs -------------------------------------------------------------
+    def videos(self, videos) -> Any:
+        """The caller's batch as this backend's array, without a copy where it already fits."""
+        raise NotImplementedError
+
+    def from_host(self, values: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def to_host(self, array) -> np.ndarray:
+        raise NotImplementedError
+
+    def take(self, array, rows: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def zeros(self, rows: int, width: int) -> Any:
+        raise NotImplementedError
+
+    def concat(self, arrays: list) -> Any:
+        raise NotImplementedError
+
+    def empty_pool(self, capacity: int, shape: tuple[int, ...]) -> Any:
+        raise NotImplementedError
+
+    def put(self, pool, slots: np.ndarray, values) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": str(self.device)}
+
+
+class _TorchArrays(Backend):
+    """Array operations on torch tensors of one device."""
+
+    device: torch.device
+
+    def videos(self, videos) -> torch.Tensor:
+        if isinstance(videos, np.ndarray):
+            videos = torch.from_numpy(videos)
+        return videos.to(self.device)  # no copy when already there
+
+    def from_host(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values).to(self.device)
+
+    def to_host(self, array: torch.Tensor) -> np.ndarray:
+        return array.detach().cpu().numpy()
+
+    def take(self, array: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        return array.index_select(0, torch.from_numpy(rows).to(self.device))
+
+    def zeros(self, rows: int, width: int) -> torch.Tensor:
+        return torch.zeros(rows, width, device=self.device)
+
+    def concat(self, arrays: list) -> torch.Tensor:
+        return torch.cat(arrays)
+
+    def empty_pool(self, capacity: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(capacity, *shape, device=self.device)
+
+    def put(self, pool: torch.Tensor, slots: np.ndarray, values: torch.Tensor) -> None:
+        pool[torch.from_numpy(slots).to(self.device)] = values
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class PyTorchBackend(_TorchArrays):
+    """The export's own weights (`model.pt`) in eager PyTorch; fp16 autocast on CUDA if asked."""
+
+    name = "pytorch"
+
+    def __init__(self, export: Export, device: str = "cpu", precision: str = "fp32"):
+        super().__init__(export)
+        from adafocus.model.checkpoint import load_checkpoint
+
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise AdaFocusError("device 'cuda' asked for, but torch sees no CUDA GPU", "use --device cpu")
+        if precision not in ("fp32", "fp16") or (precision == "fp16" and self.device.type != "cuda"):
+            raise AdaFocusError(f"the PyTorch backend runs fp32, or fp16 on CUDA; not {precision} on {device}")
+        self.precision = precision
+        model = load_checkpoint(export.path / export.manifest["pytorch"]).model.to(self.device).eval()
+        self.modules = {name: spec.module for name, spec in graph_specs(model).items()}
+
+    @torch.inference_mode()
+    def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        args = [feeds[name] for name in self.inputs[graph]]
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16"):
+            out = self.modules[graph](*args)
+        out = out if isinstance(out, tuple) else (out,)
+        return {name: y.float() if y.is_floating_point() else y for name, y in zip(self.outputs[graph], out)}
+
+    def describe(self) -> dict:
+        return super().describe() | {"precision": self.precision, "threads": torch.get_num_threads()}
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime sessions over the exported graphs. Providers are named explicitly and read back:
+    a GPU provider that fails to load falls back to the CPU silently, which we refuse."""
+
+    name = "onnxruntime"
+    PROVIDERS = {
+        "cpu": ["CPUExecutionProvider"],
+        "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    }
+
+    def __init__(self, export: Export, device: str = "cpu", threads: int | None = None):
+        super().__init__(export)
+        import onnxruntime as ort
+
+        if device not in self.PROVIDERS:
+            raise AdaFocusError(f"unknown ONNX Runtime device {device!r}", f"use one of {', '.join(self.PROVIDERS)}")
+        if device != "cpu":
+            # numpy in, numpy out: correct on a GPU provider, but every call copies through the host
+            raise AdaFocusError(
+                f"ONNX Runtime on {device} is not supported by this version of the runtime (no IO binding yet)",
+                "use backend 'tensorrt' or 'pytorch' on a GPU, or device 'cpu'",
+            )
+        self.device = device
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.threads = threads
+        self.sessions = {}
+        for graph in GRAPH_NAMES:
+            session = ort.InferenceSession(str(export.graph_path(graph)), options, providers=self.PROVIDERS[device])
+            if session.get_providers()[0] != self.PROVIDERS[device][0]:
+                raise AdaFocusError(
+                    f"ONNX Runtime runs {graph} on {session.get_providers()}, not {self.PROVIDERS[device][0]}",
+                    "install the onnxruntime build for that device, or use device 'cpu'",
+                )
+            self.sessions[graph] = session
+
+    def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        out = self.sessions[graph].run(self.outputs[graph], feeds)
+        return dict(zip(self.outputs[graph], out))
+
+    def videos(self, videos) -> np.ndarray:
+        if isinstance(videos, torch.Tensor):
+            if videos.device.type != "cpu":
+                raise AdaFocusError("videos are on a GPU; the ONNX Runtime backend runs on the CPU", "pass CPU arrays")
+            videos = videos.numpy()  # shares memory
+        return np.ascontiguousarray(videos)
+
+    def from_host(self, values: np.ndarray) -> np.ndarray:
+        return values
+
+    def to_host(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+    def take(self, array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return array[rows]
+
+    def zeros(self, rows: int, width: int) -> np.ndarray:
+        return np.zeros((rows, width), dtype=np.float32)
+
+    def concat(self, arrays: list) -> np.ndarray:
+        return np.concatenate(arrays)
+
+    def empty_pool(self, capacity: int, shape: tuple[int, ...]) -> np.ndarray:
+        return np.empty((capacity, *shape), dtype=np.float32)
+
+    def put(self, pool: np.ndarray, slots: np.ndarray, values: np.ndarray) -> None:
+        pool[slots] = values
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return super().describe() | {"onnxruntime": ort.__version__, "threads": self.threads or "default"}
+
+
+class TensorRTBackend(_TorchArrays):
+    """The export's TensorRT engines, on torch CUDA tensors and one stream."""
+
+    name = "tensorrt"
+
+    def __init__(self, export: Export, device: str = "cuda", precision: str = "fp16"):
+        super().__init__(export)
+        from adafocus.export.tensorrt import unavailable_reason
+        from adafocus.runtime.tensorrt_engine import TensorRTEngine
+
+        if reason := unavailable_reason():
+            raise AdaFocusError(f"backend 'tensorrt': {reason}", "use backend 'onnxruntime' or 'pytorch'")
+        self.device = torch.device(device)
+        self.precision = precision
+        self.engines = {g: TensorRTEngine(export.engine_path(g, precision), device=self.device) for g in GRAPH_NAMES}
+        self.max_batch = min(self.engines[g].profile_range(self.inputs[g][0])[2][0] for g in GRAPH_NAMES)
+
+    def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        feeds = {k: v.contiguous() for k, v in feeds.items()}
+        return self.engines[graph].run(feeds)
+
+    def describe(self) -> dict:
+        return super().describe() | {"precision": self.precision, "gpu": torch.cuda.get_device_name(self.device)}
+
+
+def make_backend(export: Export, backend: str, device: str | None = None, **options) -> Backend:
+    if backend == "onnxruntime":
+        return OnnxRuntimeBackend(export, device or "cpu", **options)
+    if backend == "pytorch":
+        return PyTorchBackend(export, device or "cpu", **options)
+    if backend == "tensorrt":
+        return TensorRTBackend(export, device or "cuda", **options)
+    raise AdaFocusError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")

@@ -1,0 +1,303 @@
+"""`Runtime`: the public face of the cube loop.
+
+runtime = Runtime.load("exports/demo", backend="onnxruntime")
+result = runtime.predict(videos)            # (B, T, 3, H, W) float32, numpy or torch
+for video in runtime.stream(iterable):      # continuous batching, one result per video
+    ...
+runtime.set_budget(0.08)                    # GFLOPs per video, from the calibrated table
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from adafocus.errors import AdaFocusError
+from adafocus.export.manifest import Export, open_export
+from adafocus.runtime.backends import Backend, make_backend
+from adafocus.runtime.loop import Failed, Finished, LoopStats, cube_loop
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+@dataclass
+class VideoResult:
+    """One video: what a user needs (class, top-k, exit step, cubes, GFLOPs) and the raw logits."""
+
+    index: int
+    logits: np.ndarray | None
+    exit_step: int
+    centres: np.ndarray | None  # (K, 3); rows past exit_step are NaN
+    cube_starts: np.ndarray | None  # (K, 3); rows past exit_step are -1
+    gflops: float
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def probs(self) -> np.ndarray:
+        return _softmax(self.logits.astype(np.float64))
+
+    @property
+    def prediction(self) -> int:
+        return int(np.argmax(self.logits))
+
+    def to_dict(self, class_names: Sequence[str], top_k: int = 5) -> dict:
+        if self.error is not None:
+            return {"index": self.index, "error": self.error}
+        probs = self.probs
+        top = np.argsort(-probs, kind="stable")[:top_k]
+        used = self.exit_step
+        return {
+            "index": self.index,
+            "class": class_names[self.prediction],
+            "class_index": self.prediction,
+            "top_k": [[class_names[c], float(probs[c])] for c in top],
+            "exit_step": used,
+            "cubes": [{"centre": self.centres[k].tolist(), "start": self.cube_starts[k].tolist()} for k in range(used)],
+            "gflops": self.gflops,
+        }
+
+
+@dataclass
+class BatchResult:
+    """Per-batch mode: arrays in the caller's order (B videos, K cubes, N classes)."""
+
+    logits: np.ndarray  # (B, N)
+    exit_step: np.ndarray  # (B,)
+    centres: np.ndarray  # (B, K, 3)
+    cube_starts: np.ndarray  # (B, K, 3)
+    gflops: np.ndarray  # (B,)
+
+    @property
+    def probs(self) -> np.ndarray:
+        return _softmax(self.logits.astype(np.float64))
+
+    @property
+    def prediction(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    def video(self, i: int) -> VideoResult:
+        return VideoResult(
+            i, self.logits[i], int(self.exit_step[i]), self.centres[i], self.cube_starts[i], float(self.gflops[i])
+        )
+
+
+def budget_entry(export: Export, gflops: float) -> dict:
+    """The calibrated entry of `export` with the best accuracy among those costing <= `gflops`."""
+    budgets = export.manifest["budgets"]
+    if not budgets:
+        raise AdaFocusError(f"{export.path} has no calibrated budgets", "run adafocus-calibrate on it first")
+    affordable = [b for b in budgets if b["gflops"] <= gflops]
+    if not affordable:
+        cheapest = min(b["gflops"] for b in budgets)
+        raise AdaFocusError(
+            f"no calibrated operating point costs <= {gflops} GFLOPs/video (the cheapest is {cheapest:.4f})",
+            f"ask for at least {cheapest:.4f}",
+        )
+    return max(affordable, key=lambda b: (b["accuracy"], -b["gflops"]))
+
+
+class Runtime:
+    """An export directory run by one backend, with an exit policy that can change at run time."""
+
+    def __init__(self, export: Export, backend: Backend, *, profile: bool = False):
+        self.export = export
+        self.backend = backend
+        self.preset = export.preset
+        self.class_names = export.class_names
+        self.exit_gflops = np.asarray(export.exit_gflops, dtype=np.float64)
+        self.profile = profile
+        self.stats = LoopStats([0] * self.preset.num_exits)
+        thresholds = export.manifest["thresholds"]
+        self.set_thresholds(thresholds if thresholds is not None else [-math.inf] * self.preset.num_exits)
+
+    @classmethod
+    def load(
+        cls,
+        export_dir: str | os.PathLike | None = None,
+        backend: str = "onnxruntime",
+        device: str | None = None,
+        *,
+        preset: str | None = None,
+        profile: bool = False,
+        **options,
+    ) -> Runtime:
+        """Open (and verify) an export; None = the built-in demo export. `preset` refuses another
+        preset's export; `options` go to the backend (threads=, precision=)."""
+        if export_dir is None:
+            from adafocus.export.builtin import demo_export
+
+            export = demo_export()
+        else:
+            export = open_export(export_dir)
+        if preset is not None:
+            from adafocus.model.presets import get_preset
+
+            if get_preset(preset).name != export.preset.name:
+                raise AdaFocusError(
+                    f"{export.path} holds a {export.preset.name!r} export, not {preset!r}",
+                    "point to the export of that preset, or drop the preset check",
+                )
+        return cls(export, make_backend(export, backend, device, **options), profile=profile)
+
+    # exit policy ---------------------------------------------------------------------------------
+    def set_thresholds(self, thresholds: Sequence[float | None]) -> None:
+        """K+1 entropy thresholds, one per exit step (None or -inf: never exit there)."""
+        values = [-math.inf if t is None else float(t) for t in thresholds]
+        if len(values) != self.preset.num_exits or any(math.isnan(t) for t in values):
+            raise AdaFocusError(
+                f"{self.preset.name!r} needs {self.preset.num_exits} exit thresholds (steps 0..{self.preset.max_cubes})"
+                f", got {list(thresholds)!r}",
+                "give one entropy threshold per step; +inf always exits, -inf never does",
+            )
+        self.thresholds = np.asarray(values, dtype=np.float64)
+
+    def set_budget(self, gflops: float) -> dict:
+        """Use the calibrated thresholds of the most accurate entry whose cost is <= `gflops`."""
+        best = budget_entry(self.export, gflops)
+        self.set_thresholds(best["thresholds"])
+        return best
+
+    # inference -----------------------------------------------------------------------------------
+    def check_videos(self, videos, name: str = "videos") -> None:
+        """One clear error, before any work, for a batch this export cannot take."""
+        shape = tuple(videos.shape) if hasattr(videos, "shape") else None
+        expected = ("B", *self.preset.video_shape)
+        if shape is None or len(shape) != 5 or shape[1:] != self.preset.video_shape:
+            raise AdaFocusError(
+                f"{name} has shape {shape}, the {self.preset.name!r} export takes {expected}",
+                f"sample {self.preset.num_frames} frames, crop {self.preset.frame_size}², layout (B, T, C, H, W)",
+            )
+        dtype = str(videos.dtype).replace("torch.", "")
+        if dtype != "float32":
+            raise AdaFocusError(f"{name} has dtype {dtype}, expected float32", "normalise frames to float32")
+        on_gpu = isinstance(videos, torch.Tensor) and videos.device.type != "cpu"
+        total = videos.sum() if on_gpu else torch.tensor(np.asarray(videos).sum(dtype=np.float32))
+        if not bool(torch.isfinite(total)):  # one cheap pass; only then find the culprits
+            flat = torch.as_tensor(videos).flatten(1)
+            bad = (~torch.isfinite(flat).all(1)).nonzero().flatten().tolist()
+            if bad:
+                raise AdaFocusError(
+                    f"{name} hold NaN or inf values (videos {bad})", "check the decoder and normalisation"
+                )
+
+    def predict(self, videos) -> BatchResult:
+        """Per-batch mode: the batch is the pool; videos leave as they exit."""
+        self.check_videos(videos)
+        n, k_max, classes = videos.shape[0], self.preset.max_cubes, self.preset.num_classes
+        batch = self.backend.videos(videos)
+        served = False
+
+        def source(_: int):
+            nonlocal served
+            if served:
+                return None
+            served = True
+            return np.arange(n), batch, []
+
+        result = BatchResult(
+            np.zeros((n, classes), np.float32),
+            np.zeros(n, np.int64),
+            np.full((n, k_max, 3), np.nan, np.float32),
+            np.full((n, k_max, 3), -1, np.int64),
+            np.zeros(n, np.float64),
+        )
+        for done in self._run(source, capacity=None):
+            i = done.index
+            result.logits[i], result.exit_step[i] = done.logits, done.exit_step
+            result.centres[i], result.cube_starts[i] = done.centres, done.cube_starts
+            result.gflops[i] = self.exit_gflops[done.exit_step]
+        return result
+
+    def stream(self, videos: Iterable, batch_size: int = 128) -> Iterator[VideoResult]:
+        """Streaming mode: one (T, 3, H, W) video at a time in, one VideoResult per video out, in
+        completion order (`index` = position in the input). A bad video yields a result with `error`
+        and the others go on."""
+        if batch_size < 1:
+            raise AdaFocusError(f"batch_size must be >= 1, got {batch_size}")
+        items = enumerate(videos)
+        exhausted = False
+        # arrivals are copied into one reused buffer: fresh allocations of this size are slow to touch
+        staging = self.backend.empty_pool(batch_size, self.preset.video_shape)
+
+        def source(room: int):
+            nonlocal exhausted
+            if exhausted:
+                return None
+            ids, failed = [], []
+            for index, video in items:
+                try:
+                    self.check_videos(video[None], name=f"video {index}")
+                except AdaFocusError as e:
+                    failed.append(Failed(index, str(e)))
+                    continue
+                self.backend.put(staging, np.asarray([len(ids)]), self.backend.videos(video[None]))
+                ids.append(index)
+                if len(ids) == room:
+                    break
+            else:
+                exhausted = True
+            if not ids and not failed:
+                return None
+            return np.asarray(ids, np.int64), staging[: len(ids)], failed
+
+        for done in self._run(source, capacity=batch_size):
+            if isinstance(done, Failed):
+                yield VideoResult(done.index, None, -1, None, None, 0.0, error=done.error)
+            else:
+                yield VideoResult(
+                    done.index,
+                    done.logits,
+                    done.exit_step,
+                    done.centres,
+                    done.cube_starts,
+                    float(self.exit_gflops[done.exit_step]),
+                )
+
+    def _run(self, source, capacity: int | None) -> Iterator[Finished | Failed]:
+        self.backend.graph_seconds = {} if self.profile else None
+        started = time.perf_counter()
+        loop = cube_loop(
+            self.backend,
+            source,
+            thresholds=self.thresholds,
+            max_cubes=self.preset.max_cubes,
+            video_shape=self.preset.video_shape,
+            capacity=capacity,
+            stats=self.stats,
+        )
+        yield from loop
+        if self.profile:
+            self.backend.synchronize()
+            total = time.perf_counter() - started
+            for graph, seconds in self.backend.graph_seconds.items():
+                self.stats.add_time(graph, seconds)
+            self.stats.add_time("total", total)
+
+    def reset_stats(self) -> None:
+        self.stats = LoopStats([0] * self.preset.num_exits)
+
+    def profile_report(self) -> dict:
+        """Seconds per stage and the host-side share (time outside the graphs), exits per step."""
+        seconds = dict(self.stats.seconds)
+        total = seconds.get("total", 0.0)
+        graphs = sum(v for k, v in seconds.items() if k != "total")
+        return {
+            "seconds": seconds,
+            "host_loop_seconds": max(total - graphs, 0.0),
+            "host_loop_share": (total - graphs) / total if total else None,
+            "exits_per_step": list(self.stats.exits),
+            "videos": self.stats.videos,
+        }

@@ -1,0 +1,236 @@
+"""Video files -> the (T, 3, S, S) float32 tensor an AdaFocusV3 model takes.
+
+Sampling is TSN's: the video is cut into T equal segments and the middle frame of each is kept,
+as the official AdaFocus training code does, so a model sees real videos the way it was trained.
+Pixels follow the official test-time recipe scaled to the preset's frame size S: shorter side to
+round(S * 256 / 224) (bilinear, antialiased like the PIL resize torchvision applies), centre crop
+S×S, /255, ImageNet mean/std.
+
+Decoding is one sequential pass that keeps only the sampled frames (each already cropped to S×S)
+and stops right after the last one, so memory is bounded by T frames whatever the video's length.
+Seeking would skip decoding the gaps, but a seek lands on a keyframe, and mapping timestamps back to
+exact frame indices is unreliable across containers; a sequential pass gives exact indices
+everywhere, and costs at most one decode of the file.
+
+Frame counts come from the container (`stream.frames`) when it reports one. When it reports 0
+(Matroska/WebM, raw streams), a first demux pass counts the stream's packets without decoding
+them: one packet per frame holds for the codecs video files carry, and it is far cheaper than
+decoding.
+
+A container can claim more frames than decode (a cut-off download; or a count that includes
+frames the decoder drops). Then the frames that did decode are sampled again with a second
+sequential pass, as long as there are at least T of them, and the clip is marked `truncated`;
+with fewer than T it is an error. The other way round, a container that under-reports its count
+is not detected: sampling covers the frames it claims.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adafocus.errors import AdaFocusError
+from adafocus.preprocess import normalize
+
+if TYPE_CHECKING:
+    from adafocus.model.presets import Preset
+
+_REENCODE = "re-encode it, e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4`, or use another copy"
+
+
+@dataclass(frozen=True)
+class VideoClip:
+    """A preprocessed clip together with where its frames came from, for drawing and diagnostics.
+
+    `indices` are 0-based positions in decode order among the `source_frames` frames sampled over.
+    `claimed_frames` is what the container said (or the packet count); it differs from
+    `source_frames` only when the file turned out to be `truncated`. `decoded_frames` counts every
+    frame the decoder produced in the pass that was kept, which stops after the last sampled one.
+    """
+
+    path: str
+    frames: torch.Tensor
+    indices: list[int]
+    source_frames: int
+    claimed_frames: int
+    counted_by: str  # "container" (stream.frames) or "packets" (demux pass)
+    source_size: tuple[int, int]  # (width, height) of the decoded frames
+    decoded_frames: int
+    truncated: bool
+
+
+def tsn_indices(num_frames: int, count: int) -> list[int]:
+    """Middle frame of each of `count` equal segments: floor((i + 0.5) * num_frames / count).
+
+    Integer arithmetic, so no float rounding can shift an index by one for long videos.
+    """
+    if count < 1 or num_frames < count:
+        raise AdaFocusError(
+            f"cannot sample {count} frames from {num_frames}",
+            "need 1 <= count <= num_frames",
+        )
+    return [((2 * i + 1) * num_frames) // (2 * count) for i in range(count)]
+
+
+def resize_crop(rgb: np.ndarray, frame_size: int) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, S, S) float32 in [0, 1], resized and centre-cropped.
+
+    Sizes follow torchvision's Resize(int)/CenterCrop, which the official transforms use: the longer
+    side is truncated, the crop offset rounded.
+    """
+    height, width = rgb.shape[:2]
+    short = round(frame_size * 256 / 224)
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    image = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float()
+    image = F.interpolate(image, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    top = int(round((new_h - frame_size) / 2.0))
+    left = int(round((new_w - frame_size) / 2.0))
+    image = image[0, :, top : top + frame_size, left : left + frame_size]
+    return (image / 255.0).clamp_(0.0, 1.0)
+
+
+def load_video(path: str | os.PathLike, num_frames: int, frame_size: int) -> torch.Tensor:
+    """Model input (num_frames, 3, frame_size, frame_size) for one video file."""
+    return load_clip(path, num_frames, frame_size).frames
+
+
+def load_video_for(path: str | os.PathLike, preset: Preset) -> torch.Tensor:
+    """Model input shaped for `preset` (a `adafocus.model.presets.Preset`)."""
+    return load_video(path, preset.num_frames, preset.frame_size)
+
+
+def load_clip(path: str | os.PathLike, num_frames: int, frame_size: int) -> VideoClip:
+    """Like `load_video`, keeping which source frames were sampled, for drawing and checks."""
+    name = os.fspath(path)
+    if num_frames < 1 or frame_size < 1:
+        raise AdaFocusError(
+            f"{name}: asked for {num_frames} frames of {frame_size}² pixels",
+            "num_frames and frame_size must be positive",
+        )
+    _check_file(name)
+
+    claimed, counted_by = _count_frames(name)
+    if claimed < num_frames:
+        raise AdaFocusError(
+            f"{name}: video has {claimed} frames, but {num_frames} are needed",
+            f"use a video with at least {num_frames} frames, or a preset that samples fewer",
+        )
+
+    indices = tsn_indices(claimed, num_frames)
+    kept, decoded, failure, size = _decode_indices(name, indices, frame_size)
+    source, truncated = claimed, False
+    if len(kept) < num_frames:
+        # The decoder ran dry (or failed) before the last wanted frame: `decoded` is every frame
+        # the file really has, so sample again over those.
+        source, truncated = decoded, True
+        reason = f" ({failure})" if failure else ""
+        if decoded < num_frames:
+            raise AdaFocusError(
+                f"{name}: truncated or damaged: the container claims {claimed} frames but only {decoded} "
+                f"decode{reason}, and {num_frames} are needed",
+                _REENCODE,
+            )
+        indices = tsn_indices(decoded, num_frames)
+        kept, decoded, failure, size = _decode_indices(name, indices, frame_size)
+        if len(kept) < num_frames:  # the decoder gave a different answer the second time round
+            raise AdaFocusError(f"{name}: damaged: decoding stops at a different frame on each pass", _REENCODE)
+
+    stacked = torch.stack([kept[i] for i in indices]).numpy()
+    frames = torch.from_numpy(normalize(stacked)).contiguous()
+    return VideoClip(
+        path=name,
+        frames=frames,
+        indices=indices,
+        source_frames=source,
+        claimed_frames=claimed,
+        counted_by=counted_by,
+        source_size=size,
+        decoded_frames=decoded,
+        truncated=truncated,
+    )
+
+
+def load_clip_for(path: str | os.PathLike, preset: Preset) -> VideoClip:
+    return load_clip(path, preset.num_frames, preset.frame_size)
+
+
+def _check_file(name: str) -> None:
+    """Cheap checks first, so the common mistakes get a plain message instead of FFmpeg's."""
+    if not os.path.exists(name):
+        raise AdaFocusError(f"{name}: no such file", "check the path")
+    if not os.path.isfile(name):
+        raise AdaFocusError(f"{name}: not a regular file", "give the path of a video file")
+    if os.path.getsize(name) == 0:
+        raise AdaFocusError(f"{name}: file is empty (0 bytes)", "the copy or download did not finish; fetch it again")
+
+
+def _open(name: str):
+    """av.open with every failure turned into an AdaFocusError; returns (container, video stream)."""
+    try:
+        container = av.open(name)
+    except av.error.InvalidDataError as err:
+        raise AdaFocusError(
+            f"{name}: not a video FFmpeg can read (unknown format, or the file is damaged/truncated)",
+            f"check it plays in a video player; {_REENCODE}",
+        ) from err
+    except (av.error.FFmpegError, OSError) as err:
+        raise AdaFocusError(f"{name}: cannot be opened: {err}", "check the file is a readable video") from err
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        container.close()
+        raise AdaFocusError(
+            f"{name}: has no video stream (streams found: {', '.join(kinds)})", "give a file that contains video"
+        )
+    return container, container.streams.video[0]
+
+
+def _count_frames(name: str) -> tuple[int, str]:
+    container, stream = _open(name)
+    with container:
+        if stream.frames > 0:
+            return stream.frames, "container"
+        count = 0
+        try:
+            for packet in container.demux(stream):
+                if packet.size:  # demux ends with an empty flush packet
+                    count += 1
+        except av.error.FFmpegError:
+            pass  # damaged tail: count what demuxed; decoding will confirm
+        return count, "packets"
+
+
+def _decode_indices(
+    name: str, indices: list[int], frame_size: int
+) -> tuple[dict[int, torch.Tensor], int, str | None, tuple[int, int]]:
+    """One sequential pass keeping `indices`: (kept frames, frames decoded, decode error, (w, h))."""
+    wanted = set(indices)
+    last = indices[-1]
+    kept: dict[int, torch.Tensor] = {}
+    decoded = 0
+    failure = None
+    container, stream = _open(name)
+    size = (stream.codec_context.width, stream.codec_context.height)
+    with container:
+        stream.thread_type = "AUTO"  # frame + slice threads: several times faster on long videos
+        try:
+            for frame in container.decode(stream):
+                if decoded in wanted:
+                    kept[decoded] = resize_crop(frame.to_ndarray(format="rgb24"), frame_size)
+                    size = (frame.width, frame.height)
+                decoded += 1
+                if decoded > last:
+                    break
+        except av.error.FFmpegError as err:
+            failure = str(err)  # a damaged or cut-off stream; the caller decides what that means
+    if not decoded and failure:
+        raise AdaFocusError(f"{name}: no frame could be decoded ({failure})", _REENCODE)
+    return kept, decoded, failure, size

