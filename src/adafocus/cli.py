@@ -7,17 +7,8 @@ import sys
 
 import click
 
-from adafocus.errors import AdaFocusError
-
-
-class _Group(click.Group):
-    """Shows an AdaFocusError as one clean message (exit code 1), not a traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except AdaFocusError as e:
-            raise click.ClickException(str(e)) from None
+from adafocus.clicommon import Command as _Command
+from adafocus.clicommon import Group as _Group
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -180,16 +171,6 @@ def evaluate(checkpoint, pixel_checkpoint, videos, as_json) -> None:
         )
 
 
-class _Command(click.Command):
-    """A standalone command (`adafocus-export`) that reports an AdaFocusError like the group does."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except AdaFocusError as e:
-            raise click.ClickException(str(e)) from None
-
-
 def _batch_range(ctx, param, value: str) -> tuple[int, int, int]:
     try:
         parts = tuple(int(v) for v in value.split(":"))
@@ -318,6 +299,13 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads (ONNX Runtime and torch).")
 @click.option("--thresholds", callback=_floats, default=None, help="Exit thresholds, K+1 comma-separated entropies.")
 @click.option("--budget", type=float, default=None, help="GFLOPs/video: use the calibrated entry for this budget.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    default=None,
+    help="Backend precision [default: the backend's own: fp32; fp16 for tensorrt]. int8: ONNX Runtime on the "
+    "graphs of `adafocus-calibrate --int8`; fp16: PyTorch on CUDA or TensorRT.",
+)
 @click.option("--no-reference", is_flag=True, help="Skip the (slow) PyTorch-eager reference loop.")
 @click.option(
     "--out",
@@ -325,7 +313,9 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
     default=None,
     help="JSON report [default: benchmarks/results/bench-PRESET-BACKENDS.json]; a PNG is written beside it.",
 )
-def bench(export_dir, preset, backends, batch, repeats, warmup, threads, thresholds, budget, no_reference, out):
+def bench(
+    export_dir, preset, backends, batch, repeats, warmup, threads, thresholds, budget, precision, no_reference, out
+):
     """Videos/s of adaptive inference vs the dense baseline and the PyTorch-eager reference loop,
     measured in one run on the same backend and the same videos (default: the built-in demo export,
     ONNX Runtime on the CPU, batch 128).
@@ -348,19 +338,18 @@ def bench(export_dir, preset, backends, batch, repeats, warmup, threads, thresho
     if export_dir and preset:
         raise click.UsageError("give EXPORT_DIR or --preset, not both")
     export = open_export(export_dir) if export_dir else random_export(preset) if preset else demo_export()
-    runtime_thresholds = _bench_thresholds(export, thresholds, budget)
-    note = (
-        "never exit early (no thresholds set or calibrated)"
-        if all(t == -math.inf for t in runtime_thresholds)
-        else "thresholds " + ", ".join(f"{t:.4g}" for t in runtime_thresholds)
-    )
-    click.echo(f"preset {export.preset.name}, batch {batch}, {repeats} runs after {warmup} warm-up; {note}", err=True)
+    runtime_thresholds, how = _bench_thresholds(export, thresholds, budget, batch)
+    shown = ", ".join(f"{t:.4g}" for t in runtime_thresholds)
+    click.echo(f"preset {export.preset.name}, batch {batch}, {repeats} runs after {warmup} warm-up", err=True)
+    click.echo(f"thresholds {shown} ({how})", err=True)
     videos = b.bench_videos(export, batch)
     report = {
         "preset": export.preset.name,
         "export": str(export.path),
         "batch": batch,
         "thresholds": [None if math.isinf(t) and t < 0 else t for t in runtime_thresholds],
+        "thresholds_from": how,
+        "precision": precision or "backend default",
         "machine": b.machine(),
         "backends": [
             b.bench_backend(
@@ -371,13 +360,15 @@ def bench(export_dir, preset, backends, batch, repeats, warmup, threads, thresho
                 repeats=repeats,
                 warmup=warmup,
                 threads=threads,
+                precision=precision,
                 reference=not no_reference,
                 log=lambda line: click.echo(line, err=True),
             )
             for name in backends
         ],
     }
-    out = Path(out or f"benchmarks/results/bench-{export.preset.name}-{'-'.join(backends)}.json")
+    suffix = f"-{precision}" if precision else ""
+    out = Path(out or f"benchmarks/results/bench-{export.preset.name}-{'-'.join(backends)}{suffix}.json")
     b.write_report(report, out)
     b.plot_report(report, out.with_suffix(".png"))
     for r in report["backends"]:
@@ -397,10 +388,15 @@ def bench(export_dir, preset, backends, batch, repeats, warmup, threads, thresho
     click.echo(f"\nwrote {out} and {out.with_suffix('.png')}")
 
 
-def _bench_thresholds(export, thresholds, budget) -> list[float]:
+def _bench_thresholds(export, thresholds, budget, count: int) -> tuple[list[float], str]:
+    """The thresholds to benchmark with, and how they were chosen."""
     import math
 
+    from adafocus.bench import thresholds_for_budget
     from adafocus.runtime.runtime import budget_entry
+
+    def finite(values):
+        return [-math.inf if t is None else float(t) for t in values]
 
     k1 = export.preset.num_exits
     if thresholds is not None and budget is not None:
@@ -408,11 +404,17 @@ def _bench_thresholds(export, thresholds, budget) -> list[float]:
     if thresholds is not None:
         if len(thresholds) != k1:
             raise click.BadParameter(f"needs {k1} values (steps 0..{k1 - 1})", param_hint="--thresholds")
-        return thresholds
+        return thresholds, "given with --thresholds"
+    if budget is not None and export.manifest["budgets"]:
+        entry = budget_entry(export, budget)
+        return finite(entry["thresholds"]), f"calibrated entry {entry['gflops']:.4f} GFLOPs for budget {budget}"
     if budget is not None:
-        return [-math.inf if t is None else float(t) for t in budget_entry(export, budget)["thresholds"]]
+        values, realised = thresholds_for_budget(export, budget, count)
+        return values, f"solved for budget {budget} on {count} generated videos ({realised:.3f} GFLOPs there)"
     stored = export.manifest["thresholds"]
-    return [-math.inf if t is None else float(t) for t in stored] if stored else [-math.inf] * k1
+    if stored is None:
+        return [-math.inf] * k1, "none calibrated: every video uses all cubes"
+    return finite(stored), "the export's default (calibrated) thresholds"
 
 
 main.add_command(bench)

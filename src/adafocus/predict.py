@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from adafocus.cli import _Command
+from adafocus.clicommon import Command as _Command
 from adafocus.errors import AdaFocusError
 from adafocus.video import load_clip_for
 

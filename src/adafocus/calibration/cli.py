@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from adafocus.cli import _Command
+from adafocus.clicommon import Command as _Command
 from adafocus.export.manifest import Export
 
 SYNTHETIC_TASK = "adafocus.train.synthetic.SyntheticTask"
@@ -147,7 +147,33 @@ def format_table(report: dict) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result (table, baselines) as JSON, not text.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch threads (default: all cores).")
-def calibrate(export_dir, calibration_videos, heldout_videos, seed, batch_size, max_drop, plot, as_json, threads):
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Then quantise the glance and local graphs to INT8 (QDQ, ONNX Runtime static quantisation) on inputs "
+    "recorded through the fp32 loop, and compare fp32 and int8 on the held-out videos (accuracy, exit and "
+    "class changes, CPU videos/s).",
+)
+@click.option(
+    "--int8-videos",
+    type=click.IntRange(1),
+    default=128,
+    show_default=True,
+    help="With --int8: calibration videos for the activation ranges (the first of the 'val' split).",
+)
+def calibrate(
+    export_dir,
+    calibration_videos,
+    heldout_videos,
+    seed,
+    batch_size,
+    max_drop,
+    plot,
+    as_json,
+    threads,
+    int8,
+    int8_videos,
+):
     """Calibrate early exit for EXPORT_DIR [default: the built-in demo export, in its cache directory].
 
     Runs the export's PyTorch model without early exit on synthetic-task videos, solves entropy
@@ -157,6 +183,9 @@ def calibrate(export_dir, calibration_videos, heldout_videos, seed, batch_size, 
 
     Models of the paper's presets (random weights, up to 174 classes) get a task of at most 10
     classes: their accuracy is meaningless, but the exit mix and realised GFLOPs are realistic.
+
+    With --int8, `<graph>.int8.onnx` graphs are added and recorded in the manifest, so that
+    `Runtime.load(dir, "onnxruntime", precision="int8")` runs them (see adafocus.calibration.int8).
     """
     from adafocus.calibration.calibrate import TaskVideos, calibrate_export
     from adafocus.calibration.plot import plot_curve
@@ -203,6 +232,8 @@ def calibrate(export_dir, calibration_videos, heldout_videos, seed, batch_size, 
         if heldout_videos:
             title += f", {heldout_videos} held-out"
         report["plot"] = str(plot_curve(result.table, result.baselines, plot, title=title))
+    if int8:
+        report["int8"] = _quantise(result.export, task, int8_videos, heldout_videos, batch_size, seed, meaningful)
     if as_json:
         json.dump(report, sys.stdout, indent=2)
         click.echo()
@@ -211,6 +242,57 @@ def calibrate(export_dir, calibration_videos, heldout_videos, seed, batch_size, 
     click.echo(f"\nwrote {len(result.table)} budgets to {result.export.path / 'manifest.json'}")
     if plot:
         click.echo(f"wrote {report['plot']}")
+    if int8:
+        click.echo("\n" + format_int8(report["int8"]))
+
+
+SPEED_BATCH = 128
+SPEED_THREADS = 2
+
+
+def _quantise(export: Export, task, videos: int, heldout: int, batch_size: int, seed: int, meaningful: bool) -> dict:
+    """--int8: quantise on 'val' videos, compare fp32 and int8 on the held-out ones, store the comparison."""
+    from adafocus.calibration.calibrate import TaskVideos
+    from adafocus.calibration.int8 import compare_precisions, measure_speed, quantize_export, record_report
+
+    info = {"task": "synthetic 'find the detail' videos", "seed": seed, "split": "val"}
+    quantize_export(export.path, TaskVideos(task, "val", videos, batch_size), info=info)
+    report: dict = {}
+    if heldout:
+        report["heldout"] = compare_precisions(
+            export.path, TaskVideos(task, "test", heldout, SPEED_BATCH), threads=SPEED_THREADS
+        )
+        report["heldout"] |= {"split": "test", "accuracy_meaningful": meaningful}
+    speed_videos, _ = task.batch("test", range(SPEED_BATCH))
+    report["speed"] = measure_speed(export.path, speed_videos, threads=SPEED_THREADS)
+    return record_report(export.path, report).manifest["int8"]
+
+
+def format_int8(record: dict) -> str:
+    """The manifest's `int8` record as text."""
+    quantised = [g for g, r in record["graphs"].items() if r["quantized"]]
+    lines = [
+        f"INT8: {', '.join(f'{g}.int8.onnx' for g in quantised)} ({record['format']}; {record['method']} ranges "
+        f"from {record['calibration_videos']} '{record['split']}' videos through the fp32 loop; "
+        f"onnxruntime {record['onnxruntime']}); other graphs stay fp32",
+    ]
+    if held := record.get("heldout"):
+        lines.append(
+            f"  held-out ({held['videos']} '{held['split']}' videos, manifest thresholds): accuracy "
+            f"fp32 {100 * held['fp32_accuracy']:.1f}% -> int8 {100 * held['int8_accuracy']:.1f}%; "
+            f"exit step changed for {100 * held['exit_step_changed']:.1f}%, "
+            f"class for {100 * held['class_changed']:.1f}%; "
+            f"GFLOPs/video {held['fp32_gflops']:.4f} -> {held['int8_gflops']:.4f}"
+        )
+        if not held["accuracy_meaningful"]:
+            lines.append("  (this model was not trained on the synthetic task: its accuracies mean nothing)")
+    speed = record["speed"]
+    lines.append(
+        f"  CPU speed (Runtime.predict, batch {speed['batch']}, {speed['threads']} threads, median of "
+        f"{speed['runs']}): fp32 {speed['fp32_videos_per_s']:.0f} videos/s, int8 {speed['int8_videos_per_s']:.0f} "
+        f"videos/s ({speed['speedup']:.2f}x); load average {speed['load_average'][0]:.1f} on {speed['cpus']} CPUs"
+    )
+    return "\n".join(lines)
 
 
 main = calibrate  # console-script entry point: adafocus.calibration.cli:calibrate (or :main)

@@ -155,7 +155,9 @@ class OnnxRuntimeBackend(Backend):
         "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
     }
 
-    def __init__(self, export: Export, device: str = "cpu", threads: int | None = None):
+    PRECISIONS = ("fp32", "int8")
+
+    def __init__(self, export: Export, device: str = "cpu", threads: int | None = None, precision: str = "fp32"):
         super().__init__(export)
         import onnxruntime as ort
 
@@ -167,6 +169,16 @@ class OnnxRuntimeBackend(Backend):
                 f"ONNX Runtime on {device} is not supported by this version of the runtime (no IO binding yet)",
                 "use backend 'tensorrt' or 'pytorch' on a GPU, or device 'cpu'",
             )
+        if precision not in self.PRECISIONS:
+            raise AdaFocusError(f"the ONNX Runtime backend runs {' or '.join(self.PRECISIONS)}, not {precision!r}")
+        # int8: the file the manifest names for each graph (quantised, or the fp32 one it keeps on purpose)
+        lacking = [g for g in GRAPH_NAMES if precision not in export.manifest["graphs"][g].get("variants", {})]
+        if precision != "fp32" and lacking:
+            raise AdaFocusError(
+                f"{export.path} has no {precision} graphs (none for {', '.join(lacking)})",
+                "run adafocus-calibrate --int8 on it",
+            )
+        self.precision = precision
         self.device = device
         options = ort.SessionOptions()
         if threads:
@@ -174,7 +186,8 @@ class OnnxRuntimeBackend(Backend):
         self.threads = threads
         self.sessions = {}
         for graph in GRAPH_NAMES:
-            session = ort.InferenceSession(str(export.graph_path(graph)), options, providers=self.PROVIDERS[device])
+            path = str(export.graph_path(graph, precision))
+            session = ort.InferenceSession(path, options, providers=self.PROVIDERS[device])
             if session.get_providers()[0] != self.PROVIDERS[device][0]:
                 raise AdaFocusError(
                     f"ONNX Runtime runs {graph} on {session.get_providers()}, not {self.PROVIDERS[device][0]}",
@@ -217,7 +230,11 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> dict:
         import onnxruntime as ort
 
-        return super().describe() | {"onnxruntime": ort.__version__, "threads": self.threads or "default"}
+        return super().describe() | {
+            "onnxruntime": ort.__version__,
+            "precision": self.precision,
+            "threads": self.threads or "default",
+        }
 
 
 class TensorRTBackend(_TorchArrays):
