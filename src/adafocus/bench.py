@@ -10,6 +10,7 @@ scales exactly with GFLOPs.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -55,6 +56,12 @@ def machine() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return info
+
+
+def _device_sync(device) -> Callable[[], None]:
+    if torch.device(device).type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def _timed(fn: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> list[float]:
@@ -130,12 +137,19 @@ def bench_backend(
     profiled.set_thresholds(thresholds)
     profiled.predict(videos)
     profile = profiled.profile_report()
-    runtime.backend.graph_seconds = None
+    described = runtime.backend.describe()
+    dense = _dense_runner(export, runtime.backend)
+    sync = _device_sync(runtime.backend.device)
+    # each method's sessions and memory arenas go before the next starts: at batch 128 of a paper
+    # preset they hold several GB each
+    runtime = profiled = None
+    gc.collect()
 
     log(f"[{backend}] dense baseline")
-    dense = _dense_runner(export, runtime)
     seconds = _timed(lambda: dense(videos), repeats, warmup, sync)
     methods["dense"] = _summary(seconds, batch, export.manifest["gflops"]["dense_baseline"])
+    dense = None
+    gc.collect()
 
     if reference:
         log(f"[{backend}] PyTorch-eager reference loop")
@@ -145,7 +159,7 @@ def bench_backend(
 
     a, d = methods["adaptive"], methods["dense"]
     report = {
-        "backend": runtime.backend.describe(),
+        "backend": described,
         "batch": batch,
         "videos_per_s": {name: m["videos_per_s"] for name, m in methods.items()},
         "gflops_per_video": {name: m["gflops_per_video"] for name, m in methods.items()},
@@ -162,35 +176,36 @@ def bench_backend(
     return report
 
 
-def _dense_runner(export: Export, runtime: Runtime) -> Callable[[torch.Tensor], object]:
-    """The dense graph on the runtime's backend."""
-    backend = runtime.backend
-    if backend.name == "onnxruntime":
-        session = _ort_session(export, backend)
-        return lambda videos: session.run(None, {"videos": backend.videos(videos)})
-    if backend.name == "pytorch":
-        model = load_checkpoint(export.path / export.manifest["pytorch"]).model.to(backend.device)
+def _dense_runner(export: Export, backend) -> Callable[[torch.Tensor], object]:
+    """The dense graph on the same kind of backend; keeps no reference to `backend` itself, so the
+    loop's sessions can be freed while it runs."""
+    name, device, precision = backend.name, backend.device, getattr(backend, "precision", "fp32")
+    if name == "onnxruntime":
+        session = _ort_session(export, backend.threads)
+        return lambda videos: session.run(None, {"videos": np.ascontiguousarray(videos.numpy())})
+    if name == "pytorch":
+        model = load_checkpoint(export.path / export.manifest["pytorch"]).model.to(device)
         module = graph_specs(model)[DENSE].module
 
         def run(videos):
-            with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=backend.precision == "fp16"):
-                return module(backend.videos(videos))
+            with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=precision == "fp16"):
+                return module(videos.to(device))
 
         return run
-    if backend.name == "tensorrt":
+    if name == "tensorrt":
         from adafocus.runtime.tensorrt_engine import TensorRTEngine
 
-        engine = TensorRTEngine(export.engine_path(DENSE, backend.precision), device=backend.device)
-        return lambda videos: engine.run({"videos": backend.videos(videos).contiguous()})
-    raise AdaFocusError(f"no dense runner for backend {backend.name}")
+        engine = TensorRTEngine(export.engine_path(DENSE, precision), device=device)
+        return lambda videos: engine.run({"videos": videos.to(device).contiguous()})
+    raise AdaFocusError(f"no dense runner for backend {name}")
 
 
-def _ort_session(export: Export, backend):
+def _ort_session(export: Export, threads: int | None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if backend.threads:
-        options.intra_op_num_threads = backend.threads
+    if threads:
+        options.intra_op_num_threads = threads
     path = export.path / export.manifest["graphs"][DENSE]["file"]
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
