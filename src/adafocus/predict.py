@@ -30,7 +30,6 @@ import click
 
 from adafocus.clicommon import Command as _Command
 from adafocus.errors import AdaFocusError
-from adafocus.video import load_clip_for
 
 if TYPE_CHECKING:
     import torch
@@ -227,6 +226,8 @@ def predict_paths(
     show = os.fspath(show_dir) if show_dir is not None else None
     if show is not None:
         os.makedirs(show, exist_ok=True)
+    from adafocus.video import load_clip_for  # PyAV only where videos are decoded: `adafocus bench` runs without it
+
     ahead = max(2 * batch_size, workers)
     failures: deque[dict] = deque()  # decode errors, reported with the next result
     admitted: dict[int, tuple[str, list[int], torch.Tensor | None]] = {}  # stream position -> video

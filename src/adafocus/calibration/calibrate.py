@@ -96,7 +96,14 @@ def _batches(videos, labels, batch_size: int) -> Iterable[tuple[torch.Tensor, to
 
 
 def collect(
-    source, videos, labels=None, *, batch_size: int = 64, progress: bool = True, desc: str = "collect"
+    source,
+    videos,
+    labels=None,
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    desc: str = "collect",
+    device: str = "cpu",
 ) -> StepOutputs:
     """Entropy and prediction at every exit for each video.
 
@@ -104,14 +111,15 @@ def collect(
     run; see the module docstring for why the reference stands for the deployed graphs). `videos`:
     a (N, T, 3, H, W) float32 tensor with `labels` (N,), or, with labels=None, an iterable of
     (videos, labels) batches such as `TaskVideos` (its len(), if any, sizes the progress bar).
+    `device`: where the reference runs (a GPU makes paper presets fast to calibrate).
     """
-    model = reference_model(source)
+    model = reference_model(source).to(device)
     never = [-math.inf] * model.preset.num_exits
     total = len(videos) if hasattr(videos, "__len__") else None
     entropies, predictions, targets = [], [], []
     with tqdm(total=total, desc=desc, unit="video", disable=not progress, leave=False) as bar:
         for batch, batch_labels in _batches(videos, labels, batch_size):
-            logits = adaptive_inference(model, batch, never).step_logits  # (B, K+1, classes)
+            logits = adaptive_inference(model, batch.to(device), never).step_logits.cpu()  # (B, K+1, classes)
             entropies.append(entropy(logits).numpy())
             predictions.append(logits.argmax(dim=-1).numpy())
             targets.append(torch.as_tensor(batch_labels).numpy())

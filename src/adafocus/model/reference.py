@@ -124,7 +124,7 @@ def adaptive_inference(
     rows = go_on.nonzero().flatten()  # the videos still running, as indices into the batch
 
     if rows.numel():
-        planned[rows] = model.policy(maps[rows]) if centres is None else centres[rows].to(planned)
+        planned[rows] = (model.policy(maps[rows]) if centres is None else centres[rows]).to(planned)
         cube_starts[rows] = plan_cubes(planned[rows], preset)
     global_state = global_state[rows]
     local_state = torch.zeros_like(global_state)
@@ -135,7 +135,7 @@ def adaptive_inference(
         cubes = crop_cubes(videos, rows, cube_starts[rows, step - 1], preset.cube_size, preset.cube_frames)
         step_index = torch.full_like(rows, step)
         logits, local_state = model.classifier.step(model.local(cubes), local_state, global_state, step_index)
-        step_logits[rows, step] = logits
+        step_logits[rows, step] = logits.to(step_logits)  # fp32 bookkeeping, also under fp16 autocast
         if step == k_max:
             break
         go_on = entropy(logits) > eta[step]

@@ -8,6 +8,7 @@ starts) cross with `to_host` / `from_host` and are small.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -135,13 +136,26 @@ class PyTorchBackend(_TorchArrays):
     @torch.inference_mode()
     def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
         args = [feeds[name] for name in self.inputs[graph]]
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16"):
+        with strict_fp32(), torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16"):
             out = self.modules[graph](*args)
         out = out if isinstance(out, tuple) else (out,)
         return {name: y.float() if y.is_floating_point() else y for name, y in zip(self.outputs[graph], out)}
 
     def describe(self) -> dict:
         return super().describe() | {"precision": self.precision, "threads": torch.get_num_threads()}
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """fp32 means fp32: by default cuDNN runs fp32 convolutions in TF32 (a 10-bit mantissa) on
+    Ampere and newer GPUs, which moves logits by ~1e-3. The user's own settings come back after."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
 
 
 class OnnxRuntimeBackend(Backend):
