@@ -16,11 +16,30 @@ from adafocus.weights import builtin_checkpoint
 PROB_TOL = 1e-4
 NO_CUDA = "no CUDA GPU: the PyTorch CUDA backend cannot run here"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
-# (backend, device) pairs every parity test runs on
+
+
+def _ort_gpu_reason():
+    import onnxruntime as ort
+
+    if not torch.cuda.is_available():
+        return NO_CUDA.replace("PyTorch CUDA", "ONNX Runtime CUDA")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime without CUDAExecutionProvider: install onnxruntime-gpu (README, 'GPU hosts')"
+    return None
+
+
+ORT_GPU_REASON = _ort_gpu_reason()
+# Runtime.load arguments of every backend the parity tests run on
 BACKENDS = [
-    pytest.param(("onnxruntime", "cpu"), id="onnxruntime"),
-    pytest.param(("pytorch", "cpu"), id="pytorch"),
-    pytest.param(("pytorch", "cuda"), id="pytorch-cuda", marks=needs_cuda),
+    pytest.param({"backend": "onnxruntime"}, id="onnxruntime"),
+    pytest.param({"backend": "onnxruntime", "io_binding": True}, id="onnxruntime-iobinding"),
+    pytest.param({"backend": "pytorch"}, id="pytorch"),
+    pytest.param({"backend": "pytorch", "device": "cuda"}, id="pytorch-cuda", marks=needs_cuda),
+    pytest.param(
+        {"backend": "onnxruntime", "device": "cuda"},
+        id="onnxruntime-cuda",
+        marks=pytest.mark.skipif(ORT_GPU_REASON is not None, reason=str(ORT_GPU_REASON)),
+    ),
 ]
 
 
@@ -71,9 +90,9 @@ def test_demo_backends_reproduce_the_reference_in_both_modes(exported, demo_data
     model, videos, thresholds = demo_data
     videos = videos[:batch]
     reference = adaptive_inference(model, videos, thresholds)
-    runtime = Runtime.load(exported("demo").path, *backend)
+    runtime = Runtime.load(exported("demo").path, **backend)
     runtime.set_thresholds(thresholds)
-    on_device = videos.to(runtime.backend.device) if backend[0] == "pytorch" else videos
+    on_device = videos.to(runtime.backend.device)
     result = runtime.predict(on_device)
     assert_same(result.video, reference, batch)
     streamed = {r.index: r for r in runtime.stream(iter(on_device), batch_size=max(batch // 2, 1))}
@@ -90,7 +109,7 @@ def test_paper_presets_reproduce_the_reference(exported, name, backend):
     videos = torch.randn(7, *model.preset.video_shape, generator=torch.Generator().manual_seed(3))
     thresholds = spread_thresholds(model, videos)
     reference = adaptive_inference(model, videos, thresholds)
-    runtime = Runtime.load(exported(name).path, *backend)
+    runtime = Runtime.load(exported(name).path, **backend)
     runtime.set_thresholds(thresholds)
     assert_same(runtime.predict(videos).video, reference, 7)
     assert_same(runtime.predict(videos[:1]).video, reference, 1)
@@ -174,6 +193,22 @@ def test_profile_is_off_by_default_and_adds_up_when_on(exported, demo_data):
     assert sum(report["exits_per_step"]) == 32
 
 
+def test_onnxruntime_on_a_missing_provider_says_what_to_install(exported):
+    if ORT_GPU_REASON is None:
+        pytest.skip("this onnxruntime has the CUDA provider: the parity tests run it")
+    with pytest.raises(AdaFocusError, match="(?s)needs CUDAExecutionProvider.*install onnxruntime-gpu"):
+        Runtime.load(exported("demo").path, "onnxruntime", "cuda")
+
+
+def test_io_binding_keeps_results_on_the_backend_device(exported):
+    runtime = Runtime.load(exported("demo").path, "onnxruntime", io_binding=True)
+    videos = torch.randn(2, *runtime.preset.video_shape)
+    glance = runtime.backend.run("glance", {"videos": runtime.backend.videos(videos)})
+    assert all(isinstance(v, torch.Tensor) and v.device == runtime.backend.device for v in glance.values())
+    with pytest.raises(AdaFocusError, match="policy input maps is torch.float64"):
+        runtime.backend.run("policy", {"maps": glance["maps"].double()})
+
+
 @needs_cuda
 def test_cuda_inputs_are_not_copied_and_results_come_back_to_the_host(exported):
     runtime = Runtime.load(exported("demo").path, "pytorch", "cuda")
@@ -210,3 +245,19 @@ def test_tensorrt_backend_reproduces_the_reference_or_says_why_not(exported):
         pytest.skip("TensorRT present: engine parity runs in tests/test_tensorrt.py on exports built with --trt")
     with pytest.raises(AdaFocusError, match="backend 'tensorrt'"):
         Runtime.load(exported("demo").path, "tensorrt")
+
+
+def test_batches_past_the_backends_largest_are_split(exported, demo_data):
+    """TensorRT engines end at their profile's largest batch: per-batch mode runs larger batches in
+    parts (same results), streaming refuses a pool that large. Exercised here through an ONNX Runtime
+    backend given such a limit."""
+    _, videos, thresholds = demo_data
+    runtime = Runtime.load(exported("demo").path)
+    runtime.set_thresholds(thresholds)
+    whole = runtime.predict(videos[:8])
+    runtime.backend.max_batch = 3
+    parts = runtime.predict(videos[:8])
+    np.testing.assert_array_equal(parts.exit_step, whole.exit_step)
+    np.testing.assert_allclose(parts.logits, whole.logits, rtol=0, atol=1e-5)
+    with pytest.raises(AdaFocusError, match="batch_size 4 is past the largest batch"):
+        next(runtime.stream(iter(videos), batch_size=4))

@@ -30,7 +30,7 @@ from adafocus.export.manifest import Export
 from adafocus.model.checkpoint import load_checkpoint
 from adafocus.model.reference import adaptive_inference
 from adafocus.runtime import Runtime
-from adafocus.runtime.backends import strict_fp32
+from adafocus.runtime.backends import OnnxRuntimeBoundBackend, make_backend, strict_fp32
 
 STREAM_BATCHES = 4  # the streaming mode runs this many batches of videos, so refilling matters
 
@@ -191,9 +191,17 @@ def _dense_runner(export: Export, backend) -> Callable[[torch.Tensor], object]:
     """The dense graph on the same kind of backend; keeps no reference to `backend` itself, so the
     loop's sessions can be freed while it runs."""
     name, device, precision = backend.name, backend.device, getattr(backend, "precision", "fp32")
-    if name == "onnxruntime":
-        session = _ort_session(export, backend.threads)
-        return lambda videos: session.run(None, {"videos": np.ascontiguousarray(videos.cpu().numpy())})
+    if name == "onnxruntime":  # same provider, same binding; int8 has no dense graph, so fp32 there
+        dense = make_backend(
+            export,
+            name,
+            getattr(backend, "provider_device", "cpu"),
+            threads=backend.threads,
+            precision="fp32" if precision == "int8" else precision,
+            io_binding=isinstance(backend, OnnxRuntimeBoundBackend),
+            graphs=(DENSE,),
+        )
+        return lambda videos: dense.run(DENSE, {"videos": dense.videos(videos)})
     if name == "pytorch":
         fp16 = precision == "fp16"
         model = load_checkpoint(export.path / export.manifest["pytorch"]).model.to(device)
@@ -210,16 +218,6 @@ def _dense_runner(export: Export, backend) -> Callable[[torch.Tensor], object]:
         engine = TensorRTEngine(export.engine_path(DENSE, precision), device=device)
         return lambda videos: engine.run({"videos": videos.to(device).contiguous()})
     raise AdaFocusError(f"no dense runner for backend {name}")
-
-
-def _ort_session(export: Export, threads: int | None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    path = export.path / export.manifest["graphs"][DENSE]["file"]
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def bench_videos(export: Export, count: int, seed: int = 0) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,8 @@ from adafocus.export.graphs import GRAPH_NAMES, graph_specs
 from adafocus.export.manifest import Export
 
 BACKENDS = ("onnxruntime", "pytorch", "tensorrt")
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}  # manifest dtype names
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 
 
 class Backend:
@@ -28,10 +31,11 @@ class Backend:
     name = "?"
     device = "cpu"
 
-    def __init__(self, export: Export):
+    def __init__(self, export: Export, graphs: Sequence[str] = GRAPH_NAMES):
         self.export = export
-        self.inputs = {g: [t["name"] for t in export.manifest["graphs"][g]["inputs"]] for g in GRAPH_NAMES}
-        self.outputs = {g: [t["name"] for t in export.manifest["graphs"][g]["outputs"]] for g in GRAPH_NAMES}
+        self.graphs = tuple(graphs)  # the loop's five; the benchmark opens the dense baseline alone
+        self.inputs = {g: [t["name"] for t in export.manifest["graphs"][g]["inputs"]] for g in self.graphs}
+        self.outputs = {g: [t["name"] for t in export.manifest["graphs"][g]["outputs"]] for g in self.graphs}
         self.graph_seconds: dict[str, float] | None = None  # per graph, when profiling
 
     def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -158,56 +162,108 @@ def strict_fp32():
         cudnn.allow_tf32, matmul.allow_tf32 = before
 
 
+ORT_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+ORT_PRECISIONS = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "int8"), "tensorrt": ("fp32", "fp16", "int8")}
+TRT_EP_MAX_BATCH = 128  # the TensorRT execution provider builds one engine for batches 1..this
+
+
+def open_ort_sessions(
+    export: Export, graphs: Sequence[str], device: str, threads: int | None, precision: str
+) -> dict[str, Any]:
+    """One ONNX Runtime session per graph on `device` ('cpu', 'cuda' or 'tensorrt': the execution
+    provider). Providers are named explicitly and read back: a GPU provider that fails to load falls
+    back to the CPU silently, which we refuse."""
+    import onnxruntime as ort
+
+    if device not in ORT_PROVIDERS:
+        raise AdaFocusError(f"unknown ONNX Runtime device {device!r}", f"use one of {', '.join(ORT_PROVIDERS)}")
+    if precision not in ORT_PRECISIONS[device]:
+        choices = " or ".join(ORT_PRECISIONS[device])
+        raise AdaFocusError(f"ONNX Runtime on {device} runs {choices}, not {precision!r}")
+    # fp16 on the TensorRT provider: the fp32 graphs, built in fp16 by the provider
+    stored = "fp32" if precision == "fp16" else precision
+    # int8: the file the manifest names for each graph (quantised, or the fp32 one it keeps on purpose)
+    lacking = [g for g in graphs if stored != "fp32" and stored not in export.manifest["graphs"][g].get("variants", {})]
+    if lacking:
+        raise AdaFocusError(
+            f"{export.path} has no {stored} graphs (none for {', '.join(lacking)})",
+            "run adafocus-calibrate --int8 on it",
+        )
+    wanted = ORT_PROVIDERS[device][0]
+    if wanted not in ort.get_available_providers():
+        raise AdaFocusError(
+            f"ONNX Runtime on {device} needs {wanted}, which this onnxruntime ({ort.__version__}) lacks "
+            f"(it offers {', '.join(ort.get_available_providers())})",
+            "install onnxruntime-gpu on a GPU host (README, 'GPU hosts'), or use device cpu",
+        )
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    sessions = {}
+    for graph in graphs:
+        providers = _ort_providers(export, graph, device, precision)
+        session = ort.InferenceSession(str(export.graph_path(graph, stored)), options, providers=providers)
+        if session.get_providers()[0] != wanted:
+            raise AdaFocusError(
+                f"ONNX Runtime runs {graph} on {session.get_providers()}, not {wanted} "
+                f"(this onnxruntime offers {ort.get_available_providers()})",
+                "install the onnxruntime build for it (onnxruntime-gpu, README 'GPU hosts'), or use device cpu",
+            )
+        sessions[graph] = session
+    return sessions
+
+
+def _ort_providers(export: Export, graph: str, device: str, precision: str) -> list:
+    if device != "tensorrt":
+        return ORT_PROVIDERS[device]
+    # One optimisation profile over batches 1..TRT_EP_MAX_BATCH (the loop's batch shrinks every step;
+    # without a profile the provider rebuilds its engine for every new shape). Engines are cached
+    # outside the sealed export directory.
+    from adafocus.export.builtin import cache_root
+
+    inputs = export.manifest["graphs"][graph]["inputs"]
+
+    def shapes(batch: int) -> str:
+        return ",".join(
+            t["name"] + ":" + "x".join(str(batch if isinstance(d, str) else d) for d in t["shape"]) for t in inputs
+        )
+
+    cache = cache_root() / "ort-tensorrt" / export.manifest["manifest_sha256"][:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    trt = {
+        "trt_fp16_enable": precision == "fp16",
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_profile_min_shapes": shapes(1),
+        "trt_profile_opt_shapes": shapes(TRT_EP_MAX_BATCH),
+        "trt_profile_max_shapes": shapes(TRT_EP_MAX_BATCH),
+    }
+    return [("TensorrtExecutionProvider", trt), "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 class OnnxRuntimeBackend(Backend):
-    """ONNX Runtime sessions over the exported graphs. Providers are named explicitly and read back:
-    a GPU provider that fails to load falls back to the CPU silently, which we refuse."""
+    """ONNX Runtime on the CPU over numpy arrays (no copies: numpy is what the CPU provider reads)."""
 
     name = "onnxruntime"
-    PROVIDERS = {
-        "cpu": ["CPUExecutionProvider"],
-        "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-        "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-    }
 
-    PRECISIONS = ("fp32", "int8")
-
-    def __init__(self, export: Export, device: str = "cpu", threads: int | None = None, precision: str = "fp32"):
-        super().__init__(export)
-        import onnxruntime as ort
-
-        if device not in self.PROVIDERS:
-            raise AdaFocusError(f"unknown ONNX Runtime device {device!r}", f"use one of {', '.join(self.PROVIDERS)}")
+    def __init__(
+        self,
+        export: Export,
+        device: str = "cpu",
+        threads: int | None = None,
+        precision: str = "fp32",
+        graphs: Sequence[str] = GRAPH_NAMES,
+    ):
+        super().__init__(export, graphs)
         if device != "cpu":
-            # numpy in, numpy out: correct on a GPU provider, but every call copies through the host
-            raise AdaFocusError(
-                f"ONNX Runtime on {device} is not supported by this version of the runtime (no IO binding yet)",
-                "use backend 'tensorrt' or 'pytorch' on a GPU, or device 'cpu'",
-            )
-        if precision not in self.PRECISIONS:
-            raise AdaFocusError(f"the ONNX Runtime backend runs {' or '.join(self.PRECISIONS)}, not {precision!r}")
-        # int8: the file the manifest names for each graph (quantised, or the fp32 one it keeps on purpose)
-        lacking = [g for g in GRAPH_NAMES if precision not in export.manifest["graphs"][g].get("variants", {})]
-        if precision != "fp32" and lacking:
-            raise AdaFocusError(
-                f"{export.path} has no {precision} graphs (none for {', '.join(lacking)})",
-                "run adafocus-calibrate --int8 on it",
-            )
-        self.precision = precision
-        self.device = device
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.threads = threads
-        self.sessions = {}
-        for graph in GRAPH_NAMES:
-            path = str(export.graph_path(graph, precision))
-            session = ort.InferenceSession(path, options, providers=self.PROVIDERS[device])
-            if session.get_providers()[0] != self.PROVIDERS[device][0]:
-                raise AdaFocusError(
-                    f"ONNX Runtime runs {graph} on {session.get_providers()}, not {self.PROVIDERS[device][0]}",
-                    "install the onnxruntime build for that device, or use device 'cpu'",
-                )
-            self.sessions[graph] = session
+            raise AdaFocusError(f"the numpy ONNX Runtime backend runs on the CPU, not {device!r}")
+        self.sessions = open_ort_sessions(export, self.graphs, device, threads, precision)
+        self.device, self.threads, self.precision = device, threads, precision
 
     def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
         out = self.sessions[graph].run(self.outputs[graph], feeds)
@@ -251,6 +307,69 @@ class OnnxRuntimeBackend(Backend):
         }
 
 
+class OnnxRuntimeBoundBackend(_TorchArrays):
+    """ONNX Runtime over torch tensors through IO binding: every graph reads its inputs and writes its
+    outputs in place on the session's device, so between graphs nothing crosses to the host. The GPU
+    form of the ONNX Runtime backend (device 'cuda' or 'tensorrt': that execution provider); on the
+    CPU the same code runs with `io_binding=True` (that is how the tests check it without a GPU)."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        export: Export,
+        device: str = "cuda",
+        threads: int | None = None,
+        precision: str = "fp32",
+        graphs: Sequence[str] = GRAPH_NAMES,
+    ):
+        super().__init__(export, graphs)
+        self.sessions = open_ort_sessions(export, self.graphs, device, threads, precision)
+        self.provider_device, self.threads, self.precision = device, threads, precision
+        self.device = torch.device("cpu") if device == "cpu" else torch.device("cuda", torch.cuda.current_device())
+        self.specs = {g: export.manifest["graphs"][g] for g in self.graphs}
+
+    def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        kind, index = self.device.type, self.device.index or 0
+        binding = self.sessions[graph].io_binding()
+        sizes: dict[str, int] = {}  # symbolic axis -> its size in this call
+        kept = []  # contiguous inputs must outlive the run
+        for spec in self.specs[graph]["inputs"]:
+            tensor = feeds[spec["name"]].contiguous()
+            if str(tensor.dtype).removeprefix("torch.") != spec["dtype"] or tensor.device != self.device:
+                raise AdaFocusError(
+                    f"{graph} input {spec['name']} is {tensor.dtype} on {tensor.device}, "
+                    f"the graph takes {spec['dtype']} on {self.device}"
+                )
+            sizes.update((d, n) for d, n in zip(spec["shape"], tensor.shape) if isinstance(d, str))
+            binding.bind_input(
+                spec["name"], kind, index, NUMPY_DTYPES[spec["dtype"]], tuple(tensor.shape), tensor.data_ptr()
+            )
+            kept.append(tensor)
+        outputs = {}
+        for spec in self.specs[graph]["outputs"]:
+            shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec["shape"])
+            out = torch.empty(shape, dtype=TORCH_DTYPES[spec["dtype"]], device=self.device)
+            binding.bind_output(spec["name"], kind, index, NUMPY_DTYPES[spec["dtype"]], shape, out.data_ptr())
+            outputs[spec["name"]] = out
+        if kind == "cuda":
+            # ONNX Runtime computes on its own CUDA stream: what torch queued (the inputs) must be done
+            torch.cuda.current_stream(self.device).synchronize()
+        self.sessions[graph].run_with_iobinding(binding)  # returns once the provider's stream is done
+        return outputs
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return super().describe() | {
+            "onnxruntime": ort.__version__,
+            "providers": next(iter(self.sessions.values())).get_providers(),
+            "precision": self.precision,
+            "io_binding": True,
+            "threads": self.threads or "default",
+        }
+
+
 class TensorRTBackend(_TorchArrays):
     """The export's TensorRT engines, on torch CUDA tensors and one stream."""
 
@@ -278,7 +397,11 @@ class TensorRTBackend(_TorchArrays):
 
 def make_backend(export: Export, backend: str, device: str | None = None, **options) -> Backend:
     if backend == "onnxruntime":
-        return OnnxRuntimeBackend(export, device or "cpu", **options)
+        device = device or "cpu"
+        if device == "cpu" and not options.pop("io_binding", False):
+            return OnnxRuntimeBackend(export, device, **options)
+        options.pop("io_binding", None)
+        return OnnxRuntimeBoundBackend(export, device, **options)
     if backend == "pytorch":
         return PyTorchBackend(export, device or "cpu", **options)
     if backend == "tensorrt":
