@@ -30,6 +30,7 @@ class Backend:
 
     name = "?"
     device = "cpu"
+    max_batch: int | None = None  # the largest batch a graph takes (TensorRT profiles); None = any
 
     def __init__(self, export: Export, graphs: Sequence[str] = GRAPH_NAMES):
         self.export = export
@@ -397,11 +398,9 @@ class TensorRTBackend(_TorchArrays):
 
 def make_backend(export: Export, backend: str, device: str | None = None, **options) -> Backend:
     if backend == "onnxruntime":
-        device = device or "cpu"
-        if device == "cpu" and not options.pop("io_binding", False):
-            return OnnxRuntimeBackend(export, device, **options)
-        options.pop("io_binding", None)
-        return OnnxRuntimeBoundBackend(export, device, **options)
+        device, io_binding = device or "cpu", options.pop("io_binding", False)
+        bound = io_binding or device != "cpu"
+        return (OnnxRuntimeBoundBackend if bound else OnnxRuntimeBackend)(export, device, **options)
     if backend == "pytorch":
         return PyTorchBackend(export, device or "cpu", **options)
     if backend == "tensorrt":

@@ -196,10 +196,13 @@ class Runtime:
     def predict(self, videos) -> BatchResult:
         """Per-batch mode: the batch is the pool; videos leave as they exit."""
         self.check_videos(videos)
-        limit = getattr(self.backend, "max_batch", None)  # TensorRT: the engines' profile ends there
+        limit = self.backend.max_batch  # TensorRT: the engines' profile ends there
         if limit and videos.shape[0] > limit:
-            parts = [self.predict(videos[i : i + limit]) for i in range(0, videos.shape[0], limit)]
+            parts = [self._predict(videos[i : i + limit]) for i in range(0, videos.shape[0], limit)]
             return BatchResult(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(BatchResult)))
+        return self._predict(videos)
+
+    def _predict(self, videos) -> BatchResult:
         n, k_max, classes = videos.shape[0], self.preset.max_cubes, self.preset.num_classes
         batch = self.backend.videos(videos)
         served = False
@@ -231,7 +234,7 @@ class Runtime:
         and the others go on."""
         if batch_size < 1:
             raise AdaFocusError(f"batch_size must be >= 1, got {batch_size}")
-        limit = getattr(self.backend, "max_batch", None)
+        limit = self.backend.max_batch
         if limit and batch_size > limit:
             raise AdaFocusError(
                 f"batch_size {batch_size} is past the largest batch of the TensorRT engines ({limit})",
