@@ -1,5 +1,6 @@
 import functools
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,12 @@ def write_video(path: Path, frames: int, size: tuple[int, int] = (64, 48)) -> No
             rgb = np.full((height, width, 3), 30 * k, dtype=np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
         container.mux(stream.encode())
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def strict_loads(text: str):
+    """json.loads as a strict reader (JSON.parse, jq) reads: NaN and ±Infinity are errors."""
+    return json.loads(text, parse_constant=_refuse_constant)

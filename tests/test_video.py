@@ -68,10 +68,19 @@ def test_tsn_indices_formula(num_frames, count):
         assert got == list(range(num_frames))
 
 
-@pytest.mark.parametrize("num_frames,count", [(5, 8), (10, 0)])
+@pytest.mark.parametrize("num_frames,count", [(0, 8), (10, 0)])
 def test_tsn_indices_rejects_impossible(num_frames, count):
     with pytest.raises(AdaFocusError):
         tsn_indices(num_frames, count)
+
+
+@pytest.mark.parametrize(
+    "num_frames,count,expected",
+    [(3, 8, [0, 0, 0, 1, 1, 2, 2, 2]), (1, 8, [0] * 8), (5, 8, [0, 0, 1, 2, 2, 3, 4, 4]), (2, 3, [0, 1, 1])],
+)
+def test_tsn_indices_repeat_frames_of_short_clips(num_frames, count, expected):
+    assert tsn_indices(num_frames, count) == expected
+    assert expected == [math.floor((i + 0.5) * num_frames / count) for i in range(count)]
 
 
 # --- real files ------------------------------------------------------------------------------------
@@ -232,17 +241,22 @@ def test_truncated_with_index_first_samples_what_decodes(data_dir, tmp_path):
     assert clip.indices == tsn_indices(clip.source_frames, 8)
     assert torch.isfinite(clip.frames).all() and clip.frames.shape == (8, 3, 128, 128)
 
-    # asking for more frames than survive is an error that says so
-    err = _expect_error(cut, clip.source_frames + 1, 64, match="truncated")
-    assert f"only {clip.source_frames} decode" in str(err)
+    # asking for more frames than survive repeats some of them, like any short clip
+    longer = load_clip(cut, clip.source_frames + 1, 64)
+    assert longer.truncated and longer.indices == tsn_indices(clip.source_frames, clip.source_frames + 1)
+    assert len(set(longer.indices)) == clip.source_frames
 
 
-def test_too_few_frames(tmp_path):
-    short = tmp_path / "five.mp4"
-    write_video(short, 5)
-    assert load_clip(short, 5, 32).indices == [0, 1, 2, 3, 4], "exactly enough frames is fine"
-    err = _expect_error(short, 8, 128, match="has 5 frames, but 8 are needed")
-    assert err.fix
+@pytest.mark.parametrize("frames", [1, 3, 5])
+def test_short_clips_repeat_frames(tmp_path, frames):
+    short = tmp_path / f"{frames}.mp4"
+    write_video(short, frames)  # frame k is flat grey 30·k
+    assert load_clip(short, frames, 32).indices == list(range(frames)), "exactly enough frames: each once"
+    clip = load_clip(short, 8, 32)
+    assert clip.indices == tsn_indices(frames, 8) and len(set(clip.indices)) == frames
+    assert clip.source_frames == frames and not clip.truncated
+    grey = (clip.frames[:, 0, 16, 16] * STD[0] + MEAN[0]) * 255  # the red channel back in grey levels
+    np.testing.assert_allclose(grey.numpy(), [30 * k for k in clip.indices], atol=3)  # codec noise
 
 
 def test_no_video_stream(tmp_path):

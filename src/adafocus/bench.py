@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import platform
 import resource
@@ -27,6 +26,7 @@ import torch
 from adafocus.errors import AdaFocusError
 from adafocus.export.graphs import DENSE, graph_specs
 from adafocus.export.manifest import Export
+from adafocus.files import write_json
 from adafocus.model.checkpoint import load_checkpoint
 from adafocus.model.reference import adaptive_inference
 from adafocus.runtime import Runtime
@@ -256,10 +256,7 @@ def thresholds_for_budget(export: Export, budget: float, count: int, device: str
 
 
 def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, report)
 
 
 def plot_report(report: dict, path: Path) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import sys
-
 import click
 
 from adafocus.clicommon import Command as _Command
 from adafocus.clicommon import Group as _Group
+from adafocus.files import dumps
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +22,7 @@ def presets(as_json: bool) -> None:
     from adafocus.model.presets import ALIASES, PRESETS
 
     if as_json:
-        click.echo(json.dumps({"presets": [p.to_dict() for p in PRESETS.values()], "aliases": ALIASES}, indent=2))
+        click.echo(dumps({"presets": [p.to_dict() for p in PRESETS.values()], "aliases": ALIASES}))
         return
     header = f"{'name':<20} {'classes':>7} {'frames':>6} {'glance':>6} {'cube (h×w×t)':>13} {'K':>3}  backbones"
     click.echo(header)
@@ -54,8 +52,7 @@ def flops(preset: str, as_json: bool) -> None:
 
     report = count_flops(get_preset(preset))
     if as_json:
-        json.dump(report.to_dict(), sys.stdout, indent=2)
-        click.echo()
+        click.echo(dumps(report.to_dict()))
         return
     r = report
     rows = [
@@ -154,7 +151,7 @@ def evaluate(checkpoint, pixel_checkpoint, videos, as_json) -> None:
     task = SyntheticTask(loaded.preset, seed=seed)
     results = run_evaluation(loaded.model, task, count=videos, pixel_model=pixel, progress=True)
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(dumps(results))
         return
     steps = results["accuracy_per_step"]
     click.echo(f"held-out accuracy after t cubes ({videos} {results['split']} videos, preset {results['preset']})")
@@ -281,6 +278,9 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
 
 
+RESULTS_DIR = "adafocus-results"  # where reports go by default: untracked, git-ignored
+
+
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("export_dir", required=False, type=click.Path(file_okay=False, exists=True))
 @click.option("--preset", default=None, help="Benchmark this preset with random weights (exported once, cached).")
@@ -316,9 +316,12 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
 @click.option("--no-reference", is_flag=True, help="Skip the (slow) PyTorch-eager reference loop.")
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="JSON report [default: benchmarks/results/bench-PRESET-BACKENDS.json]; a PNG is written beside it.",
+    type=click.Path(),
+    default=RESULTS_DIR,
+    show_default=True,
+    help="Folder for the report (bench-PRESET-BACKENDS.json and a PNG beside it), or a .json file name. The "
+    "default is git-ignored, so a run leaves the checkout as it was; recorded results go to benchmarks/results/ "
+    "only when asked (--out benchmarks/results).",
 )
 def bench(
     export_dir,
@@ -343,12 +346,12 @@ def bench(
     ÷ dense videos/s) ÷ (dense GFLOPs ÷ adaptive GFLOPs); loop_overhead = share of the adaptive run
     spent outside the graphs.
     """
-    import math
     from pathlib import Path
 
     import torch
 
     from adafocus import bench as b
+    from adafocus.calibration.thresholds import thresholds_to_json
     from adafocus.export.builtin import demo_export, random_export
     from adafocus.export.manifest import open_export
 
@@ -366,7 +369,7 @@ def bench(
         "preset": export.preset.name,
         "export": str(export.path),
         "batch": batch,
-        "thresholds": [None if math.isinf(t) and t < 0 else t for t in runtime_thresholds],
+        "thresholds": thresholds_to_json(runtime_thresholds),  # ±1e9 for ±inf: JSON has no infinities
         "thresholds_from": how,
         "precision": precision or "backend default",
         "inputs_on_device": True,
@@ -389,7 +392,9 @@ def bench(
         ],
     }
     suffix = (f"-{device}" if device and device != "cpu" else "") + (f"-{precision}" if precision else "")
-    out = Path(out or f"benchmarks/results/bench-{export.preset.name}-{'-'.join(backends)}{suffix}.json")
+    out = Path(out)
+    if out.suffix != ".json":
+        out = out / f"bench-{export.preset.name}-{'-'.join(backends)}{suffix}.json"
     b.write_report(report, out)
     b.plot_report(report, out.with_suffix(".png"))
     for r in report["backends"]:

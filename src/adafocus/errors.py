@@ -1,4 +1,4 @@
-"""The project's one exception type."""
+"""The project's exception types: one for problems the user can fix, one for broken invariants."""
 
 
 class AdaFocusError(Exception):
@@ -10,6 +10,6 @@ class AdaFocusError(Exception):
         super().__init__(what if fix is None else f"{what}\n  fix: {fix}")
 
 
-def require(condition: bool, what: str, fix: str | None = None) -> None:
-    if not condition:
-        raise AdaFocusError(what, fix)
+class InternalError(RuntimeError):
+    """An invariant of adafocus-deploy itself does not hold: a bug to report, not a user error.
+    Raised `from` the exception that revealed it, so the cause is kept."""

@@ -30,6 +30,7 @@ import click
 
 from adafocus.clicommon import Command as _Command
 from adafocus.errors import AdaFocusError
+from adafocus.files import dumps
 
 if TYPE_CHECKING:
     import torch
@@ -450,7 +451,7 @@ def predict(ctx, paths, export_dir, backend, batch_size, workers, out, top_k, th
             for record in predict_paths(
                 todo, runtime, batch_size=batch_size, workers=workers, top_k=top_k, show_dir=show_dir
             ):
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                sink.write(dumps(record, indent=None) + "\n")
                 sink.flush()
                 if "error" in record:
                     failed += 1

@@ -17,11 +17,14 @@ Frame counts come from the container (`stream.frames`) when it reports one. When
 them: one packet per frame holds for the codecs video files carry, and it is far cheaper than
 decoding.
 
+A clip shorter than T frames is sampled with repeats (`tsn_indices`), like TSN at test time; only
+a file without a single decodable frame is an error.
+
 A container can claim more frames than decode (a cut-off download; or a count that includes
 frames the decoder drops). Then the frames that did decode are sampled again with a second
-sequential pass, as long as there are at least T of them, and the clip is marked `truncated`;
-with fewer than T it is an error. The other way round, a container that under-reports its count
-is not detected: sampling covers the frames it claims.
+sequential pass and the clip is marked `truncated`; with none decoded it is an error. The other
+way round, a container that under-reports its count is not detected: sampling covers the frames it
+claims.
 """
 
 from __future__ import annotations
@@ -68,13 +71,12 @@ class VideoClip:
 def tsn_indices(num_frames: int, count: int) -> list[int]:
     """Middle frame of each of `count` equal segments: floor((i + 0.5) * num_frames / count).
 
-    Integer arithmetic, so no float rounding can shift an index by one for long videos.
+    Integer arithmetic, so no float rounding can shift an index by one for long videos. A video
+    shorter than `count` frames gets some frames more than once (3 frames sampled to 8: 0 0 0 1 1 2
+    2 2), as TSN's test-time rule does: a short clip is still a video.
     """
-    if count < 1 or num_frames < count:
-        raise AdaFocusError(
-            f"cannot sample {count} frames from {num_frames}",
-            "need 1 <= count <= num_frames",
-        )
+    if count < 1 or num_frames < 1:
+        raise AdaFocusError(f"cannot sample {count} frames from {num_frames}", "need count >= 1 and num_frames >= 1")
     return [((2 * i + 1) * num_frames) // (2 * count) for i in range(count)]
 
 
@@ -119,29 +121,25 @@ def load_clip(path: str | os.PathLike, num_frames: int, frame_size: int) -> Vide
     _check_file(name)
 
     claimed, counted_by = _count_frames(name)
-    if claimed < num_frames:
-        raise AdaFocusError(
-            f"{name}: video has {claimed} frames, but {num_frames} are needed",
-            f"use a video with at least {num_frames} frames, or a preset that samples fewer",
-        )
+    if claimed < 1:
+        raise AdaFocusError(f"{name}: video has no frames", "give a file that contains at least one video frame")
 
     indices = tsn_indices(claimed, num_frames)
     kept, decoded, failure, size = _decode_indices(name, indices, frame_size)
     source, truncated = claimed, False
-    if len(kept) < num_frames:
+    if len(kept) < len(set(indices)):
         # The decoder ran dry (or failed) before the last wanted frame: `decoded` is every frame
         # the file really has, so sample again over those.
         source, truncated = decoded, True
         reason = f" ({failure})" if failure else ""
-        if decoded < num_frames:
+        if decoded < 1:
             raise AdaFocusError(
-                f"{name}: truncated or damaged: the container claims {claimed} frames but only {decoded} "
-                f"decode{reason}, and {num_frames} are needed",
+                f"{name}: truncated or damaged: the container claims {claimed} frames but none decodes{reason}",
                 _REENCODE,
             )
         indices = tsn_indices(decoded, num_frames)
         kept, decoded, failure, size = _decode_indices(name, indices, frame_size)
-        if len(kept) < num_frames:  # the decoder gave a different answer the second time round
+        if len(kept) < len(set(indices)):  # the decoder gave a different answer the second time round
             raise AdaFocusError(f"{name}: damaged: decoding stops at a different frame on each pass", _REENCODE)
 
     stacked = torch.stack([kept[i] for i in indices]).numpy()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -21,10 +22,20 @@ import torch
 from adafocus import flops
 from adafocus.errors import AdaFocusError
 from adafocus.export.graphs import DENSE, GraphSpec, graph_specs, real_inputs
-from adafocus.export.manifest import FORMAT, SCHEMA_VERSION, Export, open_export, write_manifest
+from adafocus.export.manifest import (
+    FORMAT,
+    PROTOCOL_VERSION,
+    SCHEMA_FILE,
+    SCHEMA_VERSION,
+    Export,
+    open_export,
+    schema,
+    write_manifest,
+)
 from adafocus.export.onnx_export import export_graph
 from adafocus.export.onnx_flops import count_gmacs
 from adafocus.export.validate import FP32_RTOL, Case, validate_graph
+from adafocus.files import partial_path, remove_stale_partials
 from adafocus.model.checkpoint import save_checkpoint
 from adafocus.model.networks import AdaFocusV3
 from adafocus.preprocess import MEAN, STD
@@ -127,7 +138,9 @@ def export_model(
     model = model.eval()
     specs = graph_specs(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    for stale in remove_stale_partials(out.parent):
+        log(f"removed {stale}, left by an export that was killed")
+    work = partial_path(out)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
@@ -172,6 +185,8 @@ def export_model(
 
         # the PyTorch backend of the runtime runs these weights, so the directory is self-contained
         save_checkpoint(work / PYTORCH_FILE, model, list(class_names), meta={"weights": weights})
+        # and a reader in any language finds the manifest's JSON Schema beside it (sealed like the rest)
+        (work / SCHEMA_FILE).write_text(json.dumps(schema(), indent=2) + "\n")
 
         engines = {}
         if trt:
@@ -253,7 +268,7 @@ def _build_engines(specs, graphs, work, precisions, batch_range, opset, exporter
 
 
 PROTOCOL = {
-    "version": 1,
+    "version": PROTOCOL_VERSION,
     "document": "docs/runtime-protocol.md",
     "exit_rule": "a video exits after step t (t = 0 after the glance, t = k after cube k) when "
     "entropy <= thresholds[t]; after cube max_cubes every remaining video exits; "

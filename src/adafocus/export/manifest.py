@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -21,12 +20,16 @@ from pathlib import Path
 
 import jsonschema
 
+from adafocus import __version__
 from adafocus.errors import AdaFocusError
+from adafocus.files import atomic_write, dumps
 from adafocus.model.presets import Preset
 
 FORMAT = "adafocus-export"
 SCHEMA_VERSION = 1
+PROTOCOL_VERSION = 1  # of docs/runtime-protocol.md: what the graphs' inputs, outputs and the loop mean
 MANIFEST = "manifest.json"
+SCHEMA_FILE = "manifest.schema.json"  # shipped in the package and copied into every export
 _REEXPORT = "re-run adafocus-export into a fresh directory (or restore the directory from its source)"
 
 
@@ -40,13 +43,13 @@ def sha256_file(path: Path) -> str:
 
 def content_hash(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @functools.cache
 def schema() -> dict:
-    return json.loads((resources.files(__package__) / "manifest.schema.json").read_text())
+    return json.loads((resources.files(__package__) / SCHEMA_FILE).read_text())
 
 
 def check_schema(manifest: dict, where: str = MANIFEST) -> None:
@@ -55,6 +58,26 @@ def check_schema(manifest: dict, where: str = MANIFEST) -> None:
     if error is not None:
         key = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise AdaFocusError(f"{where} does not follow the export schema at {key}: {error.message[:300]}", _REEXPORT)
+
+
+def check_versions(manifest, path: Path) -> None:
+    """Refuse, before anything else is read, a manifest whose format, schema version or loop protocol
+    version this reader does not know: a newer writer may have changed what the fields mean."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise AdaFocusError(
+            f"{path} is not an adafocus export manifest (format {found!r}, not {FORMAT!r})", "run adafocus-export"
+        )
+    known = {
+        "schema_version": (manifest.get("schema_version"), SCHEMA_VERSION),
+        "protocol.version": ((manifest.get("protocol") or {}).get("version"), PROTOCOL_VERSION),
+    }
+    for field, (found, readable) in known.items():
+        if found != readable or isinstance(found, bool):
+            raise AdaFocusError(
+                f"{path} has {field} {found!r}; this adafocus-deploy ({__version__}) reads only {readable}",
+                "open it with the adafocus-deploy version that wrote it, or re-export with this one",
+            )
 
 
 def list_files(directory: Path) -> dict[str, dict]:
@@ -72,16 +95,7 @@ def write_manifest(directory: Path, manifest: dict) -> dict:
     manifest["files"] = list_files(directory)
     manifest["manifest_sha256"] = content_hash(manifest)
     check_schema(manifest)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".manifest.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, directory / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(directory / MANIFEST, dumps(manifest) + "\n", mode=0o644)
     return manifest
 
 
@@ -134,13 +148,7 @@ def open_export(directory: str | os.PathLike) -> Export:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdaFocusError(f"{path} is not valid JSON ({e})", _REEXPORT) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise AdaFocusError(f"{path} is not an adafocus export manifest", "run adafocus-export")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise AdaFocusError(
-            f"{path} has schema version {manifest.get('schema_version')}; this adafocus-deploy reads {SCHEMA_VERSION}",
-            "re-export with this version of adafocus-deploy",
-        )
+    check_versions(manifest, path)
     check_schema(manifest, str(path))
     if content_hash(manifest) != manifest["manifest_sha256"]:
         raise AdaFocusError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from adafocus.errors import AdaFocusError
 from adafocus.export.graphs import GRAPH_NAMES, graph_specs
 from adafocus.export.manifest import Export
+from adafocus.machine import cpu_name, u8s8_may_saturate
 
 BACKENDS = ("onnxruntime", "pytorch", "tensorrt")
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}  # manifest dtype names
@@ -204,6 +206,8 @@ def open_ort_sessions(
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if stored == "int8" and device == "cpu" and _int8_needs_exact_kernels(export):
+        options.add_session_config_entry(EXACT_U8U8, "1")
     sessions = {}
     for graph in graphs:
         providers = _ort_providers(export, graph, device, precision)
@@ -216,6 +220,35 @@ def open_ort_sessions(
             )
         sessions[graph] = session
     return sessions
+
+
+# ONNX Runtime's session option for exact uint8 x uint8 kernels where its fast x86 U8S8 ones saturate
+EXACT_U8U8 = "session.x64quantprecision"
+_warned_exact: set[str] = set()
+
+
+def _int8_needs_exact_kernels(export: Export) -> bool:
+    """int8 graphs with full 8-bit weights (`weight_bits` 8; exports from before it was recorded
+    have them too) clip in ONNX Runtime's fast kernels on x86 CPUs without VNNI. There they run in
+    the exact U8U8 mode instead: the answers the graphs were validated with, more slowly. Said once
+    per export and process; 7-bit graphs (the default) are exact everywhere and need nothing."""
+    if export.manifest.get("int8", {}).get("weight_bits", 8) == 7 or not u8s8_may_saturate():
+        return False
+    key = str(export.path)
+    if key not in _warned_exact:
+        _warned_exact.add(key)
+        warnings.warn(
+            f"{export.path}: its int8 graphs have 8-bit weights, which ONNX Runtime's fast kernels clip on "
+            f"this CPU ({cpu_name()}, no VNNI); running them in the exact, slower U8U8 mode. "
+            "Fix: re-quantise with 7-bit weights (adafocus-calibrate --int8, the default), exact on every x86 CPU",
+            Int8PrecisionWarning,
+            stacklevel=3,
+        )
+    return True
+
+
+class Int8PrecisionWarning(UserWarning):
+    """int8 graphs that this CPU's fast kernels would run wrongly; see `_int8_needs_exact_kernels`."""
 
 
 def _ort_providers(export: Export, graph: str, device: str, precision: str) -> list:

@@ -1,0 +1,75 @@
+"""What machine this is: CPU name and the instruction-set features that change results or speed.
+
+INT8 needs this. ONNX Runtime's fast x86 kernels for uint8 × int8 products (U8S8) use VPMADDUBSW
+on CPUs without VNNI (SSE4.1, AVX2, AVX-512 without VNNI): it adds two u8·s8 products into a
+*saturating* int16, so with full 8-bit weights a dot product can clip. With VNNI (AVX512-VNNI,
+AVX-VNNI, and AMX CPUs, which have it too) the products go straight into int32 and nothing clips.
+The same int8 graph can therefore give different answers on two x86 CPUs; see
+`adafocus.calibration.int8` for how the project's graphs avoid it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from pathlib import Path
+
+# the flags that matter for the kernels ONNX Runtime and Inductor pick (names as in /proc/cpuinfo)
+RELEVANT_FLAGS = ("sse4_1", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.cache
+def _cpuinfo() -> tuple[str | None, frozenset[str] | None]:
+    """(model name, flags) from /proc/cpuinfo; None where this system has no such file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, None
+    name, flags = None, None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and name is None:
+            name = value.strip()
+        elif key == "flags" and flags is None:
+            flags = frozenset(value.split())
+    return name, flags
+
+
+def cpu_name() -> str:
+    return _cpuinfo()[0] or platform.processor() or platform.machine()
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def cpu_flags() -> list[str] | None:
+    """The RELEVANT_FLAGS this CPU has, or None when they cannot be read (no /proc/cpuinfo)."""
+    flags = _cpuinfo()[1]
+    return None if flags is None else [f for f in RELEVANT_FLAGS if f in flags]
+
+
+def has_vnni() -> bool | None:
+    """Whether this x86 CPU multiplies int8 into int32 without saturation; None if unknown."""
+    flags = cpu_flags()
+    return None if flags is None else any(f in flags for f in VNNI_FLAGS)
+
+
+def u8s8_may_saturate() -> bool:
+    """True where ONNX Runtime's U8S8 kernels may clip 8-bit weights: x86 without VNNI, or an x86
+    CPU whose features cannot be read (assumed the worst)."""
+    return is_x86() and not has_vnni()
+
+
+def cpu_record() -> dict:
+    """This CPU as a manifest or report records it."""
+    return {
+        "cpu": cpu_name(),
+        "machine": platform.machine(),
+        "flags": cpu_flags(),
+        "vnni": has_vnni(),
+        "cores": os.cpu_count(),
+    }
