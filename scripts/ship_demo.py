@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
+from adafocus.data.synthetic import SyntheticTask
 from adafocus.model.checkpoint import load_checkpoint, save_checkpoint
-from adafocus.train.synthetic import SyntheticTask
 from adafocus.train.trainer import accuracy_per_step
 from adafocus.weights import DEMO, DEMO_PIXEL
 

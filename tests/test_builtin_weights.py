@@ -4,8 +4,8 @@ import pytest
 from click.testing import CliRunner
 
 from adafocus.cli import main
+from adafocus.data.synthetic import SyntheticTask
 from adafocus.model import load_checkpoint
-from adafocus.train.synthetic import SyntheticTask
 from adafocus.train.trainer import accuracy_per_step
 from adafocus.weights import DEMO, DEMO_PIXEL, builtin_checkpoint
 from conftest import strict_loads

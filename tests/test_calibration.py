@@ -19,11 +19,11 @@ from adafocus.calibration import (
     thresholds_from_json,
     thresholds_to_json,
 )
-from adafocus.calibration.cli import calibrate
+from adafocus.cli.calibrate import calibrate
+from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import open_export
 from adafocus.runtime import Runtime
-from adafocus.train.synthetic import SyntheticTask
 from conftest import strict_loads
 
 INF = math.inf
@@ -212,7 +212,7 @@ def test_cli_writes_budgets_and_plot(exported, tmp_path):
 def test_table_shows_a_dash_where_the_cost_has_no_spread():
     """A budget whose held-out videos all exit at one step has a standard error of float noise
     (~1e-19): diff/se would print ~-1.7e15; the table prints a dash instead."""
-    from adafocus.calibration.cli import format_table
+    from adafocus.calibration.report import format_table
 
     def entry(gflops, se, diff):
         return {

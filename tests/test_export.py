@@ -14,8 +14,8 @@ from adafocus.export.graphs import GRAPH_NAMES, graph_specs
 from adafocus.export.manifest import MANIFEST, check_schema, open_export, update_manifest
 from adafocus.export.onnx_flops import count_gmacs
 from adafocus.export.validate import Case, cpu_session, validate_graph
-from adafocus.flops import count_flops
 from adafocus.model import build_model, get_preset, load_checkpoint
+from adafocus.model.flops import count_flops
 from adafocus.weights import builtin_checkpoint
 
 PAPER_PRESETS = ["sthsth-v1-t8", "activitynet-p96"]

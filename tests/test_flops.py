@@ -1,7 +1,7 @@
 import pytest
 
-from adafocus.flops import count_flops
 from adafocus.model import PRESETS, get_preset
+from adafocus.model.flops import count_flops
 
 # Figures of the official code and the paper (official-notes.md, paper Table 3), GMACs.
 MOBILENET_V2_224 = 0.2995

@@ -11,15 +11,15 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from adafocus.calibration.int8 import kernels_exact, quantize_export, record_inputs
 from adafocus.cli import calibrate
+from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import open_export
 from adafocus.machine import u8s8_may_saturate
 from adafocus.model import adaptive_inference, load_checkpoint
+from adafocus.quantize.int8 import kernels_exact, quantize_export, record_inputs
 from adafocus.runtime import Runtime
 from adafocus.runtime.backends import Int8PrecisionWarning
-from adafocus.train.synthetic import SyntheticTask
 from adafocus.weights import builtin_checkpoint
 from conftest import strict_loads
 

@@ -12,11 +12,12 @@ import av
 import pytest
 from click.testing import CliRunner
 
-import adafocus.video as video_module
+import adafocus.data.video as video_module
+from adafocus.cli import predict
+from adafocus.data.video import load_video_for, tsn_indices
 from adafocus.model.presets import get_preset
-from adafocus.predict import cube_boxes, expand_paths, predict, predict_paths
+from adafocus.predict import cube_boxes, expand_paths, predict_paths
 from adafocus.runtime import Runtime
-from adafocus.video import load_video_for, tsn_indices
 from conftest import strict_loads, write_video
 
 GOOD = ["bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"]

@@ -115,7 +115,7 @@ def test_a_loop_written_from_the_document_reproduces_runtime_predict(exported, n
     rng = np.random.default_rng(7)
     videos = rng.standard_normal((9, *export.preset.video_shape), dtype=np.float32)
     if name == "demo":  # the demo's own task: structured videos with confident and unsure ones
-        from adafocus.train.synthetic import SyntheticTask
+        from adafocus.data.synthetic import SyntheticTask
 
         videos = SyntheticTask(export.preset, seed=0).batch("test", range(24))[0].numpy()
     for thresholds in (spread(videos, export.path), [-math.inf] * export.preset.num_exits, None):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from adafocus import AdaFocusError
-from adafocus.flops import count_flops
 from adafocus.model import adaptive_inference, crop_cubes, entropy, plan_cubes
+from adafocus.model.flops import count_flops
 from conftest import random_videos
 
 NEVER = -1.0  # entropy is >= 0, so no video exits before the last cube

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import update_manifest
 from adafocus.model import adaptive_inference, build_model, entropy, get_preset, load_checkpoint
 from adafocus.runtime import Runtime
-from adafocus.train.synthetic import SyntheticTask
 from adafocus.weights import builtin_checkpoint
 
 PROB_TOL = 1e-4

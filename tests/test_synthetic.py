@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adafocus.data.synthetic import GLYPH_FRAMES, GLYPH_TILES, MEAN_COLOUR, ON, SyntheticTask, texture_tiles
 from adafocus.model import get_preset
-from adafocus.preprocess import denormalize
-from adafocus.train.synthetic import GLYPH_FRAMES, GLYPH_TILES, MEAN_COLOUR, ON, SyntheticTask, texture_tiles
+from adafocus.model.preprocess import denormalize
 
 DEMO = get_preset("demo")
 

@@ -80,7 +80,7 @@ def fp32_build(tmp_path_factory):
 
 @requires_trt
 def test_fp32_engine_matches_pytorch(fp32_build):
-    from adafocus.runtime.tensorrt_engine import TensorRTEngine
+    from adafocus.runtime.backends.tensorrt_engine import TensorRTEngine
 
     _, engine_path, _, facts = fp32_build
     assert facts["file"] == "tiny.engine" and facts["strongly_typed"] is True
@@ -106,7 +106,7 @@ def test_fp32_engine_matches_pytorch(fp32_build):
 
 @requires_trt
 def test_fp16_graph_gives_fp16_engine(tmp_path):
-    from adafocus.runtime.tensorrt_engine import TensorRTEngine
+    from adafocus.runtime.backends.tensorrt_engine import TensorRTEngine
 
     model = _tiny().cuda().half()
     onnx_path = _export(model, torch.randn(2, *IMAGE, device="cuda", dtype=torch.float16), tmp_path / "tiny16.onnx")
@@ -126,7 +126,7 @@ def test_fp16_graph_gives_fp16_engine(tmp_path):
 
 @requires_trt
 def test_bad_inputs_are_refused(fp32_build):
-    from adafocus.runtime.tensorrt_engine import TensorRTEngine
+    from adafocus.runtime.backends.tensorrt_engine import TensorRTEngine
 
     engine = TensorRTEngine(fp32_build[1])
     with pytest.raises(AdaFocusError, match="--batch-range"):
@@ -144,7 +144,7 @@ def test_bad_inputs_are_refused(fp32_build):
 @requires_trt
 def test_misaligned_view_still_runs(fp32_build):
     """A view may start mid-allocation; TensorRT needs 256-byte aligned buffers, so run copies such inputs."""
-    from adafocus.runtime.tensorrt_engine import TensorRTEngine
+    from adafocus.runtime.backends.tensorrt_engine import TensorRTEngine
 
     engine = TensorRTEngine(fp32_build[1])
     flat = torch.randn(1 + 3 * 3 * 16 * 16, device="cuda")
@@ -158,7 +158,7 @@ def test_misaligned_view_still_runs(fp32_build):
 
 @requires_trt
 def test_unloadable_engines_give_clear_errors(tmp_path):
-    from adafocus.runtime.tensorrt_engine import TensorRTEngine
+    from adafocus.runtime.backends.tensorrt_engine import TensorRTEngine
 
     garbage = tmp_path / "garbage.engine"
     garbage.write_bytes(b"this is not a TensorRT plan" * 64)

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from adafocus import AdaFocusError
+from adafocus.data.synthetic import SyntheticTask
 from adafocus.model import build_model, get_preset, load_checkpoint
 from adafocus.train.cube_gradients import CUBE_FEATURES, deep_feature_cube, pixel_cube
-from adafocus.train.synthetic import SyntheticTask
 from adafocus.train.trainer import TrainConfig, summed_cross_entropy, train, train_step, training_logits
 
 DEMO = get_preset("demo")

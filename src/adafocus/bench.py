@@ -1,6 +1,10 @@
 """adafocus-bench: videos/s of adaptive inference against the dense baseline, measured in one run on
 the same backend, plus the PyTorch-eager reference loop.
 
+    report = run(export, ["onnxruntime"], batch=128)     # a dict: strict JSON
+    json_file, png_file = write(report, "adafocus-results")
+    print(format_report(report))
+
 Method (per backend): warm up, then `repeats` timed runs of each method on the same batch of videos;
 medians and spread are reported. The realisation says how much of the compute saving turns into
 speed: (adaptive videos/s ÷ dense videos/s) ÷ (dense GFLOPs ÷ adaptive GFLOPs); 1.0 means time
@@ -9,91 +13,112 @@ scales exactly with GFLOPs.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
+import math
 import os
-import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
-from importlib import metadata
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from adafocus.calibration.calibrate import collect
+from adafocus.calibration.thresholds import thresholds_for_budget, thresholds_from_json, thresholds_to_json
+from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
-from adafocus.export.graphs import DENSE, graph_specs
+from adafocus.export.graphs import DENSE
 from adafocus.export.manifest import Export
+from adafocus.figures import new_figure, save_png
 from adafocus.files import write_json
-from adafocus.model.checkpoint import load_checkpoint
+from adafocus.machine import cpu_name, package_versions
 from adafocus.model.reference import adaptive_inference
 from adafocus.runtime import Runtime
-from adafocus.runtime.backends import OnnxRuntimeBoundBackend, make_backend, strict_fp32
+from adafocus.runtime.backends import make_backend, strict_fp32
+from adafocus.runtime.runtime import budget_entry
 
 STREAM_BATCHES = 4  # the streaming mode runs this many batches of videos, so refilling matters
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
+    return {
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        **package_versions(),
     }
-    for dist in ("adafocus-deploy", "torch", "onnxruntime", "onnx", "numpy", "tensorrt"):
-        try:
-            info[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return info
 
 
-def _device_sync(device) -> Callable[[], None]:
-    if torch.device(device).type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def _timed(fn: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> list[float]:
-    for _ in range(warmup):
-        fn()
-        sync()
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        sync()
-        seconds.append(time.perf_counter() - started)
-    return seconds
-
-
-def _summary(seconds: list[float], videos: int, gflops: float) -> dict:
-    ms = sorted(1e3 * s for s in seconds)
-    median = statistics.median(seconds)
+def run(
+    export: Export,
+    backends: Sequence[str] = ("onnxruntime",),
+    *,
+    batch: int = 128,
+    repeats: int = 5,
+    warmup: int = 1,
+    threads: int | None = None,
+    thresholds: Sequence[float] | None = None,
+    budget: float | None = None,
+    precision: str | None = None,
+    device: str | None = None,
+    reference: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """The whole benchmark of `export` on each of `backends`: one report, strict JSON."""
+    chosen, how = choose_thresholds(export, thresholds, budget, batch, device or "cpu")
+    log(f"preset {export.preset.name}, batch {batch}, {repeats} runs after {warmup} warm-up")
+    log(f"thresholds {', '.join(f'{t:.4g}' for t in chosen)} ({how})")
+    videos = bench_videos(export, batch)
+    options = {"repeats": repeats, "warmup": warmup, "threads": threads, "precision": precision, "device": device}
     return {
-        "videos_per_s": videos / median,
-        "ms_per_batch_p50": statistics.median(ms),
-        "ms_per_batch_p99": float(np.percentile(ms, 99)),
-        "ms_per_batch_min": ms[0],
-        "ms_per_batch_max": ms[-1],
-        "runs": len(seconds),
-        "gflops_per_video": gflops,
+        "preset": export.preset.name,
+        "export": str(export.path),
+        "batch": batch,
+        "thresholds": thresholds_to_json(chosen),  # ±1e9 for ±inf: JSON has no infinities
+        "thresholds_from": how,
+        "precision": precision or "backend default",
+        "inputs_on_device": True,
+        "machine": machine(),
+        "backends": [
+            bench_backend(export, name, videos, chosen, reference=reference, log=log, **options) for name in backends
+        ],
     }
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def choose_thresholds(export: Export, thresholds, budget, count: int, device: str = "cpu") -> tuple[list[float], str]:
+    """The thresholds to benchmark with, and how they were chosen: given; the calibrated entry for a
+    budget; solved for a budget on generated videos (exports without a table); or the export's own."""
+    k1 = export.preset.num_exits
+    if thresholds is not None and budget is not None:
+        raise AdaFocusError("give thresholds or a budget, not both")
+    if thresholds is not None:
+        if len(thresholds) != k1:
+            raise AdaFocusError(f"{export.preset.name!r} needs {k1} thresholds (steps 0..{k1 - 1})")
+        return [float(t) for t in thresholds], "given with --thresholds"
+    if budget is not None and export.budgets:
+        entry = budget_entry(export, budget)
+        return thresholds_from_json(
+            entry["thresholds"]
+        ), f"calibrated entry {entry['gflops']:.4f} GFLOPs for budget {budget}"
+    if budget is not None:
+        videos = bench_videos(export, count, seed=1)  # not the videos that are timed
+        outputs = collect(
+            export, videos, torch.zeros(count, dtype=torch.int64), desc="solving for the budget", device=device
+        )
+        values, realised = thresholds_for_budget(outputs.entropy, export.exit_gflops, budget)
+        return values, f"solved for budget {budget} on {count} generated videos ({realised:.3f} GFLOPs there)"
+    if export.thresholds is None:
+        return [-math.inf] * k1, "none calibrated: every video uses all cubes"
+    return thresholds_from_json(export.thresholds), "the export's default (calibrated) thresholds"
+
+
+def bench_videos(export: Export, count: int, seed: int = 0) -> torch.Tensor:
+    """Generated videos of the export's shape (the synthetic task: structured content, not noise)."""
+    videos, _ = SyntheticTask.for_preset(export.preset, seed=seed).batch("test", range(count))
+    return videos
 
 
 def bench_backend(
@@ -112,165 +137,136 @@ def bench_backend(
 ) -> dict:
     """All methods on one backend, on the same batch. The videos are moved to the backend's device
     once, before timing: the figure is the device's throughput, not the host-to-device copy's."""
-    if DENSE not in export.manifest["graphs"]:
+    if not export.has_graph(DENSE):
         raise AdaFocusError(f"{export.path} has no dense baseline graph", "re-export it with this adafocus-deploy")
     options = {"threads": threads} if backend == "onnxruntime" and threads else {}
-    if precision:
-        options["precision"] = precision
-    runtime = Runtime.load(export.path, backend, device, **options)
+    runtime = Runtime.load(export.path, backend, device, precision=precision, **options)
     runtime.set_thresholds(thresholds)
-    sync = runtime.backend.synchronize
-    batch = videos.shape[0]
     videos = videos.to(runtime.backend.device)
-    methods: dict[str, dict] = {}
-
-    log(f"[{backend}] adaptive, per-batch mode")
-    result = runtime.predict(videos)
-    adaptive_gflops = float(result.gflops.mean())
-    seconds = _timed(lambda: runtime.predict(videos), repeats, warmup, sync)
-    methods["adaptive"] = _summary(seconds, batch, adaptive_gflops)
-    methods["adaptive"]["exits_per_step"] = np.bincount(result.exit_step, minlength=runtime.preset.num_exits).tolist()
-
-    log(f"[{backend}] adaptive, streaming mode ({STREAM_BATCHES} batches' worth through a pool of {batch})")
-    stream = [videos[i % batch] for i in range(STREAM_BATCHES * batch)]  # slots freed by exits get refilled
-    seconds = _timed(lambda: list(runtime.stream(iter(stream), batch_size=batch)), repeats, warmup, sync)
-    methods["adaptive_stream"] = _summary([s / STREAM_BATCHES for s in seconds], batch, adaptive_gflops)
-
-    log(f"[{backend}] profile of the per-batch mode")
-    profiled = Runtime(export, runtime.backend, profile=True)
-    profiled.set_thresholds(thresholds)
-    profiled.predict(videos)
-    profile = profiled.profile_report()
-    described = runtime.backend.describe()
-    dense = _dense_runner(export, runtime.backend)
-    sync = _device_sync(runtime.backend.device)
+    methods = _adaptive_methods(runtime, videos, repeats, warmup, log)
+    _, profile = runtime.profile_predict(videos)
+    described, settings = runtime.backend.describe(), runtime.backend.settings
     # each method's sessions and memory arenas go before the next starts: at batch 128 of a paper
     # preset they hold several GB each
-    runtime = profiled = None
+    runtime = None
     gc.collect()
-
     log(f"[{backend}] dense baseline")
-    seconds = _timed(lambda: dense(videos), repeats, warmup, sync)
-    methods["dense"] = _summary(seconds, batch, export.manifest["gflops"]["dense_baseline"])
-    dense = None
+    methods["dense"] = _dense_method(export, backend, settings, videos, repeats, warmup)
     gc.collect()
-
     if reference:
         log(f"[{backend}] PyTorch-eager reference loop")
-        model = load_checkpoint(export.path / export.manifest["pytorch"]).model.to(videos.device)
-        fp16 = precision == "fp16" and videos.device.type == "cuda"  # the same arithmetic as the backend
-
-        def eager():
-            with strict_fp32(), torch.autocast("cuda", torch.float16, enabled=fp16):
-                return adaptive_inference(model, videos, thresholds)
-
-        seconds = _timed(eager, repeats, warmup, sync)
-        methods["torch_eager"] = _summary(seconds, batch, adaptive_gflops)
-        model = None
-
+        gflops = methods["adaptive"]["gflops_per_video"]  # the same exits, so the same compute
+        methods["torch_eager"] = _eager_method(
+            export, videos, thresholds, settings["precision"], repeats, warmup, gflops
+        )
     a, d = methods["adaptive"], methods["dense"]
     report = {
         "backend": described,
-        "batch": batch,
+        "batch": len(videos),
         "videos_per_s": {name: m["videos_per_s"] for name, m in methods.items()},
         "gflops_per_video": {name: m["gflops_per_video"] for name, m in methods.items()},
         "realisation": (a["videos_per_s"] / d["videos_per_s"]) / (d["gflops_per_video"] / a["gflops_per_video"]),
         "loop_overhead": profile["host_loop_share"],
         "speedup_vs_torch_eager": a["videos_per_s"] / methods["torch_eager"]["videos_per_s"] if reference else None,
         "seconds_per_stage": profile["seconds"],
-        "exits_per_step": methods["adaptive"]["exits_per_step"],
+        "exits_per_step": a["exits_per_step"],
         "methods": methods,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if videos.device.type == "cuda":
         report["peak_cuda_mib"] = torch.cuda.max_memory_allocated(videos.device) / 2**20
     return report
 
 
-def _dense_runner(export: Export, backend) -> Callable[[torch.Tensor], object]:
-    """The dense graph on the same kind of backend; keeps no reference to `backend` itself, so the
-    loop's sessions can be freed while it runs."""
-    name, device, precision = backend.name, backend.device, getattr(backend, "precision", "fp32")
-    if name == "onnxruntime":  # same provider, same binding; int8 has no dense graph, so fp32 there
-        dense = make_backend(
-            export,
-            name,
-            getattr(backend, "provider_device", "cpu"),
-            threads=backend.threads,
-            precision="fp32" if precision == "int8" else precision,
-            io_binding=isinstance(backend, OnnxRuntimeBoundBackend),
-            graphs=(DENSE,),
-        )
-        return lambda videos: dense.run(DENSE, {"videos": dense.videos(videos)})
-    if name == "pytorch":
-        fp16 = precision == "fp16"
-        model = load_checkpoint(export.path / export.manifest["pytorch"]).model.to(device)
-        module = graph_specs(model)[DENSE].module
-
-        def run(videos):
-            with torch.inference_mode(), strict_fp32(), torch.autocast("cuda", torch.float16, enabled=fp16):
-                return module(videos.to(device))
-
-        return run
-    if name == "tensorrt":
-        from adafocus.runtime.tensorrt_engine import TensorRTEngine
-
-        engine = TensorRTEngine(export.engine_path(DENSE, precision), device=device)
-        return lambda videos: engine.run({"videos": videos.to(device).contiguous()})
-    raise AdaFocusError(f"no dense runner for backend {name}")
+def _adaptive_methods(runtime: Runtime, videos, repeats: int, warmup: int, log) -> dict[str, dict]:
+    name, batch, sync = runtime.backend.name, len(videos), runtime.backend.synchronize
+    log(f"[{name}] adaptive, per-batch mode")
+    result = runtime.predict(videos)
+    gflops = float(result.gflops.mean())
+    seconds = _timed(lambda: runtime.predict(videos), repeats, warmup, sync)
+    adaptive = _summary(seconds, batch, gflops)
+    adaptive["exits_per_step"] = np.bincount(result.exit_step, minlength=runtime.preset.num_exits).tolist()
+    log(f"[{name}] adaptive, streaming mode ({STREAM_BATCHES} batches' worth through a pool of {batch})")
+    stream = [videos[i % batch] for i in range(STREAM_BATCHES * batch)]  # slots freed by exits get refilled
+    seconds = _timed(lambda: list(runtime.stream(iter(stream), batch_size=batch)), repeats, warmup, sync)
+    return {"adaptive": adaptive, "adaptive_stream": _summary([s / STREAM_BATCHES for s in seconds], batch, gflops)}
 
 
-def bench_videos(export: Export, count: int, seed: int = 0) -> torch.Tensor:
-    """Generated videos of the export's shape (the synthetic task: structured content, not noise)."""
-    from adafocus.train.synthetic import SyntheticTask
-
-    preset = export.preset
-    task = SyntheticTask(dataclasses.replace(preset, num_classes=min(preset.num_classes, 10)), seed=seed)
-    videos, _ = task.batch("test", range(count))
-    return videos
-
-
-def thresholds_for_budget(export: Export, budget: float, count: int, device: str = "cpu") -> tuple[list[float], float]:
-    """Exit thresholds whose cost on `count` generated videos is the largest not above `budget`, for
-    exports without a calibrated table (random weights: accuracy plays no part, the exit mix does).
-    Solved like calibration (exit proportions q_k ∝ p^k, thresholds midway between samples)."""
-    from adafocus.calibration.calibrate import collect
-    from adafocus.calibration.thresholds import exit_proportions, simulate, solve_thresholds
-
-    videos = bench_videos(export, count, seed=1)  # not the videos that are timed
-    labels = torch.zeros(count, dtype=torch.int64)
-    outputs = collect(export, videos, labels, desc="calibrating to the budget", device=device)
-    cost = export.exit_gflops
-    best: tuple[list[float], float] | None = None
-    for p in np.logspace(-3, 3, 601):
-        thresholds = solve_thresholds(outputs.entropy, exit_proportions(p, export.preset.max_cubes))
-        realised = simulate(outputs.entropy, outputs.correct, cost, thresholds).gflops
-        if realised <= budget and (best is None or realised > best[1]):
-            best = ([float(t) for t in thresholds], realised)
-    if best is None:
-        raise AdaFocusError(
-            f"no exit mix of {export.preset.name} costs <= {budget} GFLOPs/video (glance alone: {cost[0]:.3f})",
-            f"ask for at least {cost[0]:.3f}",
-        )
-    return best
+def _dense_method(export: Export, backend: str, settings: dict, videos, repeats: int, warmup: int) -> dict:
+    """The dense graph on the same kind of backend (same device, provider and binding); int8 has no
+    dense graph, so an int8 run's baseline is fp32."""
+    precision = "fp32" if settings["precision"] == "int8" else settings["precision"]
+    dense = make_backend(export, backend, **(settings | {"precision": precision, "graphs": (DENSE,)}))
+    seconds = _timed(lambda: dense.run(DENSE, {"videos": dense.videos(videos)}), repeats, warmup, dense.synchronize)
+    return _summary(seconds, len(videos), export.dense_gflops)
 
 
-def write_report(report: dict, path: Path) -> None:
+def _eager_method(export: Export, videos, thresholds, precision: str, repeats: int, warmup: int, gflops) -> dict:
+    """The PyTorch reference loop, in the backend's arithmetic (fp16 autocast for an fp16 GPU run)."""
+    model = export.load_model().to(videos.device)
+    fp16 = precision == "fp16" and videos.device.type == "cuda"
+
+    def eager():
+        with strict_fp32(), torch.autocast("cuda", torch.float16, enabled=fp16):
+            return adaptive_inference(model, videos, thresholds)
+
+    sync = torch.cuda.synchronize if videos.device.type == "cuda" else lambda: None
+    return _summary(_timed(eager, repeats, warmup, sync), len(videos), gflops)
+
+
+def _timed(fn: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> list[float]:
+    for _ in range(warmup):
+        fn()
+        sync()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        sync()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def _summary(seconds: list[float], videos: int, gflops: float) -> dict:
+    ms = sorted(1e3 * s for s in seconds)
+    return {
+        "videos_per_s": videos / statistics.median(seconds),
+        "ms_per_batch_p50": statistics.median(ms),
+        "ms_per_batch_p99": float(np.percentile(ms, 99)),
+        "ms_per_batch_min": ms[0],
+        "ms_per_batch_max": ms[-1],
+        "runs": len(seconds),
+        "gflops_per_video": gflops,
+    }
+
+
+# the report ---------------------------------------------------------------------------------------
+def default_name(report: dict) -> str:
+    """bench-PRESET-BACKENDS[-DEVICE][-PRECISION].json"""
+    names = "-".join(b["backend"]["backend"] for b in report["backends"])
+    device = str(report["backends"][0]["backend"]["device"]).split(":")[0] if report["backends"] else "cpu"
+    suffix = (f"-{device}" if device != "cpu" else "") + (
+        f"-{report['precision']}" if report["precision"] != "backend default" else ""
+    )
+    return f"bench-{report['preset']}-{names}{suffix}.json"
+
+
+def write(report: dict, out: str | os.PathLike) -> tuple[Path, Path]:
+    """The report as JSON and a PNG beside it; `out` a folder (default file name) or a .json file."""
+    path = Path(out)
+    if path.suffix != ".json":
+        path = path / default_name(report)
     write_json(path, report)
+    return path, plot_report(report, path.with_suffix(".png"))
 
 
-def plot_report(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_report(report: dict, path: Path) -> Path:
     rows = [
         (b["backend"]["backend"], name, b["videos_per_s"][name], b["gflops_per_video"][name])
         for b in report["backends"]
         for name in b["videos_per_s"]
     ]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = new_figure(figsize=(11, 4), dpi=110, cols=2)
     labels = [f"{backend}\n{name}" for backend, name, _, _ in rows]
     left.bar(labels, [r[2] for r in rows], color="tab:blue")
     left.set_ylabel("videos / s")
@@ -283,6 +279,25 @@ def plot_report(report: dict, path: Path) -> None:
     on_gpu = any(str(b["backend"]["device"]).startswith(("cuda", "tensorrt")) for b in report["backends"])
     fig.suptitle(f"{report['preset']} — {report['machine']['gpu'] if on_gpu else report['machine']['cpu']}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return save_png(fig, path)
+
+
+def format_report(report: dict) -> str:
+    """The report as the table the command prints."""
+    lines = []
+    for r in report["backends"]:
+        lines.append(f"\n{r['backend']['backend']} ({r['backend']['device']}), batch {report['batch']}")
+        lines.append(f"  {'method':<16} {'videos/s':>9} {'ms/batch p50':>13} {'p99':>9} {'GFLOPs/video':>13}")
+        for name, m in r["methods"].items():
+            lines.append(
+                f"  {name:<16} {m['videos_per_s']:9.1f} {m['ms_per_batch_p50']:13.1f} "
+                f"{m['ms_per_batch_p99']:9.1f} {m['gflops_per_video']:13.4f}"
+            )
+        speedup = r["speedup_vs_torch_eager"]
+        lines.append(
+            f"  realisation {r['realisation']:.2f}   loop overhead {100 * r['loop_overhead']:.1f} %   "
+            + (f"speed-up vs torch eager {speedup:.2f}×   " if speedup else "")
+            + "exits per step "
+            + "/".join(str(e) for e in r["exits_per_step"])
+        )
+    return "\n".join(lines)

@@ -110,3 +110,14 @@ def remove_stale_partials(folder: Path) -> list[Path]:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def json_copy(value):
+    """A deep copy of JSON-like data that keeps only what JSON can hold (what a manifest is)."""
+    return json.loads(dumps(value, indent=None))
+
+
+def cache_root() -> Path:
+    """Where adafocus keeps what it can rebuild (the built-in exports, engine caches):
+    `$ADAFOCUS_CACHE`, default ~/.cache/adafocus."""
+    return Path(os.environ.get("ADAFOCUS_CACHE", Path.home() / ".cache" / "adafocus"))

@@ -5,7 +5,7 @@ on CPUs without VNNI (SSE4.1, AVX2, AVX-512 without VNNI): it adds two u8·s8 pr
 *saturating* int16, so with full 8-bit weights a dot product can clip. With VNNI (AVX512-VNNI,
 AVX-VNNI, and AMX CPUs, which have it too) the products go straight into int32 and nothing clips.
 The same int8 graph can therefore give different answers on two x86 CPUs; see
-`adafocus.calibration.int8` for how the project's graphs avoid it.
+`adafocus.quantize.int8` for how the project's graphs avoid it.
 """
 
 from __future__ import annotations
@@ -73,3 +73,20 @@ def cpu_record() -> dict:
         "vnni": has_vnni(),
         "cores": os.cpu_count(),
     }
+
+
+PACKAGES = ("adafocus-deploy", "torch", "onnx", "onnxscript", "onnxruntime", "numpy", "tensorrt")
+
+
+def package_versions() -> dict[str, str]:
+    """Python and the versions of the packages whose behaviour an export or a measurement depends on
+    (those installed)."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for dist in PACKAGES:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions

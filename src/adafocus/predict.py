@@ -22,15 +22,12 @@ import os
 import sys
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-import click
-
-from adafocus.clicommon import Command as _Command
 from adafocus.errors import AdaFocusError
-from adafocus.files import dumps
+from adafocus.figures import save_png
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +36,12 @@ if TYPE_CHECKING:
     from adafocus.runtime import Runtime
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 LIST_EXTENSIONS = (".txt", ".list")
 
 
@@ -93,14 +96,14 @@ def expand_paths(args: Iterable[str | os.PathLike]) -> list[str]:
     seen: set[str] = set()
     unique = []
     for path in paths:
-        key = _path_key(path)
+        key = path_key(path)
         if key not in seen:
             seen.add(key)
             unique.append(path)
     return unique
 
 
-def _path_key(path: str) -> str:
+def path_key(path: str) -> str:
     """What makes two spellings of a path the same input (for de-duplication and --resume)."""
     return os.path.normcase(os.path.abspath(path))
 
@@ -133,7 +136,7 @@ def draw_result(frames: torch.Tensor, result: dict, preset: Preset, out_file: st
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from adafocus.preprocess import denormalize
+    from adafocus.model.preprocess import denormalize
 
     # Figure + FigureCanvasAgg is matplotlib's Agg backend without pyplot: no display needed, no
     # global state, and a caller's own backend choice is left alone.
@@ -141,7 +144,7 @@ def draw_result(frames: torch.Tensor, result: dict, preset: Preset, out_file: st
     count = len(images)
     cols = min(count, math.ceil(math.sqrt(1.5 * count)))
     rows = math.ceil(count / cols)
-    figure = Figure(figsize=(2.2 * cols, 2.3 * rows + 0.7), layout="constrained")
+    figure = Figure(figsize=(2.2 * cols, 2.3 * rows + 0.7), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, cols, squeeze=False).ravel()
     colours = [f"C{i}" for i in range(10)]
@@ -179,14 +182,14 @@ def draw_result(frames: torch.Tensor, result: dict, preset: Preset, out_file: st
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing")  # exotic characters in a file name
-        figure.savefig(out_file, dpi=100)
+        save_png(figure, out_file)
 
 
 def image_name(path: str) -> str:
     """The PNG --show writes for `path`: its stem plus a digest of its absolute path, so videos
     with the same name in different folders do not overwrite each other's picture."""
     stem = os.path.splitext(os.path.basename(path))[0] or "video"
-    digest = hashlib.sha1(_path_key(path).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    digest = hashlib.sha1(path_key(path).encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return f"{stem}-{digest}.png"
 
 
@@ -227,7 +230,9 @@ def predict_paths(
     show = os.fspath(show_dir) if show_dir is not None else None
     if show is not None:
         os.makedirs(show, exist_ok=True)
-    from adafocus.video import load_clip_for  # PyAV only where videos are decoded: `adafocus bench` runs without it
+    from adafocus.data.video import (
+        load_clip_for,  # PyAV only where videos are decoded: `adafocus bench` runs without it
+    )
 
     ahead = max(2 * batch_size, workers)
     failures: deque[dict] = deque()  # decode errors, reported with the next result
@@ -289,8 +294,8 @@ def predict_paths(
 # --- --resume --------------------------------------------------------------------------------------
 
 
-def recorded_paths(out_file: str | os.PathLike) -> set[str]:
-    """Paths (as `_path_key`) that already have a line in a JSONL results file.
+def recorded_paths(out_file: str | os.PathLike, log: Callable[[str], None] = _stderr) -> set[str]:
+    """Paths (as `path_key`) that already have a line in a JSONL results file.
 
     A last line cut off by a crash (no newline at the end) is removed from the file, so that lines
     appended after it stay valid JSON; that video is simply done again.
@@ -304,178 +309,14 @@ def recorded_paths(out_file: str | os.PathLike) -> set[str]:
     if end < len(data):
         with open(name, "r+b") as f:
             f.truncate(end)
-        click.echo(f"{name}: removed an unfinished last line (the previous run stopped while writing it)", err=True)
+        log(f"{name}: removed an unfinished last line (the previous run stopped while writing it)")
     done = set()
     for number, line in enumerate(data[:end].splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            done.add(_path_key(record["path"]))
+            done.add(path_key(record["path"]))
         except (ValueError, TypeError, KeyError):
-            click.echo(f"{name}:{number}: not a result line, ignored", err=True)
+            log(f"{name}:{number}: not a result line, ignored")
     return done
-
-
-# --- the command -----------------------------------------------------------------------------------
-
-
-def _thresholds(ctx, param, value: str | None) -> list[float | None] | None:
-    if value is None:
-        return None
-    values: list[float | None] = []
-    for part in value.split(","):
-        text = part.strip().lower()
-        if text in ("none", "null"):
-            values.append(None)
-            continue
-        try:
-            values.append(float(text))
-        except ValueError:
-            raise click.BadParameter(
-                f"{part.strip()!r} is not a number: give comma-separated entropies, e.g. 0.5,0.4,0.3 (inf, -inf, none)"
-            ) from None
-    return values
-
-
-@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True), metavar="PATH...")
-@click.option(
-    "--export",
-    "export_dir",
-    type=click.Path(exists=True, file_okay=False),
-    default=None,
-    help="Export directory (from adafocus-export) [default: the built-in demo export].",
-)
-@click.option(
-    "--backend",
-    type=click.Choice(["onnxruntime", "pytorch"]),
-    default="onnxruntime",
-    show_default=True,
-    help="Runtime backend.",
-)
-@click.option(
-    "--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Videos in the runtime's pool."
-)
-@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Decoder threads.")
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, writable=True),
-    default=None,
-    help="JSONL file to write (replaced, or appended to with --resume) [default: stdout].",
-)
-@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Classes listed per video.")
-@click.option(
-    "--thresholds",
-    callback=_thresholds,
-    default=None,
-    metavar="H0,...,HK",
-    help="Exit thresholds: K+1 comma-separated entropies, one per step 0..K (inf: always exit there; "
-    "-inf or none: never) [default: the export's].",
-)
-@click.option(
-    "--budget",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    metavar="GFLOPS",
-    help="Use the export's calibrated thresholds for at most this many GFLOPs per video (not with --thresholds).",
-)
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="With --out: skip inputs that already have a line in the file, and append the others.",
-)
-@click.option(
-    "--show",
-    "show_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    metavar="OUT_DIR",
-    help="Write a PNG per video: the sampled frames with a numbered box per cube the model looked at.",
-)
-@click.pass_context
-def predict(ctx, paths, export_dir, backend, batch_size, workers, out, top_k, thresholds, budget, resume, show_dir):
-    """Classify videos: one JSON line per input video.
-
-    PATH is a video file, a directory (its .mp4 .avi .mkv .mov .webm .m4v files, recursively,
-    sorted), or a .txt/.list file of paths (one a line; blank lines and # comments skipped;
-    relative paths are relative to the list file).
-
-    \b
-    Each line holds the video's "path" and either
-      "class", "class_index", "top_k" ([class, probability] pairs), "exit_step" (cubes used),
-      "cubes" ([{"centre": [x, y, t], "start": [x0, y0, t0]}]), "gflops" and "frames" (the
-      sampled source frame indices), plus "image" with --show;
-    or "error", saying why the video could not be processed (unreadable, truncated, empty, too
-    short). Lines are written as videos finish, in completion order.
-
-    Exit status: 0 when the run completes, even if some videos failed (their lines say why, and a
-    summary "N ok, M failed" goes to stderr); 1 if no video could be processed at all, or if the
-    export or an option value is unusable (e.g. the wrong number of --thresholds); 2 for invalid
-    command-line usage.
-    """
-    from tqdm import tqdm
-
-    from adafocus.runtime import Runtime
-
-    if resume and out is None:
-        raise click.UsageError("--resume needs --out: the results file to continue")
-    if thresholds is not None and budget is not None:
-        raise click.UsageError("give --thresholds or --budget, not both")
-
-    videos = expand_paths(paths)
-    if not videos:
-        raise AdaFocusError(
-            f"no videos found in {', '.join(paths)}",
-            f"give video files, folders holding {' '.join(VIDEO_EXTENSIONS)} files, or a .txt/.list of paths",
-        )
-    done = recorded_paths(out) if resume else set()
-    todo = [v for v in videos if _path_key(v) not in done]
-    skipped = len(videos) - len(todo)
-
-    runtime = Runtime.load(export_dir, backend=backend)
-    if thresholds is not None:
-        runtime.set_thresholds(thresholds)
-    if budget is not None:
-        chosen = runtime.set_budget(budget)
-        click.echo(
-            f"budget {budget} GFLOPs/video: calibrated point of {chosen['gflops']:.4f} GFLOPs, "
-            f"accuracy {chosen['accuracy']:.3f}",
-            err=True,
-        )
-
-    ok = failed = 0
-    sink = open(out, "a" if resume else "w", encoding="utf-8") if out is not None else sys.stdout
-    try:
-        with tqdm(total=len(todo), unit="video", file=sys.stderr, disable=None) as bar:
-            for record in predict_paths(
-                todo, runtime, batch_size=batch_size, workers=workers, top_k=top_k, show_dir=show_dir
-            ):
-                sink.write(dumps(record, indent=None) + "\n")
-                sink.flush()
-                if "error" in record:
-                    failed += 1
-                else:
-                    ok += 1
-                bar.set_postfix(ok=ok, failed=failed, refresh=False)
-                bar.update(1)
-    finally:
-        if out is not None:
-            sink.close()
-
-    summary = f"{ok} ok, {failed} failed"
-    if skipped:
-        summary += f", {skipped} skipped (already in {out})"
-    if out is not None:
-        summary += f"; results in {out}"
-    click.echo(summary, err=True)
-    if todo and ok == 0:
-        ctx.exit(1)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    predict.main(args=argv, prog_name="adafocus-predict")
-
-
-if __name__ == "__main__":
-    main()

@@ -2,13 +2,13 @@
 
 `thresholds` is the pure-numpy solver (MSDNet dynamic evaluation, thresholds midway between
 calibration samples); `calibrate` collects per-step entropies and writes the budget table into an
-export's manifest; `plot` draws the accuracy-vs-GFLOPs curve; `cli` is `adafocus-calibrate`.
+export's manifest; `plot` draws the accuracy-vs-GFLOPs curve; `report` writes the table as text.
+INT8 quantisation is its own layer, `adafocus.quantize`; the command is `adafocus.cli.calibrate`.
 """
 
 from adafocus.calibration.calibrate import (
     Calibration,
     StepOutputs,
-    TaskVideos,
     add_heldout,
     baselines,
     calibrate_export,
@@ -27,6 +27,8 @@ from adafocus.calibration.thresholds import (
     pareto_front,
     simulate,
     solve_thresholds,
+    sweep,
+    thresholds_for_budget,
     thresholds_from_json,
     thresholds_to_json,
 )
@@ -37,7 +39,6 @@ __all__ = [
     "Calibration",
     "Outcome",
     "StepOutputs",
-    "TaskVideos",
     "add_heldout",
     "baselines",
     "budget_table",
@@ -51,6 +52,8 @@ __all__ = [
     "plot_curve",
     "simulate",
     "solve_thresholds",
+    "sweep",
+    "thresholds_for_budget",
     "thresholds_from_json",
     "thresholds_to_json",
 ]

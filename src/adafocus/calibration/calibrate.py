@@ -6,7 +6,7 @@
 
 Per-step outputs come from the PyTorch reference loop (`adaptive_inference` with every threshold at
 -inf, which returns every step's logits in one pass), run on the checkpoint the export was made from
-(`manifest["pytorch"]`). The deployed backends are verified against this reference (same exits, same
+(`Export.model_path`). The deployed backends are verified against this reference (same exits, same
 predictions) when the export is made and in the runtime tests, so its entropies stand for theirs;
 the held-out check in the tests runs the ONNX graphs with the calibrated thresholds and compares.
 Costs are the export's `gflops.per_exit_step`, counted from the ONNX graphs.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -25,28 +25,13 @@ import torch
 from tqdm import tqdm
 
 from adafocus.calibration.thresholds import budget_table, simulate
-from adafocus.errors import AdaFocusError
+from adafocus.errors import AdaFocusError, InternalError
 from adafocus.export.manifest import Export, open_export, update_manifest
 from adafocus.model.networks import AdaFocusV3
 from adafocus.model.reference import adaptive_inference, entropy
 
 DEFAULT_MAX_DROP = 0.01  # the default operating point: within 1 accuracy point of the best entry
 RANDOM_EXIT_SEED = 0
-
-
-class TaskVideos:
-    """`count` videos of a synthetic task's split, generated batch by batch when iterated (1000 demo
-    videos would take 1.6 GB at once). Iterating yields (videos, labels)."""
-
-    def __init__(self, task, split: str, count: int, batch_size: int = 64):
-        self.task, self.split, self.count, self.batch_size = task, split, count, batch_size
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, self.count, self.batch_size):
-            yield self.task.batch(self.split, range(start, min(start + self.batch_size, self.count)))
 
 
 @dataclass
@@ -72,8 +57,6 @@ class StepOutputs:
 
 def reference_model(source) -> AdaFocusV3:
     """The PyTorch model behind an AdaFocusV3 / Runtime / Export / export directory."""
-    from adafocus.model.checkpoint import load_checkpoint
-
     if isinstance(source, AdaFocusV3):
         return source.eval()
     export = getattr(source, "export", source)  # a Runtime holds its Export
@@ -83,7 +66,7 @@ def reference_model(source) -> AdaFocusV3:
         raise AdaFocusError(
             f"cannot calibrate a {type(source).__name__}", "pass an AdaFocusV3, a Runtime, an Export or a directory"
         )
-    return load_checkpoint(export.path / export.manifest["pytorch"]).model
+    return export.load_model()
 
 
 def _batches(videos, labels, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -209,7 +192,7 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        raise AdaFocusError(f"non-finite value {value} cannot go into JSON")
+        raise InternalError(f"non-finite value {value} cannot go into JSON (thresholds go through thresholds_to_json)")
     return value
 
 
@@ -283,7 +266,7 @@ def calibrate_export(
         {
             "method": "MSDNet dynamic evaluation (exit proportions q_k ∝ p^k), entropy thresholds placed midway "
             "between calibration samples",
-            "outputs_from": f"PyTorch reference loop on {export.manifest['pytorch']}",
+            "outputs_from": f"PyTorch reference loop on {export.model_path.name}",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "calibration_videos": len(cal),
             "heldout_videos": len(held) if held is not None else 0,

@@ -5,18 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from adafocus.figures import new_figure, save_png
+
 
 def plot_curve(table: list[dict], baselines: dict | None, path: str | os.PathLike, title: str | None = None) -> Path:
     """Write a PNG: the budget table (held-out accuracy at realised GFLOPs when the entries carry
     held-out figures, and the calibration curve dashed), fixed-t-cubes points and the random-exit
     curve (`calibrate.baselines`). Returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
+    fig, ax = new_figure(figsize=(7, 4.8), dpi=120)
     cal_x = [e["gflops"] for e in table]
     cal_y = [100 * e["accuracy"] for e in table]
     if table and "heldout_accuracy" in table[0]:
@@ -69,9 +66,4 @@ def plot_curve(table: list[dict], baselines: dict | None, path: str | os.PathLik
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)

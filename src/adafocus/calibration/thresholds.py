@@ -192,6 +192,19 @@ def thresholds_from_json(values: Sequence[float | None]) -> list[float]:
     return out
 
 
+def sweep(
+    E: np.ndarray, C: np.ndarray, cost: Sequence[float], ps: Sequence[float]
+) -> list[tuple[float, np.ndarray, Outcome]]:
+    """(p, thresholds, what they do on these samples) for each budget knob p: the one sweep behind
+    the budget table and `thresholds_for_budget`."""
+    K = np.shape(E)[1] - 1
+    out = []
+    for p in ps:
+        thresholds = solve_thresholds(E, exit_proportions(float(p), K))
+        out.append((float(p), thresholds, simulate(E, C, cost, thresholds)))
+    return out
+
+
 def budget_table(E: np.ndarray, C: np.ndarray, cost: Sequence[float], ps: Sequence[float] | None = None) -> list[dict]:
     """Operating points for a sweep of p (default: 60 values log-spaced over 0.01..100, from nearly all
     videos exiting at the glance to nearly all using K cubes).
@@ -203,21 +216,33 @@ def budget_table(E: np.ndarray, C: np.ndarray, cost: Sequence[float], ps: Sequen
     is answered by the last entry with gflops <= B.
     """
     E = _check_entropies(E)
-    K = E.shape[1] - 1
-    entries = []
-    for p in DEFAULT_PS if ps is None else ps:
-        thresholds = solve_thresholds(E, exit_proportions(float(p), K))
-        outcome = simulate(E, C, cost, thresholds)
-        entries.append(
-            {
-                "p": float(p),
-                "gflops": outcome.gflops,
-                "accuracy": outcome.accuracy,
-                "thresholds": thresholds_to_json(thresholds),
-                "exit_fractions": outcome.exit_fractions.tolist(),
-            }
-        )
+    entries = [
+        {
+            "p": p,
+            "gflops": outcome.gflops,
+            "accuracy": outcome.accuracy,
+            "thresholds": thresholds_to_json(thresholds),
+            "exit_fractions": outcome.exit_fractions.tolist(),
+        }
+        for p, thresholds, outcome in sweep(E, C, cost, DEFAULT_PS if ps is None else ps)
+    ]
     return pareto_front(entries)
+
+
+def thresholds_for_budget(E: np.ndarray, cost: Sequence[float], budget: float) -> tuple[list[float], float]:
+    """Thresholds whose realised cost on these samples is the largest not above `budget`, and that
+    cost: for exports without a calibrated table (random weights, where accuracy plays no part and
+    the exit mix does). A fine sweep of p (601 values over 1e-3..1e3), solved as in calibration."""
+    E = _check_entropies(E)
+    correct = np.zeros(E.shape, bool)  # accuracy is not asked for
+    fitting = [(o.gflops, t) for _, t, o in sweep(E, correct, cost, np.logspace(-3, 3, 601)) if o.gflops <= budget]
+    if not fitting:
+        raise AdaFocusError(
+            f"no exit mix costs <= {budget} GFLOPs/video (the glance alone costs {cost[0]:.3f})",
+            f"ask for at least {cost[0]:.3f}",
+        )
+    realised, thresholds = max(fitting, key=lambda f: f[0])
+    return [float(t) for t in thresholds], realised
 
 
 def pareto_front(entries: list[dict]) -> list[dict]:

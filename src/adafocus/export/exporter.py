@@ -9,18 +9,16 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 import onnx
 import torch
 
-from adafocus import flops
-from adafocus.errors import AdaFocusError
+from adafocus.data.synthetic import SyntheticTask
+from adafocus.errors import AdaFocusError, InternalError
 from adafocus.export.graphs import DENSE, GraphSpec, graph_specs, real_inputs
 from adafocus.export.manifest import (
     FORMAT,
@@ -36,9 +34,11 @@ from adafocus.export.onnx_export import export_graph
 from adafocus.export.onnx_flops import count_gmacs
 from adafocus.export.validate import FP32_RTOL, Case, validate_graph
 from adafocus.files import partial_path, remove_stale_partials
+from adafocus.machine import package_versions
+from adafocus.model import flops
 from adafocus.model.checkpoint import save_checkpoint
 from adafocus.model.networks import AdaFocusV3
-from adafocus.preprocess import MEAN, STD
+from adafocus.model.preprocess import MEAN, STD
 
 DEFAULT_OPSET = 18
 PYTORCH_FILE = "model.pt"
@@ -56,22 +56,11 @@ def _tensors(values) -> list[dict]:
     return out
 
 
-def _package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for dist in ("adafocus-deploy", "torch", "onnx", "onnxscript", "onnxruntime", "numpy", "tensorrt"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
 def _validation_cases(model: AdaFocusV3, batch: int) -> dict[str, list[Case]]:
     """Random and real inputs at batch 1 and `batch`, per graph."""
-    from adafocus.train.synthetic import SyntheticTask  # generated videos; the task caps its class count
 
     preset = model.preset
-    task = SyntheticTask(dataclasses.replace(preset, num_classes=min(preset.num_classes, 10)), seed=0)
+    task = SyntheticTask.for_preset(preset, seed=0)
     videos, _ = task.batch("test", range(batch))
     generator = torch.Generator().manual_seed(0)
     specs = graph_specs(model)
@@ -120,6 +109,44 @@ def export_model(
 ) -> Export:
     """Export, validate and seal `model` into the directory `out`; returns the opened export."""
     out = Path(out)
+    _check_arguments(out, force, opset, trt, precisions, batch_range)
+    preset = model.preset
+    model = model.eval()
+    specs = graph_specs(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_partials(out.parent):
+        log(f"removed {stale}, left by an export that was killed")
+    work = partial_path(out)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        log(f"exporting preset {preset.name} ({weights['source']}) to {out}")
+        cases = _validation_cases(model, validate_batch)
+        expected = _pytorch_gflops(preset)
+        graphs, validation = {}, {}
+        for name, spec in specs.items():
+            graphs[name], validation[name] = _export_one(
+                spec, preset, work, cases[name], expected[name], opset, exporter, log
+            )
+        # the PyTorch backend of the runtime runs these weights, so the directory is self-contained
+        save_checkpoint(work / PYTORCH_FILE, model, list(class_names), meta={"weights": weights})
+        # and a reader in any language finds the manifest's JSON Schema beside it (sealed like the rest)
+        (work / SCHEMA_FILE).write_text(json.dumps(schema(), indent=2) + "\n")
+        engines = _build_engines(specs, graphs, work, precisions, batch_range, opset, exporter, log) if trt else {}
+        manifest = _manifest(model, class_names, weights, graphs, validation, engines, cases)
+        write_manifest(work, manifest)
+        export = open_export(work)  # the directory must pass the same checks every reader applies
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+        log(f"wrote {out} ({len(export.files)} files, manifest sealed)")
+        return open_export(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_arguments(out: Path, force: bool, opset: int, trt: bool, precisions, batch_range) -> None:
+    """Every refusal that needs no work, before any."""
     if out.exists() and not force:
         raise AdaFocusError(f"{out} already exists", "pass --force to replace it, or choose another --out")
     if opset < 18:
@@ -134,116 +161,96 @@ def export_model(
     if not 1 <= batch_range[0] <= batch_range[1] <= batch_range[2]:
         raise AdaFocusError(f"batch range {batch_range} is not min <= opt <= max", "e.g. --batch-range 1:128:128")
 
+
+def _pytorch_gflops(preset) -> dict[str, float]:
+    """What each graph must cost, counted from the PyTorch modules."""
+    count = flops.count_flops(preset)
+    return {
+        "glance": count.glance + count.classifier_glance,
+        "policy": count.policy,
+        "crop": 0.0,
+        "local": count.cube,
+        "classifier": count.classifier_step,
+        # the dense graph has no p0 head: the baseline's cost less that one linear layer
+        DENSE: count.dense_baseline - preset.hidden_dim * preset.num_classes / 1e9,
+    }
+
+
+def _export_one(spec: GraphSpec, preset, work: Path, cases, expected_gflops, opset, exporter, log) -> tuple[dict, dict]:
+    """One graph: export, count its MACs against PyTorch's count, validate; its manifest record."""
+    started = time.perf_counter()
+    path = work / spec.file
+    used = export_graph(spec, path, opset=opset, exporter=exporter)
+    gmacs = count_gmacs(path)
+    if abs(gmacs - expected_gflops) > GFLOPS_AGREEMENT * max(expected_gflops, 1e-9):
+        raise InternalError(
+            f"the {spec.name} graph counts {gmacs:.6f} GMACs from ONNX but {expected_gflops:.6f} from PyTorch: "
+            "the export changed the network; report this with the preset"
+        )
+    validation = validate_graph(spec, path, cases, preset)
+    proto = onnx.load(str(path), load_external_data=False)
+    record = {
+        "file": spec.file,
+        "exporter": used,
+        "opset": opset,
+        "inputs": _tensors(proto.graph.input),
+        "outputs": _tensors(proto.graph.output),
+        "gflops": gmacs,
+        "gflops_pytorch": expected_gflops,
+    }
+    worst = max(v["max_rel_error"] for k, v in validation.items() if k != "cube_starts")
+    log(
+        f"  {spec.name:<10} {used} export, {gmacs:8.4f} GFLOPs, validated "
+        f"(max rel error {worst:.1e}) in {time.perf_counter() - started:.1f} s"
+    )
+    return record, validation
+
+
+def _manifest(model: AdaFocusV3, class_names, weights, graphs, validation, engines, cases) -> dict:
+    """The manifest before sealing (write_manifest adds the file list and the hashes)."""
     preset = model.preset
-    model = model.eval()
-    specs = graph_specs(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_partials(out.parent):
-        log(f"removed {stale}, left by an export that was killed")
-    work = partial_path(out)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
-        log(f"exporting preset {preset.name} ({weights['source']}) to {out}")
-        cases = _validation_cases(model, validate_batch)
-        torch_count = flops.count_flops(preset)
-        expected = {
-            "glance": torch_count.glance + torch_count.classifier_glance,
-            "policy": torch_count.policy,
-            "crop": 0.0,
-            "local": torch_count.cube,
-            "classifier": torch_count.classifier_step,
-            # the dense graph has no p0 head: the baseline's cost less that one linear layer
-            DENSE: torch_count.dense_baseline - preset.hidden_dim * preset.num_classes / 1e9,
-        }
-        graphs, validation = {}, {}
-        for name, spec in specs.items():
-            started = time.perf_counter()
-            used = export_graph(spec, work / spec.file, opset=opset, exporter=exporter)
-            gmacs = count_gmacs(work / spec.file)
-            if abs(gmacs - expected[name]) > GFLOPS_AGREEMENT * max(expected[name], 1e-9):
-                raise AdaFocusError(
-                    f"the {name} graph counts {gmacs:.6f} GMACs from ONNX but {expected[name]:.6f} from PyTorch",
-                    "the export changed the network; report this with the preset",
-                )
-            validation[name] = validate_graph(spec, work / spec.file, cases[name], preset)
-            proto = onnx.load(str(work / spec.file), load_external_data=False)
-            graphs[name] = {
-                "file": spec.file,
-                "exporter": used,
-                "opset": opset,
-                "inputs": _tensors(proto.graph.input),
-                "outputs": _tensors(proto.graph.output),
-                "gflops": gmacs,
-                "gflops_pytorch": expected[name],
-            }
-            worst = max(v["max_rel_error"] for k, v in validation[name].items() if k != "cube_starts")
-            log(
-                f"  {name:<10} {used} export, {gmacs:8.4f} GFLOPs, validated "
-                f"(max rel error {worst:.1e}) in {time.perf_counter() - started:.1f} s"
-            )
-
-        # the PyTorch backend of the runtime runs these weights, so the directory is self-contained
-        save_checkpoint(work / PYTORCH_FILE, model, list(class_names), meta={"weights": weights})
-        # and a reader in any language finds the manifest's JSON Schema beside it (sealed like the rest)
-        (work / SCHEMA_FILE).write_text(json.dumps(schema(), indent=2) + "\n")
-
-        engines = {}
-        if trt:
-            engines = _build_engines(specs, graphs, work, precisions, batch_range, opset, exporter, log)
-
-        first = graphs["glance"]["gflops"]
-        per_cube = graphs["local"]["gflops"] + graphs["classifier"]["gflops"]
-        k = preset.max_cubes
-        manifest = {
-            "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "preset": preset.to_dict(),
-            "class_names": list(class_names),
-            "weights": weights,
-            "input": {
-                "name": "videos",
-                "layout": "B, T, C, H, W (RGB)",
-                "shape": ["batch", *preset.video_shape],
-                "dtype": "float32",
-                "sampling": f"TSN: frame floor((i + 0.5) * L / {preset.num_frames}) of a video of L frames",
-                "resize_shorter_side": round(preset.frame_size * 256 / 224),
-                "crop": f"centre {preset.frame_size}x{preset.frame_size}",
-                "scale": 1 / 255,
-                "mean": [float(m) for m in MEAN],
-                "std": [float(s) for s in STD],
-                "glance_frames": model.glance_index.tolist(),
-            },
-            "graphs": graphs,
-            "gflops": {
-                "per_exit_step": [first] + [first + graphs["policy"]["gflops"] + t * per_cube for t in range(1, k + 1)],
-                "per_exit_step_pytorch": torch_count.exit_cumulative,
-                "dense_baseline": graphs[DENSE]["gflops"],
-                "dense_baseline_pytorch": torch_count.dense_baseline,
-            },
-            "validation": validation,
-            "tolerance": {
-                "max_rel_error": FP32_RTOL,
-                "definition": "max |onnx - torch| / max |torch| per output; cube_starts exactly by the crop rule",
-                "cases": [c.label for c in cases["glance"]],
-            },
-            "thresholds": None,
-            "budgets": [],
-            "protocol": PROTOCOL | {"max_cubes": k},
-            "engines": engines,
-            "pytorch": PYTORCH_FILE,
-            "packages": _package_versions(),
-        }
-        write_manifest(work, manifest)
-        export = open_export(work)  # the directory must pass the same checks every reader applies
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
-        log(f"wrote {out} ({len(export.manifest['files'])} files, manifest sealed)")
-        return open_export(out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    k = preset.max_cubes
+    per_cube = graphs["local"]["gflops"] + graphs["classifier"]["gflops"]
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "preset": preset.to_dict(),
+        "class_names": list(class_names),
+        "weights": weights,
+        "input": {
+            "name": "videos",
+            "layout": "B, T, C, H, W (RGB)",
+            "shape": ["batch", *preset.video_shape],
+            "dtype": "float32",
+            "sampling": f"TSN: frame floor((i + 0.5) * L / {preset.num_frames}) of a video of L frames",
+            "resize_shorter_side": round(preset.frame_size * 256 / 224),
+            "crop": f"centre {preset.frame_size}x{preset.frame_size}",
+            "scale": 1 / 255,
+            "mean": [float(m) for m in MEAN],
+            "std": [float(s) for s in STD],
+            "glance_frames": model.glance_index.tolist(),
+        },
+        "graphs": graphs,
+        "gflops": {
+            "per_exit_step": flops.exit_costs(graphs["glance"]["gflops"], graphs["policy"]["gflops"], per_cube, k),
+            "per_exit_step_pytorch": flops.count_flops(preset).exit_cumulative,
+            "dense_baseline": graphs[DENSE]["gflops"],
+            "dense_baseline_pytorch": flops.count_flops(preset).dense_baseline,
+        },
+        "validation": validation,
+        "tolerance": {
+            "max_rel_error": FP32_RTOL,
+            "definition": "max |onnx - torch| / max |torch| per output; cube_starts exactly by the crop rule",
+            "cases": [c.label for c in cases["glance"]],
+        },
+        "thresholds": None,
+        "budgets": [],
+        "protocol": PROTOCOL | {"max_cubes": k},
+        "engines": engines,
+        "pytorch": PYTORCH_FILE,
+        "packages": package_versions(),
+    }
 
 
 def _build_engines(specs, graphs, work, precisions, batch_range, opset, exporter, log) -> dict:

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,7 +22,8 @@ import jsonschema
 
 from adafocus import __version__
 from adafocus.errors import AdaFocusError
-from adafocus.files import atomic_write, dumps
+from adafocus.files import atomic_write, dumps, json_copy
+from adafocus.model.checkpoint import load_checkpoint
 from adafocus.model.presets import Preset
 
 FORMAT = "adafocus-export"
@@ -100,8 +101,42 @@ def write_manifest(directory: Path, manifest: dict) -> dict:
 
 
 @dataclass(frozen=True)
+class TensorRecord:
+    """One input or output of a graph as the manifest declares it; str dims are symbolic axes."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str  # "float32", "float16", "int64"
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    """One graph of an export: its file, interface and cost."""
+
+    name: str
+    file: str
+    inputs: tuple[TensorRecord, ...]
+    outputs: tuple[TensorRecord, ...]
+    gflops: float
+    variants: dict[str, str]  # precision -> file (int8, fp16)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+def _tensors(records: list[dict]) -> tuple[TensorRecord, ...]:
+    return tuple(TensorRecord(t["name"], tuple(t["shape"]), t["dtype"]) for t in records)
+
+
+@dataclass(frozen=True)
 class Export:
-    """An opened, verified export directory."""
+    """An opened, verified export directory. Code reads the manifest through these accessors (the
+    raw dict stays available as `manifest` for reports)."""
 
     path: Path
     manifest: dict
@@ -115,13 +150,75 @@ class Export:
         return self.manifest["class_names"]
 
     @property
+    def sha256(self) -> str:
+        """The manifest's own hash: names this exact export (for caches kept outside it)."""
+        return self.manifest["manifest_sha256"]
+
+    @property
     def exit_gflops(self) -> list[float]:
         """Cost of a video that exits after t cubes, t = 0..K, counted from the graphs."""
         return self.manifest["gflops"]["per_exit_step"]
 
+    @property
+    def dense_gflops(self) -> float:
+        return self.manifest["gflops"]["dense_baseline"]
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """The default exit thresholds (JSON form: ±1e9 for ±inf), None before calibration."""
+        return self.manifest["thresholds"]
+
+    @property
+    def budgets(self) -> list[dict]:
+        """The calibrated operating points (docs/runtime-protocol.md, "Budgets"), cheapest first."""
+        return self.manifest["budgets"]
+
+    @property
+    def weights(self) -> dict:
+        """Where the weights came from (`source`, and `sha256` or `seed`)."""
+        return self.manifest["weights"]
+
+    @property
+    def calibration(self) -> dict | None:
+        """How the budget table was made, or None before calibration."""
+        return self.manifest.get("calibration")
+
+    @property
+    def files(self) -> dict[str, dict]:
+        """Every file of the export but the manifest: name -> sha256 and size."""
+        return self.manifest["files"]
+
+    @property
+    def int8(self) -> dict | None:
+        """How the INT8 graphs were made, or None when there are none."""
+        return self.manifest.get("int8")
+
+    @property
+    def model_path(self) -> Path:
+        """The PyTorch checkpoint the graphs were exported from."""
+        return self.path / self.manifest["pytorch"]
+
+    def load_model(self):
+        """The export's own PyTorch model (`model_path`), in eval mode."""
+        return load_checkpoint(self.model_path).model.eval()
+
+    def has_graph(self, name: str) -> bool:
+        return name in self.manifest["graphs"]
+
+    def graph(self, name: str) -> GraphRecord:
+        if name not in self.manifest["graphs"]:
+            raise AdaFocusError(
+                f"{self.path} has no {name} graph (it has {', '.join(self.manifest['graphs'])})",
+                "re-export it with this adafocus-deploy",
+            )
+        g = self.manifest["graphs"][name]
+        return GraphRecord(
+            name, g["file"], _tensors(g["inputs"]), _tensors(g["outputs"]), g["gflops"], dict(g.get("variants", {}))
+        )
+
     def graph_path(self, name: str, precision: str = "fp32") -> Path:
-        graph = self.manifest["graphs"][name]
-        return self.path / (graph["file"] if precision == "fp32" else graph["variants"][precision])
+        graph = self.graph(name)
+        return self.path / (graph.file if precision == "fp32" else graph.variants[precision])
 
     def engine_path(self, name: str, precision: str) -> Path:
         engines = self.manifest["engines"].get(precision)
@@ -173,9 +270,23 @@ def open_export(directory: str | os.PathLike) -> Export:
     return Export(directory, manifest)
 
 
-def update_manifest(directory: str | os.PathLike, change: Callable[[dict], None]) -> Export:
-    """Verify, apply `change` to the manifest in place, re-seal and rewrite it atomically."""
+def update_manifest(
+    directory: str | os.PathLike,
+    change: Callable[[dict], None],
+    *,
+    new_files: Mapping[str, Path] | None = None,
+    drop_files: Iterable[str] = (),
+) -> Export:
+    """The one way to change an export: verify it, apply `change` to a copy of its manifest, move
+    `new_files` in (name -> a staged file in the same directory, renamed into place), delete
+    `drop_files`, then re-list, re-seal and rewrite the manifest atomically. Until the manifest is
+    rewritten, readers refuse the directory (unlisted files), never read a half-changed one."""
     export = open_export(directory)
-    manifest = json.loads(json.dumps(export.manifest))
+    manifest = json_copy(export.manifest)
     change(manifest)
+    for name, staged in (new_files or {}).items():
+        os.replace(staged, export.path / name)
+    for name in drop_files:
+        if name not in (new_files or {}):
+            (export.path / name).unlink(missing_ok=True)
     return Export(export.path, write_manifest(export.path, manifest))

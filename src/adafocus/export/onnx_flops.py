@@ -1,7 +1,7 @@
 """Multiply-adds counted from an ONNX graph itself: the deployed graph is the truth.
 
 Convolutions and matrix products only (Conv, Gemm, MatMul), the same accounting as
-`adafocus.flops` (the paper's "GFLOPs" are GMACs of the conv/linear layers). Shapes come from ONNX
+`adafocus.model.flops` (the paper's "GFLOPs" are GMACs of the conv/linear layers). Shapes come from ONNX
 shape inference with every symbolic axis set to 1, so the figures are per video.
 """
 

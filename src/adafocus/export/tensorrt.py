@@ -9,9 +9,7 @@ removed them, and strong typing is the one mode that works the same on TensorRT 
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 
 from adafocus.errors import AdaFocusError
+from adafocus.files import atomic_write
 
 GET_GPU_EXTRA = (
     'pip install "adafocus-deploy[gpu]" (or `pip install -e ".[gpu]"` in a checkout) on a machine with an NVIDIA '
@@ -120,21 +119,6 @@ def tensorrt_messages(errors: list[str]) -> str:
     return "".join(f"\n  TensorRT: {line}" for line in errors)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + os.replace, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_batch_range(batch_range) -> tuple[int, int, int]:
     try:
         lo, opt, hi = (int(b) for b in batch_range)
@@ -201,53 +185,12 @@ def build_engine(
     logger = trt_logger()
     with logger.capture(log) as errors:
         builder = trt.Builder(logger)
-        # TensorRT 11 types every network strongly (its STRONGLY_TYPED flag is deprecated and ignored); TensorRT 10
-        # needs the flag, else it would be free to pick precisions itself.
-        needs_flag = tensorrt_major(trt) < 11
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if needs_flag else 0
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            lines = [_parser_error_line(parser.get_error(i)) for i in range(parser.num_errors)]
-            raise AdaFocusError(
-                f"TensorRT {trt.__version__} could not parse {onnx_path}:\n" + "\n".join(lines),
-                "check that every operator and dtype in the graph is supported by this TensorRT version's ONNX "
-                "parser, or re-export the ONNX file",
-            )
-
+        network, _parser = _parse_network(trt, builder, logger, onnx_path)
         config = builder.create_builder_config()
         if workspace_gib is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-
-        profile = builder.create_optimization_profile()
-        shapes: dict[str, dict[str, list[int]]] = {}
-        for i in range(network.num_inputs):
-            tensor = network.get_input(i)
-            dims = [int(d) for d in tensor.shape]
-            if -1 not in dims:
-                continue
-            if getattr(tensor, "is_shape_tensor", False):
-                raise AdaFocusError(
-                    f"input {tensor.name!r} of {onnx_path} is a shape tensor, which this builder does not profile",
-                    "export the graph with the shape as a static value",
-                )
-            picks = {key: [b if d == -1 else d for d in dims] for key, b in (("min", lo), ("opt", opt), ("max", hi))}
-            try:
-                profile.set_shape(tensor.name, picks["min"], picks["opt"], picks["max"])
-            except RuntimeError as e:
-                raise AdaFocusError(
-                    f"TensorRT rejected the profile {picks} for input {tensor.name!r} of {onnx_path}: {e}",
-                    "check --batch-range",
-                ) from None
-            shapes[tensor.name] = picks
-        if shapes and config.add_optimization_profile(profile) < 0:
-            raise AdaFocusError(
-                f"TensorRT rejected the optimisation profile {shapes} for {onnx_path}" + tensorrt_messages(errors),
-                "check --batch-range",
-            )
-
+        shapes = _add_profile(builder, network, config, onnx_path, (lo, opt, hi), errors)
         cache = _load_timing_cache(trt, config, timing_cache, log)
-
         log(
             f"building {engine_path.name} from {onnx_path.name} with TensorRT {trt.__version__} (batch {lo}/{opt}/{hi})"
         )
@@ -275,3 +218,53 @@ def build_engine(
         "profile": shapes,
         "build_seconds": round(build_seconds, 3),
     }
+
+
+def _parse_network(trt, builder, logger, onnx_path: Path) -> tuple:
+    """The ONNX file as a strongly typed TensorRT network, or one error listing every parser complaint."""
+    # TensorRT 11 types every network strongly (its STRONGLY_TYPED flag is deprecated and ignored); TensorRT 10
+    # needs the flag, else it would be free to pick precisions itself.
+    needs_flag = tensorrt_major(trt) < 11
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if needs_flag else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        lines = [_parser_error_line(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise AdaFocusError(
+            f"TensorRT {trt.__version__} could not parse {onnx_path}:\n" + "\n".join(lines),
+            "check that every operator and dtype in the graph is supported by this TensorRT version's ONNX "
+            "parser, or re-export the ONNX file",
+        )
+    return network, parser  # the parser owns objects the network refers to: the caller keeps both alive
+
+
+def _add_profile(builder, network, config, onnx_path: Path, batch_range, errors) -> dict[str, dict[str, list[int]]]:
+    """One optimisation profile: every dynamic dim of every input spans the batch range."""
+    lo, opt, hi = batch_range
+    profile = builder.create_optimization_profile()
+    shapes: dict[str, dict[str, list[int]]] = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = [int(d) for d in tensor.shape]
+        if -1 not in dims:
+            continue
+        if getattr(tensor, "is_shape_tensor", False):
+            raise AdaFocusError(
+                f"input {tensor.name!r} of {onnx_path} is a shape tensor, which this builder does not profile",
+                "export the graph with the shape as a static value",
+            )
+        picks = {key: [b if d == -1 else d for d in dims] for key, b in (("min", lo), ("opt", opt), ("max", hi))}
+        try:
+            profile.set_shape(tensor.name, picks["min"], picks["opt"], picks["max"])
+        except RuntimeError as e:
+            raise AdaFocusError(
+                f"TensorRT rejected the profile {picks} for input {tensor.name!r} of {onnx_path}: {e}",
+                "check --batch-range",
+            ) from None
+        shapes[tensor.name] = picks
+    if shapes and config.add_optimization_profile(profile) < 0:
+        raise AdaFocusError(
+            f"TensorRT rejected the optimisation profile {shapes} for {onnx_path}" + tensorrt_messages(errors),
+            "check --batch-range",
+        )
+    return shapes

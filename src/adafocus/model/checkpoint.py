@@ -13,15 +13,16 @@ table below; it needs a preset to say which shapes to build.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from adafocus.errors import AdaFocusError
+from adafocus.files import atomic_write
 from adafocus.model.networks import AdaFocusV3
 from adafocus.model.presets import Preset
 
@@ -94,20 +95,14 @@ def save_checkpoint(
         },
         "meta": json.loads(json.dumps(meta or {})),  # plain JSON types, so weights_only loading works
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(record, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint is not
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, torch_bytes(record))
+
+
+def torch_bytes(value) -> bytes:
+    """What torch.save writes for `value`, in memory (for an atomic write)."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
 
 
 def load_checkpoint(path: str | os.PathLike, preset: Preset | None = None, *, strict: bool = True) -> Checkpoint:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from adafocus import flops  # a module, not its names: adafocus.flops imports this package
 from adafocus.errors import AdaFocusError
+from adafocus.model.checks import check_thresholds, check_videos
 from adafocus.model.cubes import crop_cubes, plan_cubes
+from adafocus.model.flops import count_flops
 from adafocus.model.networks import AdaFocusV3
-from adafocus.model.presets import Preset
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -65,34 +65,6 @@ class AdaptiveResult:
         }
 
 
-def check_videos(videos: torch.Tensor, preset: Preset, name: str = "videos") -> None:
-    """One clear error for a batch that this preset cannot take."""
-    expected = "(B, " + ", ".join(map(str, preset.video_shape)) + ")"
-    if not isinstance(videos, torch.Tensor):
-        raise AdaFocusError(f"{name} must be a torch.Tensor, got {type(videos).__name__}", "torch.from_numpy(...) it")
-    if videos.ndim != 5 or tuple(videos.shape[1:]) != preset.video_shape:
-        raise AdaFocusError(
-            f"{name} has shape {tuple(videos.shape)}, preset {preset.name!r} takes {expected}",
-            f"sample {preset.num_frames} frames, centre-crop to {preset.frame_size}², layout (B, T, C, H, W)",
-        )
-    if videos.dtype != torch.float32:
-        raise AdaFocusError(f"{name} has dtype {videos.dtype}, expected torch.float32", "normalise frames to float32")
-    if not torch.isfinite(videos).all():
-        bad = (~torch.isfinite(videos)).flatten(1).any(dim=1).nonzero().flatten().tolist()
-        raise AdaFocusError(f"{name} holds NaN or inf values (videos {bad})", "check the decoder and normalisation")
-
-
-def check_thresholds(thresholds: Sequence[float], preset: Preset) -> list[float]:
-    values = [float(t) for t in thresholds]
-    if len(values) != preset.num_exits or any(math.isnan(t) for t in values):
-        raise AdaFocusError(
-            f"preset {preset.name!r} needs {preset.num_exits} exit thresholds (steps 0..{preset.max_cubes}), "
-            f"got {thresholds!r}",
-            "give one entropy threshold per step; +inf always exits, -inf never does",
-        )
-    return values
-
-
 @torch.no_grad()
 def adaptive_inference(
     model: AdaFocusV3,
@@ -105,9 +77,11 @@ def adaptive_inference(
     `centres` (B, K, 3) replaces the policy's output, for ablations such as a random policy.
     """
     preset = model.preset
+    if not isinstance(videos, torch.Tensor):
+        raise AdaFocusError(f"videos must be a torch.Tensor, got {type(videos).__name__}", "torch.from_numpy(...) it")
     check_videos(videos, preset)
     eta = check_thresholds(thresholds, preset)
-    cost = flops.count_flops(preset).exit_cumulative
+    cost = count_flops(preset).exit_cumulative
     n, k_max, classes = videos.shape[0], preset.max_cubes, preset.num_classes
     device = videos.device
 

@@ -19,6 +19,7 @@ and per-video states stay on the backend's device.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ class Failed:
 
 @dataclass
 class LoopStats:
-    """Exits per step always; seconds per stage only when profiling."""
+    """Exits per step always; seconds per stage only when a StageTimer records them."""
 
     exits: list[int]
     videos: int = 0
@@ -56,8 +57,67 @@ class LoopStats:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
+class StageTimer:
+    """Times each graph call of one backend into `stats` (waiting for the device, so the time is the
+    graph's). Handed to the loop explicitly; nothing on the backend is switched on or off."""
+
+    def __init__(self, backend: Backend, stats: LoopStats):
+        self.backend, self.stats = backend, stats
+
+    def run(self, graph: str, feeds: dict) -> dict:
+        started = time.perf_counter()
+        out = self.backend.run(graph, feeds)
+        self.backend.synchronize()
+        self.stats.add_time(graph, time.perf_counter() - started)
+        return out
+
+
 Chunk = tuple[np.ndarray, object, list[Failed]]  # video indices, their videos (backend array), bad inputs
 Source = Callable[[int], Chunk | None]  # asked for at most n videos; None when exhausted
+
+
+@dataclass
+class _Running:
+    """The videos still running, one row each: host-side bookkeeping and device-side states."""
+
+    ids: np.ndarray  # their indices in the caller's order
+    slots: np.ndarray  # their rows in the pool
+    steps: np.ndarray  # the cube each runs next (1..K)
+    starts: np.ndarray  # (n, K, 3) the policy's plan
+    centres: np.ndarray  # (n, K, 3)
+    local_state: object = None  # (n, hidden) on the device
+    global_state: object = None
+
+    @classmethod
+    def empty(cls, k_max: int) -> _Running:
+        none = np.empty(0, np.int64)
+        return cls(none, none, none, np.empty((0, k_max, 3), np.int64), np.empty((0, k_max, 3), np.float32))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def join(self, arrays, ids, slots, starts, centres, global_state) -> None:
+        self.ids = np.concatenate([self.ids, ids])
+        self.slots = np.concatenate([self.slots, slots])
+        self.steps = np.concatenate([self.steps, np.ones(len(ids), np.int64)])
+        self.starts = np.concatenate([self.starts, starts])
+        self.centres = np.concatenate([self.centres, centres])
+        local_state = arrays.zeros(len(ids), int(global_state.shape[1]))  # no cube seen yet
+        if self.global_state is None:
+            self.local_state, self.global_state = local_state, global_state
+        else:
+            self.local_state = arrays.concat([self.local_state, local_state])
+            self.global_state = arrays.concat([self.global_state, global_state])
+
+    def keep(self, arrays, rows: np.ndarray | None, next_local_state) -> None:
+        """Compaction: only `rows` go on (all of them when rows is None), one step further."""
+        if rows is not None:
+            self.ids, self.slots, self.steps = self.ids[rows], self.slots[rows], self.steps[rows]
+            self.starts, self.centres = self.starts[rows], self.centres[rows]
+            next_local_state = arrays.take(next_local_state, rows)
+            self.global_state = arrays.take(self.global_state, rows)
+        self.local_state = next_local_state
+        self.steps = self.steps + 1
 
 
 def cube_loop(
@@ -69,24 +129,20 @@ def cube_loop(
     video_shape: tuple[int, ...],
     capacity: int | None,
     stats: LoopStats,
+    timer: StageTimer | None = None,
 ) -> Iterator[Finished | Failed]:
     """Run videos from `source` to their exits. capacity None = per-batch mode (one chunk, no copy)."""
-    k_max = max_cubes
     thresholds = np.asarray(thresholds, dtype=np.float32)  # compare as float32, like the reference
-    pool = backend.empty_pool(capacity, video_shape) if capacity else None
+    run = backend.run if timer is None else timer.run
+    arrays = backend.arrays
+    pool = arrays.empty_pool(capacity, video_shape) if capacity else None
     free = list(range(capacity or 0))
     refill_at = max(1, (capacity or 1) // 4)
-
-    ids = np.empty(0, np.int64)  # running videos, as their indices in the caller's order
-    slots = np.empty(0, np.int64)  # their rows in the pool
-    steps = np.empty(0, np.int64)  # the cube each runs next (1..K)
-    starts = np.empty((0, k_max, 3), np.int64)
-    centres = np.empty((0, k_max, 3), np.float32)
-    local_state = global_state = None
+    running = _Running.empty(max_cubes)
     exhausted = False
 
     while True:
-        if not exhausted and (len(ids) == 0 or (capacity and len(free) >= refill_at)):
+        if not exhausted and (len(running) == 0 or (capacity and len(free) >= refill_at)):
             chunk = source(len(free) if capacity else 0)
             if chunk is None:
                 exhausted = True
@@ -95,77 +151,71 @@ def cube_loop(
                 yield from failed
                 if len(new_ids):
                     if capacity:
-                        new_slots = np.asarray(free[: len(new_ids)], np.int64)
+                        slots = np.asarray(free[: len(new_ids)], np.int64)
                         del free[: len(new_ids)]
-                        backend.put(pool, new_slots, videos)
+                        arrays.put(pool, slots, videos)
                     else:
-                        pool, new_slots = videos, np.arange(len(new_ids))
-                    glance = backend.run("glance", {"videos": videos})
-                    go_on = backend.to_host(glance["entropy"]) > thresholds[0]
-                    at_glance = np.zeros(len(new_ids), np.int64)
-                    no_cubes = np.zeros((len(new_ids), k_max, 3))
-                    yield from _leave(
-                        backend, glance["logits"], np.flatnonzero(~go_on), new_ids, at_glance, no_cubes, no_cubes, stats
-                    )
-                    free.extend(new_slots[~go_on].tolist())
-                    rows = np.flatnonzero(go_on)
-                    if len(rows):
-                        plan = backend.run("policy", {"maps": backend.take(glance["maps"], rows)})
-                        new_global = backend.take(glance["global_state"], rows)
-                        ids = np.concatenate([ids, new_ids[rows]])
-                        slots = np.concatenate([slots, new_slots[rows]])
-                        steps = np.concatenate([steps, np.ones(len(rows), np.int64)])
-                        starts = np.concatenate([starts, backend.to_host(plan["cube_starts"])])
-                        centres = np.concatenate([centres, backend.to_host(plan["centres"])])
-                        new_local = backend.zeros(len(rows), backend_width(new_global))
-                        if global_state is None:
-                            local_state, global_state = new_local, new_global
-                        else:
-                            local_state = backend.concat([local_state, new_local])
-                            global_state = backend.concat([global_state, new_global])
-        if len(ids) == 0:
+                        pool, slots = videos, np.arange(len(new_ids))
+                    yield from _admit(run, arrays, videos, new_ids, slots, thresholds, running, free, stats)
+        if len(running) == 0:
             if exhausted:
                 return
             continue
+        yield from _cube_step(run, arrays, pool, thresholds, max_cubes, running, free, stats)
 
-        step_starts = starts[np.arange(len(ids)), steps - 1]
-        cubes = backend.run(
-            "crop", {"pool": pool, "rows": backend.from_host(slots), "starts": backend.from_host(step_starts)}
-        )["cubes"]
-        features = backend.run("local", {"cubes": cubes})["features"]
-        out = backend.run(
-            "classifier",
-            {
-                "features": features,
-                "local_state": local_state,
-                "global_state": global_state,
-                "step": backend.from_host(steps),
-            },
+
+def _admit(run, arrays, videos, ids, slots, thresholds, running: _Running, free: list, stats) -> Iterator[Finished]:
+    """Glance at newly admitted videos: the confident ones leave at step 0, the policy plans the
+    others' cubes and they join the running set."""
+    glance = run("glance", {"videos": videos})
+    go_on = arrays.to_host(glance["entropy"]) > thresholds[0]
+    k_max = running.starts.shape[1]
+    no_cubes = np.zeros((len(ids), k_max, 3))
+    at_glance = np.zeros(len(ids), np.int64)
+    yield from _leave(arrays, glance["logits"], np.flatnonzero(~go_on), ids, at_glance, no_cubes, no_cubes, stats)
+    free.extend(slots[~go_on].tolist())
+    rows = np.flatnonzero(go_on)
+    if len(rows):
+        plan = run("policy", {"maps": arrays.take(glance["maps"], rows)})
+        running.join(
+            arrays,
+            ids[rows],
+            slots[rows],
+            arrays.to_host(plan["cube_starts"]),
+            arrays.to_host(plan["centres"]),
+            arrays.take(glance["global_state"], rows),
         )
-        done = (backend.to_host(out["entropy"]) <= thresholds[steps]) | (steps == k_max)
-        leaving = np.flatnonzero(done)
-        yield from _leave(backend, out["logits"], leaving, ids, steps, centres, starts, stats)
-        free.extend(slots[done].tolist())
-        if len(leaving):
-            keep = np.flatnonzero(~done)
-            ids, slots, steps, starts, centres = ids[keep], slots[keep], steps[keep], starts[keep], centres[keep]
-            local_state = backend.take(out["next_local_state"], keep)
-            global_state = backend.take(global_state, keep)
-        else:
-            local_state = out["next_local_state"]
-        steps = steps + 1
 
 
-def backend_width(array) -> int:
-    return int(array.shape[1])
+def _cube_step(run, arrays, pool, thresholds, k_max: int, running: _Running, free: list, stats) -> Iterator[Finished]:
+    """One cube for every running video, whatever its step; those that are done leave."""
+    step_starts = running.starts[np.arange(len(running)), running.steps - 1]
+    feeds = {"pool": pool, "rows": arrays.from_host(running.slots), "starts": arrays.from_host(step_starts)}
+    cubes = run("crop", feeds)["cubes"]
+    features = run("local", {"cubes": cubes})["features"]
+    out = run(
+        "classifier",
+        {
+            "features": features,
+            "local_state": running.local_state,
+            "global_state": running.global_state,
+            "step": arrays.from_host(running.steps),
+        },
+    )
+    done = (arrays.to_host(out["entropy"]) <= thresholds[running.steps]) | (running.steps == k_max)
+    leaving = np.flatnonzero(done)
+    r = running
+    yield from _leave(arrays, out["logits"], leaving, r.ids, r.steps, r.centres, r.starts, stats)
+    free.extend(running.slots[done].tolist())
+    running.keep(arrays, np.flatnonzero(~done) if len(leaving) else None, out["next_local_state"])
 
 
-def _leave(backend, logits, rows, ids, steps, centres, starts, stats) -> Iterator[Finished]:
+def _leave(arrays, logits, rows, ids, steps, centres, starts, stats) -> Iterator[Finished]:
     """Videos leaving after cube `steps[row]` (0 = at the glance), with the cubes they used."""
     if len(rows) == 0:
         return
     k_max = centres.shape[1]
-    host_logits = backend.to_host(backend.take(logits, rows))
+    host_logits = arrays.to_host(arrays.take(logits, rows))
     for row, video_logits in zip(rows, host_logits):
         used = int(steps[row])
         stats.exits[used] += 1

@@ -1,6 +1,6 @@
 """`Runtime`: the public face of the cube loop.
 
-runtime = Runtime.load("exports/demo", backend="onnxruntime")
+runtime = Runtime.load("exports/demo", backend="onnxruntime")   # a path: adafocus.builtin has the demo
 result = runtime.predict(videos)            # (B, T, 3, H, W) float32, numpy or torch
 for video in runtime.stream(iterable):      # continuous batching, one result per video
     ...
@@ -16,12 +16,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
-import torch
 
-from adafocus.errors import AdaFocusError
+from adafocus.errors import AdaFocusError, InternalError
 from adafocus.export.manifest import Export, open_export
+from adafocus.model.checks import check_thresholds, check_videos
+from adafocus.model.presets import get_preset
 from adafocus.runtime.backends import Backend, make_backend
-from adafocus.runtime.loop import Failed, Finished, LoopStats, cube_loop
+from adafocus.runtime.loop import Failed, LoopStats, StageTimer, cube_loop
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -96,7 +97,7 @@ class BatchResult:
 
 def budget_entry(export: Export, gflops: float) -> dict:
     """The calibrated entry of `export` with the best accuracy among those costing <= `gflops`."""
-    budgets = export.manifest["budgets"]
+    budgets = export.budgets
     if not budgets:
         raise AdaFocusError(f"{export.path} has no calibrated budgets", "run adafocus-calibrate on it first")
     affordable = [b for b in budgets if b["gflops"] <= gflops]
@@ -110,7 +111,11 @@ def budget_entry(export: Export, gflops: float) -> dict:
 
 
 class Runtime:
-    """An export directory run by one backend, with an exit policy that can change at run time."""
+    """An export directory run by one backend, with an exit policy that can change at run time.
+
+    With `profile=True` every run times its stages into `stats` (see `profile_report`); without,
+    only exits are counted. `profile_predict` times one batch on its own, whatever `profile` is.
+    """
 
     def __init__(self, export: Export, backend: Backend, *, profile: bool = False):
         self.export = export
@@ -120,13 +125,13 @@ class Runtime:
         self.exit_gflops = np.asarray(export.exit_gflops, dtype=np.float64)
         self.profile = profile
         self.stats = LoopStats([0] * self.preset.num_exits)
-        thresholds = export.manifest["thresholds"]
+        thresholds = export.thresholds
         self.set_thresholds(thresholds if thresholds is not None else [-math.inf] * self.preset.num_exits)
 
     @classmethod
     def load(
         cls,
-        export_dir: str | os.PathLike | None = None,
+        export_dir: str | os.PathLike,
         backend: str = "onnxruntime",
         device: str | None = None,
         *,
@@ -134,35 +139,21 @@ class Runtime:
         profile: bool = False,
         **options,
     ) -> Runtime:
-        """Open (and verify) an export; None = the built-in demo export. `preset` refuses another
-        preset's export; `options` go to the backend (threads=, precision=)."""
-        if export_dir is None:
-            from adafocus.export.builtin import demo_export
-
-            export = demo_export()
-        else:
-            export = open_export(export_dir)
-        if preset is not None:
-            from adafocus.model.presets import get_preset
-
-            if get_preset(preset).name != export.preset.name:
-                raise AdaFocusError(
-                    f"{export.path} holds a {export.preset.name!r} export, not {preset!r}",
-                    "point to the export of that preset, or drop the preset check",
-                )
+        """Open (and verify) the export in `export_dir` on a registered backend (`device` None: the
+        backend's default). `preset` refuses another preset's export; `options` go to the backend
+        (precision=, threads=, io_binding=)."""
+        export = open_export(export_dir)
+        if preset is not None and get_preset(preset).name != export.preset.name:
+            raise AdaFocusError(
+                f"{export.path} holds a {export.preset.name!r} export, not {preset!r}",
+                "point to the export of that preset, or drop the preset check",
+            )
         return cls(export, make_backend(export, backend, device, **options), profile=profile)
 
     # exit policy ---------------------------------------------------------------------------------
     def set_thresholds(self, thresholds: Sequence[float | None]) -> None:
         """K+1 entropy thresholds, one per exit step (None or -inf: never exit there)."""
-        values = [-math.inf if t is None else float(t) for t in thresholds]
-        if len(values) != self.preset.num_exits or any(math.isnan(t) for t in values):
-            raise AdaFocusError(
-                f"{self.preset.name!r} needs {self.preset.num_exits} exit thresholds (steps 0..{self.preset.max_cubes})"
-                f", got {list(thresholds)!r}",
-                "give one entropy threshold per step; +inf always exits, -inf never does",
-            )
-        self.thresholds = np.asarray(values, dtype=np.float64)
+        self.thresholds = np.asarray(check_thresholds(thresholds, self.preset), dtype=np.float64)
 
     def set_budget(self, gflops: float) -> dict:
         """Use the calibrated thresholds of the most accurate entry whose cost is <= `gflops`."""
@@ -173,36 +164,28 @@ class Runtime:
     # inference -----------------------------------------------------------------------------------
     def check_videos(self, videos, name: str = "videos") -> None:
         """One clear error, before any work, for a batch this export cannot take."""
-        shape = tuple(videos.shape) if hasattr(videos, "shape") else None
-        expected = ("B", *self.preset.video_shape)
-        if shape is None or len(shape) != 5 or shape[1:] != self.preset.video_shape:
-            raise AdaFocusError(
-                f"{name} has shape {shape}, the {self.preset.name!r} export takes {expected}",
-                f"sample {self.preset.num_frames} frames, crop {self.preset.frame_size}², layout (B, T, C, H, W)",
-            )
-        dtype = str(videos.dtype).replace("torch.", "")
-        if dtype != "float32":
-            raise AdaFocusError(f"{name} has dtype {dtype}, expected float32", "normalise frames to float32")
-        on_gpu = isinstance(videos, torch.Tensor) and videos.device.type != "cpu"
-        total = videos.sum() if on_gpu else torch.tensor(np.asarray(videos).sum(dtype=np.float32))
-        if not bool(torch.isfinite(total)):  # one cheap pass; only then find the culprits
-            flat = torch.as_tensor(videos).flatten(1)
-            bad = (~torch.isfinite(flat).all(1)).nonzero().flatten().tolist()
-            if bad:
-                raise AdaFocusError(
-                    f"{name} hold NaN or inf values (videos {bad})", "check the decoder and normalisation"
-                )
+        check_videos(videos, self.preset, name)
 
     def predict(self, videos) -> BatchResult:
         """Per-batch mode: the batch is the pool; videos leave as they exit."""
+        return self._predict_checked(videos, self._timer(self.stats))
+
+    def profile_predict(self, videos) -> tuple[BatchResult, dict]:
+        """`predict` with every stage timed, on its own counters: the result and `profile_report`'s
+        figures for this one batch."""
+        stats = LoopStats([0] * self.preset.num_exits)
+        result = self._predict_checked(videos, StageTimer(self.backend, stats), stats)
+        return result, _report(stats)
+
+    def _predict_checked(self, videos, timer: StageTimer | None, stats: LoopStats | None = None) -> BatchResult:
         self.check_videos(videos)
         limit = self.backend.max_batch  # TensorRT: the engines' profile ends there
         if limit and videos.shape[0] > limit:
-            parts = [self._predict(videos[i : i + limit]) for i in range(0, videos.shape[0], limit)]
+            parts = [self._predict(videos[i : i + limit], timer, stats) for i in range(0, videos.shape[0], limit)]
             return BatchResult(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(BatchResult)))
-        return self._predict(videos)
+        return self._predict(videos, timer, stats)
 
-    def _predict(self, videos) -> BatchResult:
+    def _predict(self, videos, timer: StageTimer | None, stats: LoopStats | None) -> BatchResult:
         n, k_max, classes = videos.shape[0], self.preset.max_cubes, self.preset.num_classes
         batch = self.backend.videos(videos)
         served = False
@@ -221,11 +204,15 @@ class Runtime:
             np.full((n, k_max, 3), -1, np.int64),
             np.zeros(n, np.float64),
         )
-        for done in self._run(source, capacity=None):
+        finished = 0
+        for done in self._run(source, capacity=None, timer=timer, stats=stats):
             i = done.index
             result.logits[i], result.exit_step[i] = done.logits, done.exit_step
             result.centres[i], result.cube_starts[i] = done.centres, done.cube_starts
             result.gflops[i] = self.exit_gflops[done.exit_step]
+            finished += 1
+        if finished != n:
+            raise InternalError(f"the cube loop finished {finished} of {n} videos")
         return result
 
     def stream(self, videos: Iterable, batch_size: int = 128) -> Iterator[VideoResult]:
@@ -240,10 +227,11 @@ class Runtime:
                 f"batch_size {batch_size} is past the largest batch of the TensorRT engines ({limit})",
                 f"use batch_size <= {limit}, or re-export with a larger --batch-range",
             )
+        arrays = self.backend.arrays
         items = enumerate(videos)
         exhausted = False
         # arrivals are copied into one reused buffer: fresh allocations of this size are slow to touch
-        staging = self.backend.empty_pool(batch_size, self.preset.video_shape)
+        staging = arrays.empty_pool(batch_size, self.preset.video_shape)
 
         def source(room: int):
             nonlocal exhausted
@@ -256,7 +244,7 @@ class Runtime:
                 except AdaFocusError as e:
                     failed.append(Failed(index, str(e)))
                     continue
-                self.backend.put(staging, np.asarray([len(ids)]), self.backend.videos(video[None]))
+                arrays.put(staging, np.asarray([len(ids)]), arrays.videos(video[None]))
                 ids.append(index)
                 if len(ids) == room:
                     break
@@ -266,51 +254,46 @@ class Runtime:
                 return None
             return np.asarray(ids, np.int64), staging[: len(ids)], failed
 
-        for done in self._run(source, capacity=batch_size):
+        for done in self._run(source, capacity=batch_size, timer=self._timer(self.stats), stats=None):
             if isinstance(done, Failed):
                 yield VideoResult(done.index, None, -1, None, None, 0.0, error=done.error)
             else:
-                yield VideoResult(
-                    done.index,
-                    done.logits,
-                    done.exit_step,
-                    done.centres,
-                    done.cube_starts,
-                    float(self.exit_gflops[done.exit_step]),
-                )
+                gflops = float(self.exit_gflops[done.exit_step])
+                yield VideoResult(done.index, done.logits, done.exit_step, done.centres, done.cube_starts, gflops)
 
-    def _run(self, source, capacity: int | None) -> Iterator[Finished | Failed]:
-        self.backend.graph_seconds = {} if self.profile else None
+    def _timer(self, stats: LoopStats) -> StageTimer | None:
+        return StageTimer(self.backend, stats) if self.profile else None
+
+    def _run(self, source, *, capacity: int | None, timer: StageTimer | None, stats: LoopStats | None):
+        stats = stats or self.stats
         started = time.perf_counter()
-        loop = cube_loop(
+        yield from cube_loop(
             self.backend,
             source,
             thresholds=self.thresholds,
             max_cubes=self.preset.max_cubes,
             video_shape=self.preset.video_shape,
             capacity=capacity,
-            stats=self.stats,
+            stats=stats,
+            timer=timer,
         )
-        yield from loop
-        if self.profile:
+        if timer is not None:
             self.backend.synchronize()
-            total = time.perf_counter() - started
-            for graph, seconds in self.backend.graph_seconds.items():
-                self.stats.add_time(graph, seconds)
-            self.stats.add_time("total", total)
-
-    def reset_stats(self) -> None:
-        self.stats = LoopStats([0] * self.preset.num_exits)
+            stats.add_time("total", time.perf_counter() - started)
 
     def profile_report(self) -> dict:
         """Seconds per stage and the host-side share (time outside the graphs), exits per step."""
-        seconds = dict(self.stats.seconds)
-        total = seconds.get("total", 0.0)
-        graphs = sum(v for k, v in seconds.items() if k != "total")
-        return {
-            "seconds": seconds,
-            "host_loop_seconds": max(total - graphs, 0.0),
-            "host_loop_share": (total - graphs) / total if total else None,
-            "exits_per_step": list(self.stats.exits),
-            "videos": self.stats.videos,
-        }
+        return _report(self.stats)
+
+
+def _report(stats: LoopStats) -> dict:
+    seconds = dict(stats.seconds)
+    total = seconds.get("total", 0.0)
+    graphs = sum(v for k, v in seconds.items() if k != "total")
+    return {
+        "seconds": seconds,
+        "host_loop_seconds": max(total - graphs, 0.0),
+        "host_loop_share": (total - graphs) / total if total else None,
+        "exits_per_step": list(stats.exits),
+        "videos": stats.videos,
+    }

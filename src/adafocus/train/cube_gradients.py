@@ -24,7 +24,7 @@ from adafocus.model.networks import AdaFocusV3, stride32_size
 FEATURE_STRIDE = 32  # pixels per feature cell of the ResNet trunk
 
 
-def cube_starts(centres: torch.Tensor, length: int, extent: int) -> torch.Tensor:
+def continuous_starts(centres: torch.Tensor, length: int, extent: int) -> torch.Tensor:
     """Continuous cube starts (with gradient), kept inside the video."""
     return (centres * length - extent / 2).clamp(0, length - extent)
 
@@ -57,9 +57,13 @@ def deep_feature_cube(model: AdaFocusV3, videos: torch.Tensor, centres: torch.Te
             f"cube size {p.cube_size} does not grow by one feature cell at +{FEATURE_STRIDE} pixels",
             "use a cube size that is a multiple of 16",
         )
-    x0, ox = _window(cube_starts(centres[:, 0], p.frame_size, p.cube_size), p.frame_size, p.cube_size, FEATURE_STRIDE)
-    y0, oy = _window(cube_starts(centres[:, 1], p.frame_size, p.cube_size), p.frame_size, p.cube_size, FEATURE_STRIDE)
-    t0, ot = _window(cube_starts(centres[:, 2], p.num_frames, p.cube_frames), p.num_frames, p.cube_frames, 1)
+    x0, ox = _window(
+        continuous_starts(centres[:, 0], p.frame_size, p.cube_size), p.frame_size, p.cube_size, FEATURE_STRIDE
+    )
+    y0, oy = _window(
+        continuous_starts(centres[:, 1], p.frame_size, p.cube_size), p.frame_size, p.cube_size, FEATURE_STRIDE
+    )
+    t0, ot = _window(continuous_starts(centres[:, 2], p.num_frames, p.cube_frames), p.num_frames, p.cube_frames, 1)
     size = p.cube_size + (FEATURE_STRIDE if ox is not None else 0)
     frames = p.cube_frames + (1 if ot is not None else 0)
     rows = torch.arange(videos.shape[0], device=videos.device)
@@ -78,7 +82,7 @@ def pixel_cube(model: AdaFocusV3, videos: torch.Tensor, centres: torch.Tensor) -
 
     def grid_axis(centre: torch.Tensor, length: int, extent: int) -> torch.Tensor:
         # pixel i covers [i, i+1): normalised coordinate of a sample's centre (align_corners=False)
-        pixel = cube_starts(centre, length, extent)[:, None] + torch.arange(extent, device=device) + 0.5
+        pixel = continuous_starts(centre, length, extent)[:, None] + torch.arange(extent, device=device) + 0.5
         return 2 * pixel / length - 1  # (B, extent)
 
     gx = grid_axis(centres[:, 0], p.frame_size, p.cube_size)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from adafocus.flops import count_flops
+from adafocus.data.synthetic import SyntheticTask
+from adafocus.model.flops import count_flops
 from adafocus.model.networks import AdaFocusV3
 from adafocus.model.reference import adaptive_inference
-from adafocus.train.synthetic import SyntheticTask
 from adafocus.train.trainer import RANDOM_POLICY_SEED, correct_per_step, eval_mode, random_centres
 
 EXIT_THRESHOLDS = (0.8, 1.2, 1.6, 2.0)  # entropy (nats; log 10 = 2.30), the same at every step

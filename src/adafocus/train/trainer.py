@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from adafocus.data.synthetic import TASK_ID, SyntheticTask
 from adafocus.errors import AdaFocusError
-from adafocus.model.checkpoint import save_checkpoint
+from adafocus.files import atomic_write
+from adafocus.model.checkpoint import save_checkpoint, torch_bytes
 from adafocus.model.networks import AdaFocusV3, build_model
 from adafocus.model.presets import Preset
 from adafocus.model.reference import adaptive_inference
 from adafocus.train.cube_gradients import CUBE_FEATURES
-from adafocus.train.synthetic import SyntheticTask
 
 
 @dataclass(frozen=True)
@@ -177,10 +178,16 @@ def _set_stage(model: AdaFocusV3, stage: int) -> None:
                 module.eval().requires_grad_(False)
 
 
-def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+@dataclass
+class _Run:
+    """A training run's state between steps (what train_state.pt holds)."""
+
+    model: AdaFocusV3
+    optimizer: torch.optim.Optimizer
+    stage: int
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0
 
 
 def train(
@@ -199,9 +206,45 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "train_state.pt"
     task = SyntheticTask(preset, seed=config.seed, easy_share=config.easy_share)
+    run = _start(preset, config, state_path, resume, log)
+    bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc=f"train {preset.name}", unit="step")
+    started = time.perf_counter() - run.elapsed
+    while run.step < min(config.steps, stop_at or config.steps):
+        loss = _one_step(run, task, config, log)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", stage=run.stage)
+        if run.step % config.val_every == 0 or run.step == config.steps:
+            accuracy = accuracy_per_step(run.model, task, "val", config.val_videos)
+            run.history.append({"step": run.step, "loss": loss, "val_accuracy_per_step": accuracy})
+            say = bar.write if progress else log  # bar.write keeps the progress bar intact
+            say(
+                f"step {run.step}: loss {loss:.3f}, val accuracy after t cubes "
+                + " ".join(f"{a:.3f}" for a in accuracy)
+            )
+        if run.step % config.checkpoint_every == 0 or run.step in (config.steps, stop_at):
+            run.elapsed = time.perf_counter() - started
+            _save_state(state_path, run, config, preset)
+    bar.close()
+    if run.step < config.steps:
+        log(f"paused at step {run.step}; continue with resume")
+        return None
+    run.model.eval()
+    meta = {
+        "task": TASK_ID,
+        "train_config": dataclasses.asdict(config),
+        "history": run.history,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+    }
+    return save_checkpoint(out / "model.pt", run.model, task.class_names, meta=meta)
+
+
+def _start(preset: Preset, config: TrainConfig, state_path: Path, resume: bool, log) -> _Run:
+    """A fresh run, or the saved one to resume (refused when its settings differ)."""
     torch.manual_seed(config.seed)
     model = build_model(preset)
-    step, history, elapsed, saved = 0, [], 0.0, None
+    saved = None
     if resume and state_path.exists():
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
         if saved["config"] != dataclasses.asdict(config) or saved["preset"] != preset.to_dict():
@@ -210,65 +253,49 @@ def train(
                 "resume with the same options, or train into a new --out directory",
             )
         model.load_state_dict(saved["model"])
-        step, history, elapsed = saved["step"], saved["history"], saved["elapsed_s"]
     elif state_path.exists():
-        raise AdaFocusError(f"{out} already holds a training run", "pass --resume to continue it, or another --out")
-
+        raise AdaFocusError(
+            f"{state_path.parent} already holds a training run", "pass --resume to continue it, or another --out"
+        )
+    step = saved["step"] if saved else 0
     stage = config.stage(step)
-    optimizer = _optimizer(model, config, stage)
+    run = _Run(model, _optimizer(model, config, stage), stage, step)
     if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
+        run.optimizer.load_state_dict(saved["optimizer"])
+        run.history, run.elapsed = saved["history"], saved["elapsed_s"]
         log(f"resumed from {state_path} at step {step}")
     _set_stage(model, stage)
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {preset.name}", unit="step")
-    started = time.perf_counter() - elapsed
-    while step < min(config.steps, stop_at or config.steps):
-        if config.stage(step) != stage:
-            stage = config.stage(step)
-            optimizer = _optimizer(model, config, stage)
-            _set_stage(model, stage)
-            log(f"step {step}: stage 2, training the policy alone")
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
-        first = step * config.batch_size
-        videos, labels = task.batch("train", range(first, first + config.batch_size))
-        random_policy = None
-        if config.schedule == "two-stage" and stage == 1:  # stage 1 of two-stage: a random policy
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            random_policy = random_centres(len(labels), preset.max_cubes, generator)
-        loss = train_step(model, optimizer, videos, labels, gradient=config.gradient, random_policy=random_policy)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", stage=stage)
-        if step % config.val_every == 0 or step == config.steps:
-            accuracy = accuracy_per_step(model, task, "val", config.val_videos)
-            history.append({"step": step, "loss": loss, "val_accuracy_per_step": accuracy})
-            say = bar.write if progress else log  # bar.write keeps the progress bar intact
-            say(f"step {step}: loss {loss:.3f}, val accuracy after t cubes " + " ".join(f"{a:.3f}" for a in accuracy))
-        if step % config.checkpoint_every == 0 or step in (config.steps, stop_at):
-            _save_state(
-                state_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "history": history,
-                    "elapsed_s": time.perf_counter() - started,
-                    "config": dataclasses.asdict(config),
-                    "preset": preset.to_dict(),
-                },
-            )
-    bar.close()
-    if step < config.steps:
-        log(f"paused at step {step}; continue with resume")
-        return None
-    model.eval()
-    meta = {
-        "task": "adafocus.train.synthetic.SyntheticTask",
-        "train_config": dataclasses.asdict(config),
-        "history": history,
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "torch": str(torch.__version__),
-        "threads": torch.get_num_threads(),
+    return run
+
+
+def _one_step(run: _Run, task: SyntheticTask, config: TrainConfig, log) -> float:
+    """One optimisation step at `run.step` (a pure function of seed and step), then step + 1."""
+    if config.stage(run.step) != run.stage:
+        run.stage = config.stage(run.step)
+        run.optimizer = _optimizer(run.model, config, run.stage)
+        _set_stage(run.model, run.stage)
+        log(f"step {run.step}: stage 2, training the policy alone")
+    for group in run.optimizer.param_groups:
+        group["lr"] = _learning_rate(config, run.step)
+    first = run.step * config.batch_size
+    videos, labels = task.batch("train", range(first, first + config.batch_size))
+    random_policy = None
+    if config.schedule == "two-stage" and run.stage == 1:  # stage 1 of two-stage: a random policy
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + run.step)
+        random_policy = random_centres(len(labels), task.preset.max_cubes, generator)
+    loss = train_step(run.model, run.optimizer, videos, labels, gradient=config.gradient, random_policy=random_policy)
+    run.step += 1
+    return loss
+
+
+def _save_state(path: Path, run: _Run, config: TrainConfig, preset: Preset) -> None:
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "step": run.step,
+        "history": run.history,
+        "elapsed_s": run.elapsed,
+        "config": dataclasses.asdict(config),
+        "preset": preset.to_dict(),
     }
-    return save_checkpoint(out / "model.pt", model, task.class_names, meta=meta)
+    atomic_write(path, torch_bytes(state))

@@ -13,6 +13,7 @@ from adafocus.errors import AdaFocusError
 
 DEMO = "demo.pt"  # the built-in default of every command
 DEMO_PIXEL = "demo-pixel.pt"  # the same recipe with pixel-based gradients, for the ablation
+DEMO_SOURCE = "built-in demo model"  # how an export's `weights.source` names these weights
 
 
 def builtin_checkpoint(name: str = DEMO) -> Path:

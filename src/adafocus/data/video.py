@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from adafocus.errors import AdaFocusError
-from adafocus.preprocess import normalize
+from adafocus.model.preprocess import normalize
 
 if TYPE_CHECKING:
     from adafocus.model.presets import Preset

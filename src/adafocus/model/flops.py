@@ -47,6 +47,12 @@ def _gmacs(fn, *args) -> tuple[float, object]:
     return counter.get_total_flops() / 2e9, output
 
 
+def exit_costs(first: float, policy: float, per_cube: float, max_cubes: int) -> list[float]:
+    """Cost of a video that exits after k = 0..K cubes: the glance step `first` alone at k = 0 (a
+    video that exits there never runs the policy), then + policy + k cubes."""
+    return [first] + [first + policy + k * per_cube for k in range(1, max_cubes + 1)]
+
+
 @functools.cache
 def count_flops(preset: Preset) -> FlopsReport:
     p = preset
@@ -65,9 +71,7 @@ def count_flops(preset: Preset) -> FlopsReport:
         with model.local.clip_length(p.glance_frames):  # the dense baseline: fL on the full glance frames
             dense_local, _ = _gmacs(model.local, frames)
 
-    first = glance + classifier_glance
-    per_cube = cube_cost + classifier_step
-    exits = [first] + [first + policy + k * per_cube for k in range(1, p.max_cubes + 1)]
+    exits = exit_costs(glance + classifier_glance, policy, cube_cost + classifier_step, p.max_cubes)
     return FlopsReport(
         preset=p.name,
         glance=glance,

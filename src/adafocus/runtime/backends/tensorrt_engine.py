@@ -44,16 +44,6 @@ def trt_to_torch_dtype(trt_dtype) -> torch.dtype:
     )
 
 
-def torch_to_trt_dtype(dtype: torch.dtype):
-    """trt.DataType of a torch dtype."""
-    import tensorrt as trt
-
-    for trt_dtype, candidate in _dtype_pairs(trt):
-        if candidate == dtype:
-            return trt_dtype
-    raise AdaFocusError(f"torch dtype {dtype} has no TensorRT equivalent", None)
-
-
 def _shape(dims) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 

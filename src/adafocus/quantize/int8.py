@@ -68,9 +68,10 @@ import torch
 
 from adafocus.errors import AdaFocusError, InternalError
 from adafocus.export.graphs import GRAPH_NAMES
-from adafocus.export.manifest import Export, open_export, update_manifest, write_manifest
+from adafocus.export.manifest import Export, open_export, update_manifest
 from adafocus.files import partial_path, remove_stale_partials
 from adafocus.machine import cpu_name, cpu_record
+from adafocus.runtime import Runtime
 from adafocus.runtime.backends import EXACT_U8U8, OnnxRuntimeBackend
 
 PRECISION = "int8"
@@ -100,7 +101,7 @@ class _RecordingBackend(OnnxRuntimeBackend):
     """The fp32 ONNX Runtime backend, keeping a copy of every feed of the graphs in `graphs`."""
 
     def __init__(self, export: Export, graphs: Iterable[str], threads: int | None = None):
-        super().__init__(export, "cpu", threads)
+        super().__init__(export, "cpu", threads=threads)
         self.recorded: dict[str, list[dict[str, np.ndarray]]] = {g: [] for g in graphs}
 
     def _run(self, graph: str, feeds: dict) -> dict:
@@ -143,8 +144,6 @@ def record_inputs(
 ) -> CalibrationInputs:
     """Run the export's fp32 graphs through the runtime's cube loop on `videos` (every video runs
     all K cubes) and record the feeds of `graphs`, in loop order."""
-    from adafocus.runtime.runtime import Runtime
-
     export = export if isinstance(export, Export) else open_export(export)
     backend = _RecordingBackend(export, graphs, threads)
     runtime = Runtime(export, backend)
@@ -286,12 +285,9 @@ def quantize_export(
     `videos`: (videos, labels) batches such as `TaskVideos`, video batches, or one array. `method`:
     activation ranges by "minmax" or "percentile" (ONNX Runtime's calibrators); `activations`: "uint8"
     (CPU) or "int8" (TensorRT), and `weight_bits` 7 (exact on every x86 CPU) or 8, see the module
-    docstring; `preprocess`: run ONNX Runtime's
-    `quant_pre_process` first. `info` goes into the manifest's `int8` record (e.g. where the videos came
-    from). Returns the re-sealed export.
+    docstring; `preprocess`: run ONNX Runtime's `quant_pre_process` first. `info` goes into the
+    manifest's `int8` record (e.g. where the videos came from). Returns the re-sealed export.
     """
-    import onnxruntime as ort
-
     export = open_export(export_dir)  # verified before anything is written next to it
     if bad := [g for g in graphs if g not in QUANTISABLE]:
         raise AdaFocusError(f"cannot quantise {bad}", f"choose among {', '.join(QUANTISABLE)} (crop has no weights)")
@@ -299,95 +295,85 @@ def quantize_export(
         raise AdaFocusError("no graphs to quantise", f"choose among {', '.join(QUANTISABLE)}")
     started = time.perf_counter()
     inputs = record_inputs(export, videos, graphs, threads=threads)
-    directory = export.path
-    staged: dict[str, Path] = {}
-    records: dict[str, dict] = {}
-    remove_stale_partials(directory)  # staged graphs of a quantisation that was killed
+    remove_stale_partials(export.path)  # staged graphs of a quantisation that was killed
+    staged = {int8_file(g): partial_path(export.path / int8_file(g)) for g in graphs}  # hidden until committed
     try:
+        records = {}
         for graph in graphs:
-            hidden = partial_path(directory / int8_file(graph))  # hidden: not part of the export yet
-            staged[graph] = hidden
             records[graph] = quantize_graph(
                 export.graph_path(graph),
-                hidden,
+                staged[int8_file(graph)],
                 inputs.feeds[graph],
                 method=method,
                 preprocess=preprocess,
                 activations=activations,
                 weight_bits=weight_bits,
             )
-            records[graph]["file"] = int8_file(graph)
-            records[graph]["calibration_rows"] = inputs.rows(graph)
-        manifest = json_copy(export.manifest)
-        previous = {
-            g: manifest["graphs"][g].get("variants", {}).get(PRECISION)
-            for g in manifest["graphs"]
-            if manifest["graphs"][g].get("variants", {}).get(PRECISION)
-        }
-        for graph in GRAPH_NAMES:
-            variants = manifest["graphs"][graph].setdefault("variants", {})
-            if graph in graphs:
-                variants[PRECISION] = int8_file(graph)
-            else:
-                variants[PRECISION] = manifest["graphs"][graph]["file"]
-                records[graph] = {"file": variants[PRECISION], "quantized": False, "reason": _why_fp32(graph, manifest)}
-        manifest["int8"] = {
-            "format": "QDQ (QuantizeLinear/DequantizeLinear); weights per channel, symmetric, "
-            + WEIGHT_BITS[weight_bits]
-            + "; "
-            + ACTIVATIONS[activations],
-            "activations": activations,
-            "weight_bits": weight_bits,
-            # 7-bit weights cannot saturate ONNX Runtime's x86 U8S8 kernels; 8-bit ones need VNNI
-            # (or the exact U8U8 mode, which Runtime then switches on)
-            "exact_on_every_x86_cpu": weight_bits == 7,
-            "made_on": cpu_record(),
-            "tensorrt_ready": activations == "int8",
-            "method": METHODS[method],
-            "preprocessed": preprocess,
-            "inputs_from": "the export's fp32 ONNX graphs run by the runtime's cube loop, no early exit "
-            "(every video runs cubes 1..K; the local encoder sees the policy's cubes)",
-            "calibration_videos": inputs.videos,
-            "graphs": {g: records[g] for g in GRAPH_NAMES},
-            "onnxruntime": ort.__version__,
-            "onnx": onnx.__version__,
-            "seconds": round(time.perf_counter() - started, 1),
-            **(info or {}),
-        }
-        # the new files go in, stale int8 files of graphs now kept in fp32 go out, then the manifest
-        # re-lists the directory and is re-sealed (open_export refuses unlisted files, so the order matters)
-        for graph, path in staged.items():
-            os.replace(path, directory / int8_file(graph))
-        keep = {manifest["graphs"][g]["file"] for g in manifest["graphs"]} | set(map(int8_file, graphs))
-        for name in previous.values():
-            if name not in keep:
-                (directory / name).unlink(missing_ok=True)
-        write_manifest(directory, manifest)
+            records[graph] |= {"file": int8_file(graph), "calibration_rows": inputs.rows(graph)}
+        settings = {"method": method, "preprocess": preprocess, "activations": activations, "weight_bits": weight_bits}
+        record = _int8_record(export, records, settings, inputs.videos, time.perf_counter() - started, info)
+        # int8 files of graphs that stay fp32 this time (an earlier quantisation's) go
+        stale = [v for g, v in _int8_variants(export).items() if g not in graphs and v != export.graph(g).file]
+
+        def change(manifest: dict) -> None:
+            for graph in GRAPH_NAMES:
+                manifest["graphs"][graph].setdefault("variants", {})[PRECISION] = record["graphs"][graph]["file"]
+            manifest["int8"] = record
+
+        return update_manifest(export.path, change, new_files=staged, drop_files=stale)
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
-    return open_export(directory)
 
 
-def _why_fp32(graph: str, manifest: dict) -> str:
-    gflops = manifest["graphs"][graph]["gflops"]
-    share = gflops / manifest["graphs"]["glance"]["gflops"]
+def _int8_variants(export: Export) -> dict[str, str]:
+    return {g: export.graph(g).variants[PRECISION] for g in GRAPH_NAMES if PRECISION in export.graph(g).variants}
+
+
+def _int8_record(export: Export, records: dict, settings: dict, videos: int, seconds: float, info) -> dict:
+    """The manifest's `int8` key: how the graphs were made, per graph what its int8 file is."""
+    import onnxruntime as ort
+
+    for graph in GRAPH_NAMES:
+        if graph not in records:
+            records[graph] = {"file": export.graph(graph).file, "quantized": False, "reason": _why_fp32(export, graph)}
+    bits, activations = settings["weight_bits"], settings["activations"]
+    return {
+        "format": "QDQ (QuantizeLinear/DequantizeLinear); weights per channel, symmetric, "
+        + WEIGHT_BITS[bits]
+        + "; "
+        + ACTIVATIONS[activations],
+        "activations": activations,
+        "weight_bits": bits,
+        # 7-bit weights cannot saturate ONNX Runtime's x86 U8S8 kernels; 8-bit ones need VNNI
+        # (or the exact U8U8 mode, which Runtime then switches on)
+        "exact_on_every_x86_cpu": bits == 7,
+        "made_on": cpu_record(),
+        "tensorrt_ready": activations == "int8",
+        "method": METHODS[settings["method"]],
+        "preprocessed": settings["preprocess"],
+        "inputs_from": "the export's fp32 ONNX graphs run by the runtime's cube loop, no early exit "
+        "(every video runs cubes 1..K; the local encoder sees the policy's cubes)",
+        "calibration_videos": videos,
+        "graphs": {g: records[g] for g in GRAPH_NAMES},
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "seconds": round(seconds, 1),
+        **(info or {}),
+    }
+
+
+def _why_fp32(export: Export, graph: str) -> str:
+    gflops = export.graph(graph).gflops
+    share = gflops / export.graph("glance").gflops
     cost = f"{1e3 * gflops:.3g} MMAC per {'cube' if graph == 'classifier' else 'video'}, {share:.1%} of the glance"
     return KEPT_FP32.get(graph, "not asked to quantise ({cost})").format(cost=cost)
-
-
-def json_copy(value):
-    import json
-
-    return json.loads(json.dumps(value))
 
 
 # comparing fp32 and int8 --------------------------------------------------------------------------
 def compare_precisions(export_dir, videos, *, threads: int | None = 2) -> dict:
     """fp32 vs int8 ONNX Runtime with the manifest's thresholds on `videos` ((videos, labels) batches):
     accuracy of each, and the share of videos whose exit step / predicted class changes."""
-    from adafocus.runtime.runtime import Runtime
-
     fp32 = Runtime.load(export_dir, "onnxruntime", threads=threads, precision="fp32")
     int8 = Runtime.load(export_dir, "onnxruntime", threads=threads, precision=PRECISION)
     rows = {"labels": [], "fp32_class": [], "int8_class": [], "fp32_exit": [], "int8_exit": []}
@@ -423,8 +409,6 @@ def measure_speed(export_dir, videos, *, threads: int | None = 2, runs: int = 5,
     """Videos/s of `Runtime.predict` on one batch, fp32 vs int8 (manifest thresholds), the median of
     `runs` timed calls each after `warmup` untimed ones; the two precisions alternate so that a change
     in machine load hits both."""
-    from adafocus.runtime.runtime import Runtime
-
     batch = np.ascontiguousarray(videos.numpy() if isinstance(videos, torch.Tensor) else videos, np.float32)
     runtimes = {p: Runtime.load(export_dir, "onnxruntime", threads=threads, precision=p) for p in ("fp32", PRECISION)}
     for runtime in runtimes.values():
@@ -456,6 +440,39 @@ def record_report(export_dir, report: dict) -> Export:
     def change(manifest: dict) -> None:
         if "int8" not in manifest:
             raise AdaFocusError(f"{export_dir} has no int8 graphs", "run adafocus-calibrate --int8")
-        manifest["int8"].update(json_copy(report))
+        manifest["int8"].update(report)
 
     return update_manifest(export_dir, change)
+
+
+def describe(record: dict) -> str:
+    """The manifest's `int8` record as text."""
+    quantised = [g for g, r in record["graphs"].items() if r["quantized"]]
+    lines = [
+        f"INT8: {', '.join(f'{g}.int8.onnx' for g in quantised)} ({record['format']}; {record['method']} ranges "
+        f"from {record['calibration_videos']} '{record['split']}' videos through the fp32 loop; "
+        f"onnxruntime {record['onnxruntime']}); other graphs stay fp32",
+    ]
+    made = record.get("made_on", {})
+    lines.append(
+        f"  {record.get('weight_bits', 8)}-bit weights; made on {made.get('cpu', '?')} "
+        f"(flags {' '.join(made.get('flags') or []) or 'unknown'})"
+        + ("; exact on every x86 CPU" if record.get("exact_on_every_x86_cpu") else "; needs VNNI for its fast kernels")
+    )
+    if held := record.get("heldout"):
+        lines.append(
+            f"  held-out ({held['videos']} '{held['split']}' videos, manifest thresholds): accuracy "
+            f"fp32 {100 * held['fp32_accuracy']:.1f}% -> int8 {100 * held['int8_accuracy']:.1f}%; "
+            f"exit step changed for {100 * held['exit_step_changed']:.1f}%, "
+            f"class for {100 * held['class_changed']:.1f}%; "
+            f"GFLOPs/video {held['fp32_gflops']:.4f} -> {held['int8_gflops']:.4f}"
+        )
+        if not held["accuracy_meaningful"]:
+            lines.append("  (this model was not trained on the synthetic task: its accuracies mean nothing)")
+    speed = record["speed"]
+    lines.append(
+        f"  CPU speed (Runtime.predict, batch {speed['batch']}, {speed['threads']} threads, median of "
+        f"{speed['runs']}): fp32 {speed['fp32_videos_per_s']:.0f} videos/s, int8 {speed['int8_videos_per_s']:.0f} "
+        f"videos/s ({speed['speedup']:.2f}x); load average {speed['load_average'][0]:.1f} on {speed['cpus']} CPUs"
+    )
+    return "\n".join(lines)

@@ -15,17 +15,23 @@ Deterministic: video `index` of a split is a pure function of (seed, split, inde
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from adafocus.errors import AdaFocusError
+from adafocus.model.preprocess import normalize
 from adafocus.model.presets import Preset
-from adafocus.preprocess import normalize
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
+# how checkpoints name the task they were trained on (`meta["task"]`); the name it had when the
+# built-in checkpoints were made, kept when the module moved
+TASK_ID = "adafocus.train.synthetic.SyntheticTask"
+MAX_CLASSES = 10  # the task's textures stay far apart for up to this many classes
 TILE = 4  # pixels per side of a texture tile
 GLYPH_TILES = 5  # a glyph is GLYPH_TILES × GLYPH_TILES tiles at scale 1 (20 pixels)
 GLYPH_FRAMES = 3
@@ -88,6 +94,14 @@ class SyntheticTask:
         self.preset, self.seed, self.easy_share, self.max_decoys = preset, seed, easy_share, max_decoys
         self.tiles = texture_tiles(preset.num_classes)
         self.class_names = [f"glyph-{i}" for i in range(preset.num_classes)]
+
+    @classmethod
+    def for_preset(cls, preset: Preset, *, seed: int = 0, easy_share: float = 0.25) -> SyntheticTask:
+        """The task in the shapes of `preset`, with at most MAX_CLASSES classes: a paper preset's 174
+        classes cannot all get distinct textures, so its videos use the first ten labels (their
+        accuracy means nothing, but their exit mix and cost are realistic)."""
+        capped = dataclasses.replace(preset, num_classes=min(preset.num_classes, MAX_CLASSES))
+        return cls(capped, seed=seed, easy_share=easy_share)
 
     def rng(self, split: str, index: int) -> np.random.Generator:
         if split not in SPLITS:
@@ -167,3 +181,18 @@ class SyntheticTask:
                 x0, y0 = int(rx + vx * t) % size, int(ry + vy * t) % size
                 video[t, :, y0 : y0 + rh, x0 : x0 + rw] = grey
         return np.clip(video, 0.0, 1.0)
+
+
+class TaskVideos:
+    """`count` videos of a synthetic task's split, generated batch by batch when iterated (1000 demo
+    videos would take 1.6 GB at once). Iterating yields (videos, labels)."""
+
+    def __init__(self, task, split: str, count: int, batch_size: int = 64):
+        self.task, self.split, self.count, self.batch_size = task, split, count, batch_size
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.count, self.batch_size):
+            yield self.task.batch(self.split, range(start, min(start + self.batch_size, self.count)))

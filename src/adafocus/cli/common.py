@@ -1,0 +1,68 @@
+"""What every command shares: an AdaFocusError becomes one clean message (exit code 1), not a
+traceback; option parsers used by several commands; the registry's backends as choices."""
+
+from __future__ import annotations
+
+import click
+
+from adafocus.errors import AdaFocusError
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+class _CleanErrors:
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AdaFocusError as e:
+            raise click.ClickException(str(e)) from None
+
+
+class Group(_CleanErrors, click.Group):
+    """The `adafocus` group."""
+
+
+class Command(_CleanErrors, click.Command):
+    """A standalone command (`adafocus-export`, ...) that reports errors like the group does."""
+
+
+def backend_choice() -> click.Choice:
+    """The registered backends (adafocus.runtime.backends)."""
+    from adafocus.runtime.backends import backend_names
+
+    return click.Choice(backend_names())
+
+
+def device_choice() -> click.Choice:
+    from adafocus.runtime.backends import device_names
+
+    return click.Choice(device_names())
+
+
+def parse_thresholds(ctx, param, value: str | None) -> list[float | None] | None:
+    """H0,...,HK: comma-separated entropies; inf always exits, -inf or none never does."""
+    if value is None:
+        return None
+    values: list[float | None] = []
+    for part in value.split(","):
+        text = part.strip().lower()
+        if text in ("none", "null"):
+            values.append(None)
+            continue
+        try:
+            values.append(float(text))
+        except ValueError:
+            raise click.BadParameter(
+                f"{part.strip()!r} is not a number: give comma-separated entropies, e.g. 0.5,0.4,0.3 (inf, -inf, none)"
+            ) from None
+    return values
+
+
+def parse_batch_range(ctx, param, value: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(v) for v in value.split(":"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
+        raise click.BadParameter(f"{value!r} is not MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX (e.g. 1:128:128)")
+    return parts

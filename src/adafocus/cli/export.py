@@ -1,0 +1,95 @@
+"""`adafocus-export`: a model -> a validated, sealed export directory."""
+
+from __future__ import annotations
+
+import click
+
+from adafocus.cli.common import CONTEXT, Command, parse_batch_range
+
+
+@click.command(cls=Command, context_settings=CONTEXT)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Trained model (adafocus checkpoint or a foreign state dict with --preset) "
+    "[default: the built-in demo model; with --preset alone: random weights of that preset].",
+)
+@click.option("--preset", default=None, help="Preset of the model (see `adafocus presets`).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights (--preset alone).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Export directory to write [default: exports/PRESET].",
+)
+@click.option("--opset", type=click.IntRange(18), default=18, show_default=True, help="ONNX opset (18 or newer).")
+@click.option(
+    "--exporter",
+    type=click.Choice(["dynamo", "torchscript"]),
+    default="dynamo",
+    show_default=True,
+    help="torch.onnx exporter; dynamo falls back to torchscript (recorded in the manifest) if it fails.",
+)
+@click.option("--validate-batch", type=click.IntRange(2), default=5, show_default=True, help="Larger validation batch.")
+@click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt and an NVIDIA GPU).")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp16", "fp32"]),
+    multiple=True,
+    default=("fp16",),
+    show_default=True,
+    help="TensorRT engine precision (repeat for both). Strongly typed: fp16 engines come from fp16 graphs.",
+)
+@click.option(
+    "--batch-range",
+    default="1:128:128",
+    show_default=True,
+    callback=parse_batch_range,
+    help="TensorRT optimisation profile MIN:OPT:MAX over the batch sizes the runtime will use.",
+)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def export(checkpoint, preset, seed, out, opset, exporter, validate_batch, trt, precision, batch_range, force) -> None:
+    """Export a model to ONNX: glance, policy, crop, local and classifier graphs with a dynamic batch
+    axis, each validated against PyTorch in ONNX Runtime, plus manifest.json (shapes, GFLOPs counted
+    from the graphs, validation errors, sha256 of every file). With --trt, TensorRT engines too.
+
+    Nothing is left behind if any step fails: the directory appears only when complete.
+    """
+    from adafocus.export.exporter import export_model
+
+    model, class_names, weights = _model_to_export(checkpoint, preset, seed)
+    out = out or f"exports/{model.preset.name}"
+    export_model(
+        model,
+        out,
+        class_names=class_names,
+        weights=weights,
+        opset=opset,
+        exporter=exporter,
+        validate_batch=validate_batch,
+        trt=trt,
+        precisions=precision,
+        batch_range=batch_range,
+        force=force,
+        log=click.echo,
+    )
+
+
+def _model_to_export(checkpoint, preset_name, seed):
+    import torch
+
+    from adafocus.export.manifest import sha256_file
+    from adafocus.model import build_model, get_preset, load_checkpoint
+    from adafocus.model.checkpoint import default_class_names
+    from adafocus.weights import DEMO_SOURCE, builtin_checkpoint
+
+    preset = get_preset(preset_name) if preset_name else None
+    if checkpoint is None and preset is not None:
+        torch.manual_seed(seed)
+        model = build_model(preset)
+        return model, default_class_names(preset), {"source": "random", "seed": seed}
+    path = checkpoint or builtin_checkpoint()
+    loaded = load_checkpoint(path, preset=preset)
+    source = DEMO_SOURCE if checkpoint is None else str(path)
+    return loaded.model, loaded.class_names, {"source": source, "sha256": sha256_file(path)}

@@ -1,0 +1,45 @@
+"""The checks every entry point runs before any work: a batch of videos and a set of exit thresholds
+that a preset can take. One place, so the reference loop and the runtime say the same thing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from adafocus.errors import AdaFocusError
+from adafocus.model.presets import Preset
+
+
+def check_videos(videos, preset: Preset, name: str = "videos") -> None:
+    """One clear error for a batch (B, T, 3, H, W) this preset cannot take: shape, dtype, NaN/inf.
+    numpy arrays and torch tensors (on any device) alike; the finiteness check is one cheap pass, and
+    only a failing batch is searched for the culprits."""
+    shape = tuple(videos.shape) if hasattr(videos, "shape") else None
+    expected = "(B, " + ", ".join(map(str, preset.video_shape)) + ")"
+    if shape is None or len(shape) != 5 or shape[1:] != preset.video_shape:
+        raise AdaFocusError(
+            f"{name} has shape {shape}, the {preset.name!r} preset takes {expected}",
+            f"sample {preset.num_frames} frames, centre-crop to {preset.frame_size}², layout (B, T, C, H, W)",
+        )
+    if str(videos.dtype).removeprefix("torch.") != "float32":
+        raise AdaFocusError(f"{name} has dtype {videos.dtype}, expected float32", "normalise frames to float32")
+    tensor = videos if isinstance(videos, torch.Tensor) else torch.from_numpy(np.asarray(videos))
+    if not bool(torch.isfinite(tensor.sum())):
+        bad = (~torch.isfinite(tensor.flatten(1)).all(1)).nonzero().flatten().tolist()
+        if bad:  # an overflowing sum of finite values is not an error
+            raise AdaFocusError(f"{name} hold NaN or inf values (videos {bad})", "check the decoder and normalisation")
+
+
+def check_thresholds(thresholds: Sequence[float | None], preset: Preset) -> list[float]:
+    """K+1 entropy thresholds as floats; None means "never exit here" (-inf)."""
+    values = [-math.inf if t is None else float(t) for t in thresholds]
+    if len(values) != preset.num_exits or any(math.isnan(t) for t in values):
+        raise AdaFocusError(
+            f"{preset.name!r} needs {preset.num_exits} exit thresholds (steps 0..{preset.max_cubes}), "
+            f"got {list(thresholds)!r}",
+            "give one entropy threshold per step; +inf always exits, -inf never does",
+        )
+    return values

@@ -1,0 +1,131 @@
+"""What every backend is, and the registry that names them.
+
+A backend runs the graphs of one export on one device, Polygraphy-style: the base class checks each
+call's inputs against the manifest's declaration once, and a backend fills in only `_run`. The array
+operations the loop needs come from the backend's `arrays` (numpy or torch, `runtime.arrays`), not
+from inheritance. The cube loop (`runtime.loop`) drives every backend the same way.
+
+A backend declares the devices it runs on and the precisions of each; `make_backend` and the command
+line read those declarations from the registry, so adding a backend is one class and one
+`@register` (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from adafocus.errors import AdaFocusError
+from adafocus.export.graphs import GRAPH_NAMES
+from adafocus.export.manifest import Export, GraphRecord
+from adafocus.runtime.arrays import NumpyArrays, TorchArrays
+
+BACKENDS: dict[str, type[Backend]] = {}  # name -> class, in the order they were registered
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+class Backend:
+    """Runs graphs of one export. Subclasses set `name`, `devices` (device -> precisions, the first
+    the default) and `default_device`, make `arrays`, and fill in `_run`."""
+
+    name: ClassVar[str]
+    devices: ClassVar[dict[str, tuple[str, ...]]]
+    default_device: ClassVar[str] = "cpu"
+    max_batch: int | None = None  # the largest batch a graph takes (TensorRT profiles); None = any
+    arrays: NumpyArrays | TorchArrays
+
+    def __init__(self, export: Export, device: str, precision: str | None, graphs: Sequence[str] = GRAPH_NAMES):
+        kind = device.split(":")[0]
+        if kind not in self.devices:
+            raise AdaFocusError(
+                f"backend {self.name!r} runs on {' or '.join(self.devices)}, not {device!r}",
+                f"use --device {' or '.join(self.devices)}, or another backend",
+            )
+        precision = precision or self.devices[kind][0]
+        if precision not in self.devices[kind]:
+            raise AdaFocusError(
+                f"backend {self.name!r} on {kind} runs {' or '.join(self.devices[kind])}, not {precision!r}",
+                "pick one of those precisions, or another backend or device",
+            )
+        self.export = export
+        self.precision = precision
+        self.graphs = tuple(graphs)  # the loop's five; the benchmark opens the dense baseline alone
+        self.specs: dict[str, GraphRecord] = {g: export.graph(g) for g in self.graphs}
+        self.inputs = {g: spec.input_names for g, spec in self.specs.items()}
+        self.outputs = {g: spec.output_names for g, spec in self.specs.items()}
+        # what make_backend needs to open the same kind of backend again (e.g. on other graphs)
+        self.settings: dict[str, Any] = {"device": device, "precision": precision}
+
+    @property
+    def device(self):
+        return self.arrays.device
+
+    def videos(self, videos):
+        """The caller's batch as this backend's array, without a copy where it already fits."""
+        return self.arrays.videos(videos)
+
+    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        """One graph call: its inputs checked against the manifest, then the backend's own `_run`."""
+        self._check_feeds(graph, feeds)
+        return self._run(graph, feeds)
+
+    def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (GPU backends), so that timings are honest."""
+        self.arrays.synchronize()
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": str(self.device), "precision": self.precision}
+
+    def _check_feeds(self, graph: str, feeds: dict[str, Any]) -> None:
+        spec = self.specs.get(graph)
+        if spec is None:
+            raise AdaFocusError(f"this {self.name} backend holds {', '.join(self.graphs)}, not the {graph} graph")
+        if set(feeds) != set(spec.input_names):
+            raise AdaFocusError(f"the {graph} graph takes {spec.input_names}, got {sorted(feeds)}")
+        sizes: dict[str, int] = {}  # a symbolic axis has one size across the call's inputs
+        for tensor in spec.inputs:
+            value = feeds[tensor.name]
+            dtype = str(value.dtype).removeprefix("torch.")
+            on = value.device if isinstance(value, torch.Tensor) else "cpu"
+            if dtype != tensor.dtype or not isinstance(value, np.ndarray | torch.Tensor) or str(on) != str(self.device):
+                raise AdaFocusError(
+                    f"{graph} input {tensor.name} is {value.dtype} on {on}, "
+                    f"the graph takes {tensor.dtype} on {self.device}"
+                )
+            shape = tuple(value.shape)
+            fits = len(shape) == len(tensor.shape)
+            for size, want in zip(shape, tensor.shape):
+                fits = fits and (size == sizes.setdefault(want, size) if isinstance(want, str) else size == want)
+            if not fits:
+                raise AdaFocusError(
+                    f"{graph} input {tensor.name} has shape {list(shape)}, the graph takes {list(tensor.shape)} "
+                    f"(symbolic axes so far: {sizes})"
+                )
+
+
+def make_backend(export: Export, backend: str, device: str | None = None, **options) -> Backend:
+    """The registered backend `backend` on `device` (None: the backend's default). `options` go to
+    its constructor: precision=, graphs=, and its own (threads=, io_binding=)."""
+    cls = BACKENDS.get(backend)
+    if cls is None:
+        raise AdaFocusError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+    return cls(export, device or cls.default_device, **options)
+
+
+def backend_names() -> list[str]:
+    return list(BACKENDS)
+
+
+def device_names() -> list[str]:
+    """Every device some backend runs on, for command-line choices."""
+    return list(dict.fromkeys(d for cls in BACKENDS.values() for d in cls.devices))
