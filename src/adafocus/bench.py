@@ -65,14 +65,17 @@ def run(
     precision: str | None = None,
     device: str | None = None,
     reference: bool = True,
+    max_call_gflops: float | None | str = "default",
     log: Callable[[str], None] = print,
 ) -> dict:
-    """The whole benchmark of `export` on each of `backends`: one report, strict JSON."""
+    """The whole benchmark of `export` on each of `backends`: one report, strict JSON.
+    `max_call_gflops`: the backends' bound on one graph call ("default": theirs; None: no bound)."""
     chosen, how = choose_thresholds(export, thresholds, budget, batch, device or "cpu")
     log(f"preset {export.preset.name}, batch {batch}, {repeats} runs after {warmup} warm-up")
     log(f"thresholds {', '.join(f'{t:.4g}' for t in chosen)} ({how})")
     videos = bench_videos(export, batch)
     options = {"repeats": repeats, "warmup": warmup, "threads": threads, "precision": precision, "device": device}
+    options["max_call_gflops"] = max_call_gflops
     return {
         "preset": export.preset.name,
         "export": str(export.path),
@@ -132,6 +135,7 @@ def bench_backend(
     threads: int | None,
     precision: str | None = None,
     device: str | None = None,
+    max_call_gflops: float | None | str = "default",
     reference: bool,
     log: Callable[[str], None],
 ) -> dict:
@@ -140,11 +144,14 @@ def bench_backend(
     if not export.has_graph(DENSE):
         raise AdaFocusError(f"{export.path} has no dense baseline graph", "re-export it with this adafocus-deploy")
     options = {"threads": threads} if backend == "onnxruntime" and threads else {}
+    if max_call_gflops != "default":
+        options["max_call_gflops"] = max_call_gflops
     runtime = Runtime.load(export.path, backend, device, precision=precision, **options)
     runtime.set_thresholds(thresholds)
     videos = videos.to(runtime.backend.device)
     methods = _adaptive_methods(runtime, videos, repeats, warmup, log)
     _, profile = runtime.profile_predict(videos)
+    peak = {"after_adaptive": _peak_rss_mib()}  # the process's high-water mark so far
     described, settings = runtime.backend.describe(), runtime.backend.settings
     # each method's sessions and memory arenas go before the next starts: at batch 128 of a paper
     # preset they hold several GB each
@@ -152,6 +159,7 @@ def bench_backend(
     gc.collect()
     log(f"[{backend}] dense baseline")
     methods["dense"] = _dense_method(export, backend, settings, videos, repeats, warmup)
+    peak["after_dense"] = _peak_rss_mib()
     gc.collect()
     if reference:
         log(f"[{backend}] PyTorch-eager reference loop")
@@ -171,7 +179,9 @@ def bench_backend(
         "seconds_per_stage": profile["seconds"],
         "exits_per_step": a["exits_per_step"],
         "methods": methods,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "max_call_gflops": described["max_call_gflops"],
+        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib_by_stage": peak,
     }
     if videos.device.type == "cuda":
         report["peak_cuda_mib"] = torch.cuda.max_memory_allocated(videos.device) / 2**20
@@ -212,6 +222,10 @@ def _eager_method(export: Export, videos, thresholds, precision: str, repeats: i
 
     sync = torch.cuda.synchronize if videos.device.type == "cuda" else lambda: None
     return _summary(_timed(eager, repeats, warmup, sync), len(videos), gflops)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed(fn: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> list[float]:

@@ -75,10 +75,11 @@ def write_json(path: str | os.PathLike, value) -> Path:
 PARTIAL = ".partial-"  # `.NAME.partial-PID`: what a writer builds before renaming it to NAME
 
 
-def partial_path(target: Path) -> Path:
+def partial_path(target: Path, suffix: str = "") -> Path:
     """Where this process builds `target` before renaming it into place: a hidden sibling that
-    carries our PID, so that a later run can tell a dead writer's leftovers from a live one's."""
-    return target.parent / f".{target.name}{PARTIAL}{os.getpid()}"
+    carries our PID, so that a later run can tell a dead writer's leftovers from a live one's.
+    `suffix` for writers that insist on a file extension (AOTInductor wants `.pt2`)."""
+    return target.parent / f".{target.name}{PARTIAL}{os.getpid()}{suffix}"
 
 
 def _alive(pid: int) -> bool:
@@ -101,7 +102,7 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
-        match = re.fullmatch(r"\..+" + re.escape(PARTIAL) + r"(\d+)", entry.name)
+        match = re.fullmatch(r"\..+" + re.escape(PARTIAL) + r"(\d+)(\.[A-Za-z0-9]+)?", entry.name)
         if match is None or _alive(int(match.group(1))):
             continue
         if entry.is_dir() and not entry.is_symlink():

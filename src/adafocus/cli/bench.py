@@ -50,6 +50,13 @@ RESULTS_DIR = "adafocus-results"  # where reports go by default: untracked, git-
 )
 @click.option("--no-reference", is_flag=True, help="Skip the (slow) PyTorch-eager reference loop.")
 @click.option(
+    "--max-call-gflops",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Split any graph call doing more multiply-adds than this into parts (same results, bounded memory) "
+    "[default: 600 on the CPU, none on a GPU].",
+)
+@click.option(
     "--out",
     type=click.Path(),
     default=RESULTS_DIR,
@@ -71,6 +78,7 @@ def bench(
     precision,
     device,
     no_reference,
+    max_call_gflops,
     out,
 ):
     """Videos/s of adaptive inference vs the dense baseline and the PyTorch-eager reference loop,
@@ -109,6 +117,7 @@ def bench(
         precision=precision,
         device=device,
         reference=not no_reference,
+        max_call_gflops="default" if max_call_gflops is None else max_call_gflops,
         log=lambda line: click.echo(line, err=True),
     )
     json_file, png_file = b.write(report, out)

@@ -34,33 +34,76 @@ from adafocus.cli.common import CONTEXT, Command, parse_batch_range
 @click.option("--validate-batch", type=click.IntRange(2), default=5, show_default=True, help="Larger validation batch.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt and an NVIDIA GPU).")
 @click.option(
+    "--aoti",
+    is_flag=True,
+    help="Also compile AOTInductor packages (.pt2) of every graph for --device, validated like the ONNX graphs; "
+    "they run in the `aoti` backend and in the C++ runner (cpp/).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="With --aoti: the device the packages are compiled for (compile on the machine that runs them).",
+)
+@click.option(
+    "--into",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="With --aoti: add packages to this existing export (no ONNX re-export) and reseal it, e.g. on a GPU host.",
+)
+@click.option(
     "--precision",
     type=click.Choice(["fp16", "fp32"]),
     multiple=True,
-    default=("fp16",),
-    show_default=True,
-    help="TensorRT engine precision (repeat for both). Strongly typed: fp16 engines come from fp16 graphs.",
+    default=(),
+    help="Engine precision (repeat for both) [default: fp16 for TensorRT; fp32 on the CPU and fp16 on CUDA for "
+    "--aoti]. Strongly typed: fp16 engines and packages come from fp16 graphs.",
 )
 @click.option(
     "--batch-range",
     default="1:128:128",
     show_default=True,
     callback=parse_batch_range,
-    help="TensorRT optimisation profile MIN:OPT:MAX over the batch sizes the runtime will use.",
+    help="MIN:OPT:MAX batch sizes the engines take: TensorRT's optimisation profile, AOTInductor's dynamic batch "
+    "axis (larger batches are split by the runtime).",
 )
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def export(checkpoint, preset, seed, out, opset, exporter, validate_batch, trt, precision, batch_range, force) -> None:
+def export(
+    checkpoint,
+    preset,
+    seed,
+    out,
+    opset,
+    exporter,
+    validate_batch,
+    trt,
+    aoti,
+    device,
+    into,
+    precision,
+    batch_range,
+    force,
+) -> None:
     """Export a model to ONNX: glance, policy, crop, local and classifier graphs with a dynamic batch
     axis, each validated against PyTorch in ONNX Runtime, plus manifest.json (shapes, GFLOPs counted
-    from the graphs, validation errors, sha256 of every file). With --trt, TensorRT engines too.
+    from the graphs, validation errors, sha256 of every file). With --trt, TensorRT engines too; with
+    --aoti, AOTInductor packages (and with --into, only those, added to an existing export).
 
     Nothing is left behind if any step fails: the directory appears only when complete.
     """
+    from adafocus.export.aoti import compile_packages
     from adafocus.export.exporter import export_model
 
+    if into is not None:
+        if not aoti or trt:
+            raise click.UsageError("--into adds AOTInductor packages to an export: give it with --aoti (and no --trt)")
+        for p in precision or (None,):
+            compile_packages(into, device=device, precision=p, batch_range=batch_range, log=click.echo)
+        return
     model, class_names, weights = _model_to_export(checkpoint, preset, seed)
     out = out or f"exports/{model.preset.name}"
-    export_model(
+    written = export_model(
         model,
         out,
         class_names=class_names,
@@ -69,11 +112,14 @@ def export(checkpoint, preset, seed, out, opset, exporter, validate_batch, trt, 
         exporter=exporter,
         validate_batch=validate_batch,
         trt=trt,
-        precisions=precision,
+        precisions=precision or ("fp16",),
         batch_range=batch_range,
         force=force,
         log=click.echo,
     )
+    if aoti:
+        for p in precision or (None,):
+            compile_packages(written.path, device=device, precision=p, batch_range=batch_range, log=click.echo)
 
 
 def _model_to_export(checkpoint, preset_name, seed):

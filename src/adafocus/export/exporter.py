@@ -17,9 +17,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError, InternalError
-from adafocus.export.graphs import DENSE, GraphSpec, graph_specs, real_inputs
+from adafocus.export.graphs import DENSE, GraphSpec, graph_specs
 from adafocus.export.manifest import (
     FORMAT,
     PROTOCOL_VERSION,
@@ -32,7 +31,7 @@ from adafocus.export.manifest import (
 )
 from adafocus.export.onnx_export import export_graph
 from adafocus.export.onnx_flops import count_gmacs
-from adafocus.export.validate import FP32_RTOL, Case, validate_graph
+from adafocus.export.validate import FP32_RTOL, validate_graph, validation_cases
 from adafocus.files import partial_path, remove_stale_partials
 from adafocus.machine import package_versions
 from adafocus.model import flops
@@ -56,24 +55,7 @@ def _tensors(values) -> list[dict]:
     return out
 
 
-def _validation_cases(model: AdaFocusV3, batch: int) -> dict[str, list[Case]]:
-    """Random and real inputs at batch 1 and `batch`, per graph."""
-
-    preset = model.preset
-    task = SyntheticTask.for_preset(preset, seed=0)
-    videos, _ = task.batch("test", range(batch))
-    generator = torch.Generator().manual_seed(0)
-    specs = graph_specs(model)
-    cases: dict[str, list[Case]] = {name: [] for name in specs}
-    for size in (1, batch):
-        for name, inputs in real_inputs(model, videos[:size], generator).items():
-            cases[name].append(Case(f"real, batch {size}", inputs))
-        for name, spec in specs.items():
-            cases[name].append(Case(f"random, batch {size}", spec.random_inputs(size, generator)))
-    return cases
-
-
-class _Fp16Graph(torch.nn.Module):
+class Fp16Graph(torch.nn.Module):
     """A graph computing in float16 with the fp32 interface: TensorRT's strong typing takes precision
     from the graph's own dtypes, so an fp16 engine needs an fp16 graph."""
 
@@ -89,7 +71,7 @@ class _Fp16Graph(torch.nn.Module):
 
 
 def _fp16_spec(spec: GraphSpec) -> GraphSpec:
-    return dataclasses.replace(spec, module=_Fp16Graph(spec))
+    return dataclasses.replace(spec, module=Fp16Graph(spec))
 
 
 def export_model(
@@ -121,7 +103,7 @@ def export_model(
     work.mkdir()
     try:
         log(f"exporting preset {preset.name} ({weights['source']}) to {out}")
-        cases = _validation_cases(model, validate_batch)
+        cases = validation_cases(model, validate_batch)
         expected = _pytorch_gflops(preset)
         graphs, validation = {}, {}
         for name, spec in specs.items():

@@ -12,6 +12,7 @@ boundary, but the graph must apply the rule exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
-from adafocus.export.graphs import GraphSpec
+from adafocus.export.graphs import GraphSpec, graph_specs, real_inputs
 from adafocus.model.cubes import plan_cubes
+from adafocus.model.networks import AdaFocusV3
 from adafocus.model.presets import Preset
 
 FP32_RTOL = 1e-4
@@ -50,23 +53,51 @@ def _errors(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
     return max_abs, (max_abs / scale if scale > 0 else max_abs)
 
 
+def validation_cases(model: AdaFocusV3, batch: int) -> dict[str, list[Case]]:
+    """Random and real inputs at batch 1 and `batch`, per graph: what every engine of a graph is
+    checked on (ONNX graphs, AOTInductor packages)."""
+    videos, _ = SyntheticTask.for_preset(model.preset, seed=0).batch("test", range(batch))
+    generator = torch.Generator().manual_seed(0)
+    specs = graph_specs(model)
+    cases: dict[str, list[Case]] = {name: [] for name in specs}
+    for size in (1, batch):
+        for name, inputs in real_inputs(model, videos[:size], generator).items():
+            cases[name].append(Case(f"real, batch {size}", inputs))
+        for name, spec in specs.items():
+            cases[name].append(Case(f"random, batch {size}", spec.random_inputs(size, generator)))
+    return cases
+
+
 def validate_graph(
     spec: GraphSpec, path: Path, cases: list[Case], preset: Preset, rtol: float = FP32_RTOL
 ) -> dict[str, dict]:
     """Run every case through ONNX Runtime and PyTorch; returns {output: {max_abs_error, max_rel_error}}."""
     session = cpu_session(path)
+
+    def run(inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+        feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs)}
+        return session.run(list(spec.outputs), feeds)
+
+    return compare_outputs(spec, run, cases, preset, rtol, engine="ONNX Runtime")
+
+
+def compare_outputs(
+    spec: GraphSpec, run: Callable, cases: list[Case], preset: Preset, rtol: float, *, engine: str
+) -> dict[str, dict]:
+    """`run(inputs) -> outputs` (numpy, in `spec.outputs` order) against `spec.module` on every case.
+    Integer `cube_starts` must follow the crop rule for the engine's own centres exactly; the rest
+    must be within `rtol` of the output's scale. Returns the worst errors per output."""
     worst = {name: {"max_abs_error": 0.0, "max_rel_error": 0.0} for name in spec.outputs}
     for case in cases:
         with torch.no_grad():
             expected = spec.module(*case.inputs)
         expected = expected if isinstance(expected, tuple) else (expected,)
-        feeds = {t.name: x.numpy() for t, x in zip(spec.inputs, case.inputs)}
-        got = dict(zip(spec.outputs, session.run(list(spec.outputs), feeds)))
+        got = dict(zip(spec.outputs, run(case.inputs)))
         for name, want in zip(spec.outputs, expected):
-            want = want.numpy()
+            want = want.detach().cpu().numpy()
             if got[name].shape != want.shape or got[name].dtype != want.dtype:
                 raise AdaFocusError(
-                    f"{spec.name} graph, output {name!r} ({case.label}): ONNX Runtime gives "
+                    f"{spec.name} graph, output {name!r} ({case.label}): {engine} gives "
                     f"{got[name].dtype}{list(got[name].shape)}, PyTorch {want.dtype}{list(want.shape)}",
                     "the export is broken; report this with the preset",
                 )
@@ -82,7 +113,8 @@ def validate_graph(
             elif max_rel > rtol:
                 raise AdaFocusError(
                     f"{spec.name} graph, output {name!r} ({case.label}): relative error {max_rel:.2e} "
-                    f"(max abs {max_abs:.2e}) is past the fp32 tolerance {rtol:.0e}",
+                    f"(max abs {max_abs:.2e}) is past the {'fp32' if rtol == FP32_RTOL else 'fp16'} tolerance "
+                    f"{rtol:.0e} ({engine})",
                     "the export does not reproduce PyTorch; report this with the preset and opset",
                 )
             worst[name]["max_abs_error"] = max(worst[name]["max_abs_error"], max_abs)

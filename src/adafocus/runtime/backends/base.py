@@ -19,11 +19,17 @@ import numpy as np
 import torch
 
 from adafocus.errors import AdaFocusError
-from adafocus.export.graphs import GRAPH_NAMES
+from adafocus.export.graphs import BATCH, GRAPH_NAMES
 from adafocus.export.manifest import Export, GraphRecord
 from adafocus.runtime.arrays import NumpyArrays, TorchArrays
 
 BACKENDS: dict[str, type[Backend]] = {}  # name -> class, in the order they were registered
+# The most multiply-adds one graph call does on the CPU, by default: larger calls are split into parts
+# along the batch axis (every graph is row-independent, so the results are the same). A call's memory
+# grows with its batch (activations, arena): Something-Something V1's dense baseline at batch 128
+# (35 GMACs a video) does not fit in 24 GB as one call; at 600 GMACs (17 videos) a call peaks near
+# 7 GB. On GPUs nothing is split unless asked (max_call_gflops=).
+CPU_CALL_GFLOPS = 600.0
 
 
 def register(cls: type[Backend]) -> type[Backend]:
@@ -62,6 +68,7 @@ class Backend:
         self.outputs = {g: spec.output_names for g, spec in self.specs.items()}
         # what make_backend needs to open the same kind of backend again (e.g. on other graphs)
         self.settings: dict[str, Any] = {"device": device, "precision": precision}
+        self.max_call_gflops: float | None = CPU_CALL_GFLOPS if kind == "cpu" else None
 
     @property
     def device(self):
@@ -72,9 +79,27 @@ class Backend:
         return self.arrays.videos(videos)
 
     def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
-        """One graph call: its inputs checked against the manifest, then the backend's own `_run`."""
+        """One graph call: its inputs checked against the manifest, then the backend's own `_run`, in
+        parts of at most `rows_per_call(graph)` rows when the call would be larger."""
         self._check_feeds(graph, feeds)
-        return self._run(graph, feeds)
+        spec = self.specs[graph]
+        batched = [t.name for t in spec.inputs if t.shape and t.shape[0] == BATCH]  # not the crop's pool
+        rows = int(feeds[batched[0]].shape[0]) if batched else 0
+        limit = self.rows_per_call(graph)
+        if limit is None or rows <= limit:
+            return self._run(graph, feeds)
+        parts = [
+            self._run(graph, {k: v[start : start + limit] if k in batched else v for k, v in feeds.items()})
+            for start in range(0, rows, limit)
+        ]
+        return {name: self.arrays.concat([part[name] for part in parts]) for name in spec.output_names}
+
+    def rows_per_call(self, graph: str) -> int | None:
+        """How many rows one call of `graph` may take under `max_call_gflops` (None: no limit)."""
+        per_row = self.specs[graph].gflops
+        if self.max_call_gflops is None or per_row <= 0:
+            return None
+        return max(1, int(self.max_call_gflops // per_row))
 
     def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -84,7 +109,12 @@ class Backend:
         self.arrays.synchronize()
 
     def describe(self) -> dict:
-        return {"backend": self.name, "device": str(self.device), "precision": self.precision}
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "precision": self.precision,
+            "max_call_gflops": self.max_call_gflops,
+        }
 
     def _check_feeds(self, graph: str, feeds: dict[str, Any]) -> None:
         spec = self.specs.get(graph)
@@ -115,11 +145,19 @@ class Backend:
 
 def make_backend(export: Export, backend: str, device: str | None = None, **options) -> Backend:
     """The registered backend `backend` on `device` (None: the backend's default). `options` go to
-    its constructor: precision=, graphs=, and its own (threads=, io_binding=)."""
+    its constructor: precision=, graphs=, and its own (threads=, io_binding=); `max_call_gflops=`
+    (every backend) bounds one graph call's work, hence its memory (None: no limit)."""
     cls = BACKENDS.get(backend)
     if cls is None:
         raise AdaFocusError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
-    return cls(export, device or cls.default_device, **options)
+    limit = options.pop("max_call_gflops", "default")
+    opened = cls(export, device or cls.default_device, **options)
+    if limit != "default":
+        if limit is not None and not limit > 0:
+            raise AdaFocusError(f"max_call_gflops must be positive or None, got {limit!r}")
+        opened.max_call_gflops = limit
+        opened.settings["max_call_gflops"] = limit
+    return opened
 
 
 def backend_names() -> list[str]:

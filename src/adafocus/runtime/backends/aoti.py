@@ -1,0 +1,49 @@
+"""AOTInductor packages (`adafocus-export --aoti`): the graphs compiled ahead of time by Inductor,
+on torch tensors, CPU or CUDA. The same packages run from C++ (cpp/)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from adafocus.export.aoti import PRECISIONS, packages_for
+from adafocus.export.graphs import GRAPH_NAMES
+from adafocus.export.manifest import Export
+from adafocus.runtime.arrays import TorchArrays
+from adafocus.runtime.backends.base import Backend, register
+
+
+@register
+class AotiBackend(Backend):
+    """One loaded package per graph. Batches past the packages' batch range are split by the runtime."""
+
+    name = "aoti"
+    devices = PRECISIONS
+
+    def __init__(
+        self,
+        export: Export,
+        device: str = "cpu",
+        *,
+        precision: str | None = None,
+        graphs: Sequence[str] = GRAPH_NAMES,
+    ):
+        super().__init__(export, device, precision, graphs)
+        kind = device.split(":")[0]
+        records = packages_for(export, kind, self.precision)  # refuses packages that cannot run here
+        self.arrays = TorchArrays(torch.device(device))
+        self.packages = {
+            g: torch._inductor.aoti_load_package(str(export.path / records[g]["file"])) for g in self.graphs
+        }
+        self.max_batch = min(records[g]["batch_range"][2] for g in self.graphs)
+
+    @torch.inference_mode()
+    def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        out = self.packages[graph](*[feeds[name].contiguous() for name in self.inputs[graph]])
+        out = [out] if isinstance(out, torch.Tensor) else out  # a package with one output returns it bare
+        return dict(zip(self.outputs[graph], out))
+
+    def describe(self) -> dict:
+        return super().describe() | {"threads": torch.get_num_threads(), "torch": torch.__version__}

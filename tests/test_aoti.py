@@ -1,0 +1,218 @@
+"""AOTInductor packages: compiled and validated once per test run, run by the `aoti` backend through
+the one loop (parity with the PyTorch reference), refused when tampered or foreign, and run from C++
+by cpp/adafocus_run.cpp, which must agree with Runtime.predict video by video."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adafocus.errors import AdaFocusError
+from adafocus.export.aoti import compile_packages, package_file, vector_isa
+from adafocus.export.graphs import GRAPH_NAMES
+from adafocus.export.manifest import MANIFEST, content_hash, open_export
+from adafocus.model import adaptive_inference
+from adafocus.runtime import Runtime
+from test_runtime import assert_same
+
+REPO = Path(__file__).resolve().parents[1]
+PROB_TOL_CPP = 1e-4
+
+
+@pytest.fixture(scope="session")
+def aoti_export(exported, tmp_path_factory):
+    """The demo export with CPU fp32 packages of every graph (compiled once per test run)."""
+    target = tmp_path_factory.mktemp("aoti") / "demo"
+    shutil.copytree(exported("demo").path, target)
+    started = time.perf_counter()
+    lines = []
+    export = compile_packages(target, device="cpu", log=lines.append)
+    print(f"\nAOTInductor compile of the demo's six graphs: {time.perf_counter() - started:.0f} s")
+    print("\n".join(lines))
+    return export
+
+
+@pytest.fixture(scope="module")
+def demo_data(aoti_export):
+    from adafocus.data.synthetic import SyntheticTask
+    from test_runtime import spread_thresholds
+
+    model = aoti_export.load_model()
+    videos, _ = SyntheticTask(model.preset, seed=0).batch("test", range(128))
+    return model, videos, spread_thresholds(model, videos)
+
+
+def test_packages_are_recorded_sealed_and_validated(aoti_export):
+    records = aoti_export.manifest["engines"]["aoti"]["cpu"]["fp32"]
+    assert set(records) == {*GRAPH_NAMES, "dense"}
+    for graph, record in records.items():
+        assert record["file"] == package_file(graph, "cpu", "fp32")
+        assert aoti_export.files[record["file"]]["sha256"] == record["sha256"]  # sealed with the rest
+        assert record["torch"] == torch.__version__ and record["vector_isa"] == vector_isa()
+        assert record["batch_range"] == [1, 128, 128] and record["compile_seconds"] > 0
+        for output, errors in record["validation"].items():
+            assert errors["max_rel_error"] <= 1e-4, (graph, output, errors)
+    open_export(aoti_export.path)  # the resealed directory passes every reader's checks
+
+
+@pytest.mark.parametrize("batch", [1, 7, 128])
+def test_aoti_backend_reproduces_the_reference_in_both_modes(aoti_export, demo_data, batch):
+    model, videos, thresholds = demo_data
+    videos = videos[:batch]
+    reference = adaptive_inference(model, videos, thresholds)
+    runtime = Runtime.load(aoti_export.path, "aoti")
+    assert runtime.backend.describe()["backend"] == "aoti"
+    runtime.set_thresholds(thresholds)
+    assert_same(runtime.predict(videos).video, reference, batch)
+    streamed = {r.index: r for r in runtime.stream(iter(videos), batch_size=max(batch // 2, 1))}
+    assert sorted(streamed) == list(range(batch))
+    assert_same(streamed.__getitem__, reference, batch)
+    if batch == 128:
+        assert sum(1 for c in np.bincount(reference.exit_step.numpy()) if c) >= 3
+
+
+def test_batches_past_the_packages_range_are_split(aoti_export, demo_data):
+    _, videos, thresholds = demo_data
+    runtime = Runtime.load(aoti_export.path, "aoti")
+    runtime.set_thresholds(thresholds)
+    assert runtime.backend.max_batch == 128
+    doubled = torch.cat([videos, videos])  # 256 > the packages' largest batch
+    result = runtime.predict(doubled)
+    np.testing.assert_array_equal(result.exit_step[:128], result.exit_step[128:])
+
+
+def _resealed(source: Path, target: Path, change) -> Path:
+    shutil.copytree(source, target)
+    manifest = json.loads((target / MANIFEST).read_text())
+    change(manifest)
+    manifest["manifest_sha256"] = content_hash(manifest)
+    (target / MANIFEST).write_text(json.dumps(manifest))
+    return target
+
+
+def test_a_tampered_or_foreign_package_is_refused(aoti_export, exported, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(aoti_export.path, tampered)
+    package = tampered / package_file("local", "cpu", "fp32")
+    package.write_bytes(package.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(AdaFocusError, match="does not match its manifest entry"):
+        Runtime.load(tampered, "aoti")
+
+    def older_torch(manifest):
+        for record in manifest["engines"]["aoti"]["cpu"]["fp32"].values():
+            record["torch"] = "2.9.0+cpu"
+
+    foreign = _resealed(aoti_export.path, tmp_path / "foreign", older_torch)
+    with pytest.raises(AdaFocusError, match=r"compiled with torch 2\.9\.0\+cpu") as caught:
+        Runtime.load(foreign, "aoti")
+    assert "--aoti --device cpu --precision fp32 --into" in str(caught.value)
+
+    if vector_isa() != "amx":  # packages for a wider instruction set than this CPU has
+
+        def wider(manifest):
+            for record in manifest["engines"]["aoti"]["cpu"]["fp32"].values():
+                record["vector_isa"] = "amx"
+
+        with pytest.raises(AdaFocusError, match="use amx instructions"):
+            Runtime.load(_resealed(aoti_export.path, tmp_path / "wider", wider), "aoti")
+    with pytest.raises(AdaFocusError, match="no AOTInductor cpu fp32 packages"):
+        Runtime.load(exported("demo").path, "aoti")
+
+
+# --- the C++ runner -----------------------------------------------------------------------------------
+def _build_requirements() -> str | None:
+    missing = [h for h in ("/usr/include/nlohmann/json.hpp", "/usr/include/openssl/evp.h") if not os.path.exists(h)]
+    if shutil.which("g++") is None:
+        missing.append("g++")
+    if missing:
+        return f"the C++ runner's build needs {', '.join(missing)}: apt-get install g++ nlohmann-json3-dev libssl-dev"
+    return None
+
+
+@pytest.fixture(scope="session")
+def runner(tmp_path_factory) -> Path:
+    reason = _build_requirements()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("cpp") / "adafocus-run"
+    env = {**os.environ, "PYTHON": sys.executable}
+    started = time.perf_counter()
+    done = subprocess.run(["bash", str(REPO / "cpp" / "build.sh"), str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    print(f"\nbuilt {out} in {time.perf_counter() - started:.0f} s")
+    return out
+
+
+def run_cpp(runner: Path, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "ADAFOCUS_RUN": str(runner)}
+    return subprocess.run(
+        ["bash", str(REPO / "cpp" / "adafocus-run.sh"), *map(str, args)], env=env, capture_output=True, text=True
+    )
+
+
+def test_the_cpp_runner_agrees_with_runtime_predict_video_by_video(runner, aoti_export, demo_data, tmp_path):
+    _, videos, thresholds = demo_data
+    np.save(tmp_path / "videos.npy", videos.numpy())
+    for chosen in (None, thresholds):  # the manifest's calibrated thresholds, then ones spread over every step
+        args = (
+            [] if chosen is None else ["--thresholds", ",".join("-inf" if math.isinf(t) else repr(t) for t in chosen)]
+        )
+        done = run_cpp(runner, aoti_export.path, tmp_path / "videos.npy", *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        runtime = Runtime.load(aoti_export.path, "aoti")
+        if chosen is not None:
+            runtime.set_thresholds(chosen)
+        expected = runtime.predict(videos)
+        assert [line["index"] for line in lines] == list(range(len(videos)))
+        for i, line in enumerate(lines):
+            k = int(expected.exit_step[i])
+            assert line["exit_step"] == k and line["class_index"] == int(expected.prediction[i]), i
+            assert line["cube_starts"] == expected.cube_starts[i, :k].tolist(), i
+            np.testing.assert_allclose(line["probabilities"], expected.probs[i], atol=PROB_TOL_CPP, rtol=0)
+            assert line["gflops"] == pytest.approx(float(expected.gflops[i]))
+        if chosen is not None:  # (this export is uncalibrated: its own thresholds never exit early)
+            assert len(set(expected.exit_step.tolist())) >= 3
+
+
+def test_the_cpp_runner_verifies_the_export(runner, aoti_export, tmp_path):
+    np.save(tmp_path / "videos.npy", np.zeros((2, *aoti_export.preset.video_shape), np.float32))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(aoti_export.path, tampered)
+    (tampered / "stray.txt").write_text("not part of the export")
+    done = run_cpp(runner, tampered, tmp_path / "videos.npy")
+    assert done.returncode == 1 and "stray.txt, not part of this export" in done.stderr
+    (tampered / "stray.txt").unlink()
+    manifest = json.loads((tampered / MANIFEST).read_text())
+    manifest["thresholds"] = [0.1] * 5  # changed by hand, not resealed
+    (tampered / MANIFEST).write_text(json.dumps(manifest))
+    done = run_cpp(runner, tampered, tmp_path / "videos.npy")
+    assert done.returncode == 1 and "content hash does not match" in done.stderr
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((2, 3, 3, 8, 8), np.float32))
+    done = run_cpp(runner, aoti_export.path, wrong)
+    assert done.returncode == 1 and "has shape" in done.stderr
+
+
+def test_the_cpp_canonical_json_is_pythons(runner, tmp_path):
+    """The manifest hash is over Python's json.dumps(sort_keys, compact, ensure_ascii=False): floats
+    must come out digit for digit as Python's repr writes them."""
+    value = {
+        "floats": [0.1, 1e-05, 1e-4, 1e16, 1e15, 2.3019790649414062, -0.0, 5e-324, 1.7976931348623157e308, 1e9, -1e9],
+        "more": [123456789.123, 0.028809, 3.0, -2.5e-07, 1.5e17, 100.0],
+        "text": 'ü " \\ \n tab\t',
+        "z": {"b": 1, "a": [True, False, None]},
+    }
+    path = tmp_path / "value.json"
+    path.write_text(json.dumps(value))
+    done = run_cpp(runner, "--print-canonical", path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
