@@ -1,36 +1,57 @@
 #!/usr/bin/env bash
-# The checks and benchmarks that need a CUDA GPU, in one go (run from the repository root):
-#   1. the GPU tests: the PyTorch CUDA backend reproduces the reference loop (fp32, both modes, the
-#      demo and two paper presets), fp16 agreement, zero-copy CUDA inputs; TensorRT tests where
-#      TensorRT is installed (skipped with the reason otherwise);
-#   2. adafocus-bench on the GPU: Something-Something V1 (t12, random weights, budget 14 GFLOPs) at
-#      batch 128 in fp16 (paper Table 3's measurement) and in fp32, and the built-in demo.
+# The checks and benchmarks that need a CUDA GPU, in one go (run from the repository root; the lent
+# machine allows one 10-minute call, so every step has its own time limit and the order is by value):
+#   1. Something-Something V1 (t12, random weights): export, then AOTInductor packages compiled for
+#      this GPU in fp16 (compile time per graph is printed), and adafocus-bench at batch 128, fp16,
+#      compiled (`aoti`, its dense baseline compiled the same way) beside eager PyTorch, same run;
+#   2. the GPU tests: the PyTorch CUDA backend reproduces the reference loop, fp16 agreement,
+#      zero-copy CUDA inputs; TensorRT tests where TensorRT is installed (skipped with the reason);
+#   3. the same in fp32, if the time allows.
 # Results go to $OUT if set (a lent machine's output folder), else benchmarks/results/.
-# Each step has its own time limit, so that one slow step cannot eat the others' time.
+# DRY_RUN=1 runs the same steps on the CPU with the demo (to check the script without a GPU).
 set -uo pipefail
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 ADAFOCUS_CACHE=${ADAFOCUS_CACHE:-/tmp/adafocus-cache}
 step() { echo; echo "=== $* ($(date +%T))"; }
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    device=cpu precision=fp32 preset=demo budget=0.08 batch=32 repeats=1 warmup=0 tests="aoti and batches_past"
+else
+    device=cuda precision=fp16 preset=sthsth-v1 budget=14.0 batch=128 repeats=10 warmup=2 tests="cuda or tensorrt"
+fi
 
-step "GPU"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
 
-step "benchmark: Something-Something V1, batch 128, fp16"
-timeout 240 python3 -m adafocus bench --preset sthsth-v1 --budget 14.0 --backend pytorch --device cuda --precision fp16 \
-    --batch 128 --repeats 10 --warmup 2 --out "$out/bench-sthsth-v1-t12-pytorch-cuda-fp16.json"
+step "export $preset (ONNX graphs, validated)"
+export_dir=$(timeout 150 python3 -c "
+import sys
+from adafocus.builtin import demo_export, random_export
+e = demo_export() if '$preset' == 'demo' else random_export('$preset')
+print(e.path)" | tail -1)
+echo "$export_dir"
+
+step "AOTInductor packages, $device $precision"
+timeout 240 python3 -m adafocus export --aoti --device "$device" --precision "$precision" --into "$export_dir" \
+    2>&1 | tee "$out/aoti-compile-$preset-$device-$precision.log"
+
+step "benchmark: $preset, batch $batch, $precision: aoti (compiled) vs pytorch (eager)"
+timeout 200 python3 -m adafocus bench "$export_dir" --budget "$budget" --backend aoti --backend pytorch \
+    --device "$device" --precision "$precision" --batch "$batch" --repeats "$repeats" --warmup "$warmup" \
+    --out "$out/bench-$preset-aoti-pytorch-$device-$precision.json"
 
 step "GPU tests"
 # -p no:warnings: this host's torch may warn where the pinned one does not; warnings are not what is checked here
-timeout 240 python3 -m pytest -q -rs -s -p no:warnings -p no:cacheprovider tests/test_runtime.py tests/test_tensorrt.py \
-    -k "${GPU_TESTS:-cuda or tensorrt}" 2>&1 | tee "$out/gpu-tests.log"
+timeout 120 python3 -m pytest -q -rs -s -p no:warnings -p no:cacheprovider tests/test_runtime.py tests/test_tensorrt.py \
+    tests/test_aoti.py -k "${GPU_TESTS:-$tests}" 2>&1 | tee "$out/gpu-tests.log"
 
-step "benchmark: Something-Something V1, batch 128, fp32"
-timeout 90 python3 -m adafocus bench --preset sthsth-v1 --budget 14.0 --backend pytorch --device cuda --precision fp32 \
-    --batch 128 --repeats 10 --warmup 2 --out "$out/bench-sthsth-v1-t12-pytorch-cuda-fp32.json"
-
-step "benchmark: built-in demo, batch 128, fp32"
-timeout 150 python3 -m adafocus bench --backend pytorch --device cuda --batch 128 --repeats 10 --warmup 2 \
-    --out "$out/bench-demo-pytorch-cuda.json"
+if [ "$device" = cuda ]; then
+    step "fp32: packages and benchmark (if the time allows)"
+    timeout 120 python3 -m adafocus export --aoti --device cuda --precision fp32 --into "$export_dir" \
+        2>&1 | tee "$out/aoti-compile-$preset-cuda-fp32.log" &&
+    timeout 60 python3 -m adafocus bench "$export_dir" --budget "$budget" --backend aoti --backend pytorch \
+        --device cuda --precision fp32 --batch "$batch" --repeats "$repeats" --warmup "$warmup" \
+        --out "$out/bench-$preset-aoti-pytorch-cuda-fp32.json"
+fi
 step "done"

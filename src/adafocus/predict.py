@@ -196,10 +196,21 @@ def image_name(path: str) -> str:
 # --- the pipeline ----------------------------------------------------------------------------------
 
 
-def _error_text(error: BaseException) -> str:
+def error_text(error: BaseException) -> str:
+    """One line saying why a video failed, for its JSONL line."""
     if isinstance(error, AdaFocusError):
         return error.what if error.fix is None else f"{error.what} (fix: {error.fix})"
     return f"{type(error).__name__}: {error}"
+
+
+def result_record(path: str, result, class_names, top_k: int, frames: list[int]) -> dict:
+    """A video's JSONL line (both engines write the same): path and the runtime's result, or error."""
+    if result.error is not None:
+        return {"path": path, "error": result.error}
+    record = {"path": path, **result.to_dict(class_names, top_k)}
+    del record["index"]  # the position in this run's stream: meaningless to the caller
+    record["frames"] = frames
+    return record
 
 
 def predict_paths(
@@ -260,7 +271,7 @@ def predict_paths(
             try:
                 clip = future.result()
             except Exception as e:  # any file may be broken in its own way; the others go on
-                failures.append({"path": path, "error": _error_text(e)})
+                failures.append({"path": path, "error": error_text(e)})
                 continue
             admitted[position] = (path, clip.indices, clip.frames if show is not None else None)
             position += 1
@@ -271,13 +282,8 @@ def predict_paths(
             while failures:
                 yield failures.popleft()
             path, indices, frames = admitted.pop(result.index)
-            if result.error is not None:
-                yield {"path": path, "error": result.error}
-                continue
-            record = {"path": path, **result.to_dict(runtime.class_names, top_k)}
-            del record["index"]  # the position in this run's stream: meaningless to the caller
-            record["frames"] = indices
-            if show is not None:
+            record = result_record(path, result, runtime.class_names, top_k, indices)
+            if show is not None and "error" not in record:
                 target = os.path.join(show, image_name(path))
                 try:
                     draw_result(frames, record, preset, target)

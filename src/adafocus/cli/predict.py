@@ -66,8 +66,51 @@ from adafocus.files import dumps
     metavar="OUT_DIR",
     help="Write a PNG per video: the sampled frames with a numbered box per cube the model looked at.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process, decoder threads beside the runtime. ray: a Ray Data pipeline (decoding as CPU "
+    "tasks, the runtime in a pool of actors), on a local or remote cluster (needs the [scale] extra).",
+)
+@click.option("--address", default=None, help='With --engine ray: the cluster to join ("auto", ray://HOST:10001).')
+@click.option("--actors", type=click.IntRange(1), default=1, show_default=True, help="With --engine ray: runtimes.")
+@click.option(
+    "--gpus-per-actor", type=click.FloatRange(0), default=0.0, show_default=True, help="With --engine ray: GPUs each."
+)
+@click.option(
+    "--cpus-per-actor",
+    type=click.FloatRange(0),
+    default=1.0,
+    show_default=True,
+    help="With --engine ray: CPUs each actor reserves (fractions share a core: on a small machine, actors + "
+    "decoders must fit in its CPUs or the pipeline waits for room).",
+)
+@click.option(
+    "--decoders", type=click.IntRange(1), default=1, show_default=True, help="With --engine ray: decoder tasks."
+)
 @click.pass_context
-def predict(ctx, paths, export_dir, backend, batch_size, workers, out, top_k, thresholds, budget, resume, show_dir):
+def predict(
+    ctx,
+    paths,
+    export_dir,
+    backend,
+    batch_size,
+    workers,
+    out,
+    top_k,
+    thresholds,
+    budget,
+    resume,
+    show_dir,
+    engine,
+    address,
+    actors,
+    gpus_per_actor,
+    cpus_per_actor,
+    decoders,
+):
     """Classify videos: one JSON line per input video.
 
     PATH is a video file, a directory (its .mp4 .avi .mkv .mov .webm .m4v files, recursively,
@@ -87,17 +130,19 @@ def predict(ctx, paths, export_dir, backend, batch_size, workers, out, top_k, th
     export or an option value is unusable (e.g. the wrong number of --thresholds); 2 for invalid
     command-line usage.
     """
-    from tqdm import tqdm
-
     from adafocus.builtin import demo_export
-    from adafocus.predict import VIDEO_EXTENSIONS, expand_paths, path_key, predict_paths, recorded_paths
-    from adafocus.runtime import Runtime
+    from adafocus.predict import VIDEO_EXTENSIONS, expand_paths, path_key, recorded_paths
 
     if resume and out is None:
         raise click.UsageError("--resume needs --out: the results file to continue")
     if thresholds is not None and budget is not None:
         raise click.UsageError("give --thresholds or --budget, not both")
+    if engine == "ray" and show_dir is not None:
+        raise click.UsageError("--show draws in this process: use it with --engine local")
+    if engine == "ray":
+        from adafocus.scale import require_ray
 
+        require_ray()  # the install hint before any work
     videos = expand_paths(paths)
     if not videos:
         raise AdaFocusError(
@@ -106,9 +151,35 @@ def predict(ctx, paths, export_dir, backend, batch_size, workers, out, top_k, th
         )
     done = recorded_paths(out, log=lambda line: click.echo(line, err=True)) if resume else set()
     todo = [v for v in videos if path_key(v) not in done]
-    skipped = len(videos) - len(todo)
+    export_dir = export_dir or str(demo_export().path)
+    options = {"batch_size": batch_size, "top_k": top_k, "thresholds": thresholds, "budget": budget}
+    if engine == "local":
+        records, stats = _local(todo, export_dir, backend, workers, show_dir, **options), None
+    else:
+        from adafocus.scale import ScaleStats, predict_dataset
 
-    runtime = Runtime.load(export_dir or demo_export().path, backend=backend)
+        stats = ScaleStats()
+        ray_options = {"address": address, "actors": actors, "gpus_per_actor": gpus_per_actor, "decoders": decoders}
+        ray_options["cpus_per_actor"] = cpus_per_actor
+        records = predict_dataset(todo, export_dir, backend=backend, stats=stats, **ray_options, **options)
+    ok = _write(records, out, resume, len(todo))
+    summary = f"{ok} ok, {len(todo) - ok} failed"
+    if len(videos) > len(todo):
+        summary += f", {len(videos) - len(todo)} skipped (already in {out})"
+    if out is not None:
+        summary += f"; results in {out}"
+    click.echo(summary, err=True)
+    if stats is not None:
+        click.echo(stats.summary(), err=True)
+    if todo and ok == 0:
+        ctx.exit(1)
+
+
+def _local(todo, export_dir, backend, workers, show_dir, *, batch_size, top_k, thresholds, budget):
+    from adafocus.predict import predict_paths
+    from adafocus.runtime import Runtime
+
+    runtime = Runtime.load(export_dir, backend=backend)
     if thresholds is not None:
         runtime.set_thresholds(thresholds)
     if budget is not None:
@@ -118,31 +189,26 @@ def predict(ctx, paths, export_dir, backend, batch_size, workers, out, top_k, th
             f"accuracy {chosen['accuracy']:.3f}",
             err=True,
         )
+    return predict_paths(todo, runtime, batch_size=batch_size, workers=workers, top_k=top_k, show_dir=show_dir)
+
+
+def _write(records, out, resume: bool, total: int) -> int:
+    """Each line as it comes, flushed (so --resume can continue a run that stopped); returns how many
+    videos succeeded."""
+    from tqdm import tqdm
 
     ok = failed = 0
     sink = open(out, "a" if resume else "w", encoding="utf-8") if out is not None else sys.stdout
     try:
-        with tqdm(total=len(todo), unit="video", file=sys.stderr, disable=None) as bar:
-            for record in predict_paths(
-                todo, runtime, batch_size=batch_size, workers=workers, top_k=top_k, show_dir=show_dir
-            ):
+        with tqdm(total=total, unit="video", file=sys.stderr, disable=None) as bar:
+            for record in records:
                 sink.write(dumps(record, indent=None) + "\n")
                 sink.flush()
-                if "error" in record:
-                    failed += 1
-                else:
-                    ok += 1
+                failed += "error" in record
+                ok += "error" not in record
                 bar.set_postfix(ok=ok, failed=failed, refresh=False)
                 bar.update(1)
     finally:
         if out is not None:
             sink.close()
-
-    summary = f"{ok} ok, {failed} failed"
-    if skipped:
-        summary += f", {skipped} skipped (already in {out})"
-    if out is not None:
-        summary += f"; results in {out}"
-    click.echo(summary, err=True)
-    if todo and ok == 0:
-        ctx.exit(1)
+    return ok

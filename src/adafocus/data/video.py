@@ -58,7 +58,8 @@ class VideoClip:
     """
 
     path: str
-    frames: torch.Tensor
+    frames: torch.Tensor  # (T, 3, S, S) float32, the model input
+    pixels: torch.Tensor  # (T, 3, S, S) uint8, the same frames before normalisation
     indices: list[int]
     source_frames: int
     claimed_frames: int
@@ -81,7 +82,10 @@ def tsn_indices(num_frames: int, count: int) -> list[int]:
 
 
 def resize_crop(rgb: np.ndarray, frame_size: int) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (3, S, S) float32 in [0, 1], resized and centre-cropped.
+    """(H, W, 3) uint8 RGB -> (3, S, S) uint8, resized and centre-cropped, rounded back to 8 bits as
+    a resized image file would be (and as PIL's resize, which torchvision's transforms run, does):
+    frames stay a quarter of float32's size until the model takes them (`to_model_input`), which is
+    what the Ray engine ships between machines, and both engines see the same pixels.
 
     Sizes follow torchvision's Resize(int)/CenterCrop, which the official transforms use: the longer
     side is truncated, the crop offset rounded.
@@ -97,7 +101,13 @@ def resize_crop(rgb: np.ndarray, frame_size: int) -> torch.Tensor:
     top = int(round((new_h - frame_size) / 2.0))
     left = int(round((new_w - frame_size) / 2.0))
     image = image[0, :, top : top + frame_size, left : left + frame_size]
-    return (image / 255.0).clamp_(0.0, 1.0)
+    return image.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def to_model_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(T, 3, S, S) uint8 frames -> the float32 model input (/255, ImageNet mean/std)."""
+    pixels = torch.as_tensor(pixels)
+    return torch.from_numpy(normalize(pixels.numpy().astype(np.float32) / 255.0)).contiguous()
 
 
 def load_video(path: str | os.PathLike, num_frames: int, frame_size: int) -> torch.Tensor:
@@ -142,11 +152,11 @@ def load_clip(path: str | os.PathLike, num_frames: int, frame_size: int) -> Vide
         if len(kept) < len(set(indices)):  # the decoder gave a different answer the second time round
             raise AdaFocusError(f"{name}: damaged: decoding stops at a different frame on each pass", _REENCODE)
 
-    stacked = torch.stack([kept[i] for i in indices]).numpy()
-    frames = torch.from_numpy(normalize(stacked)).contiguous()
+    pixels = torch.stack([kept[i] for i in indices])
     return VideoClip(
         path=name,
-        frames=frames,
+        frames=to_model_input(pixels),
+        pixels=pixels,
         indices=indices,
         source_frames=source,
         claimed_frames=claimed,

@@ -1,0 +1,91 @@
+"""Peak resident memory against batch size: the adaptive loop and the dense baseline, each in a
+process of its own (a process's high-water mark cannot be reset), ONNX Runtime on the CPU.
+
+    python benchmarks/memory_vs_batch.py [--preset sthsth-v1] [--batches 16,32,64,128] [--out FILE.json]
+
+Every graph call is bounded by the backend's `max_call_gflops` (600 GMACs on the CPU by default):
+what lets batch 128 of a paper preset run on a 24 GB machine. `--max-call-gflops 0` turns the bound
+off (one call per graph and batch) to show what it saves. Thresholds: those recorded in
+benchmarks/results/bench-sthsth-v1-t12-onnxruntime.json (solved for 14 GFLOPs/video), so that no
+calibration runs in the measured process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+CHILD = r"""
+import json, resource, sys, time
+from adafocus import bench
+from adafocus.builtin import random_export
+from adafocus.export.graphs import DENSE
+from adafocus.runtime import Runtime
+from adafocus.runtime.backends import make_backend
+
+preset, batch, method, limit, thresholds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), json.loads(sys.argv[5])
+export = random_export(preset)
+videos = bench.bench_videos(export, batch).numpy()
+options = {"threads": 2, "max_call_gflops": None if limit == 0 else limit}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+started = time.perf_counter()
+if method == "adaptive":
+    runtime = Runtime.load(export.path, "onnxruntime", **options)
+    runtime.set_thresholds(thresholds)
+    result = runtime.predict(videos)
+    gflops = float(result.gflops.mean())
+else:
+    dense = make_backend(export, "onnxruntime", graphs=(DENSE,), **options)
+    dense.run(DENSE, {"videos": videos})
+    gflops = export.dense_gflops
+seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"batch": batch, "method": method, "peak_rss_mib": peak, "rss_before_mib": before,
+                  "videos_bytes_mib": videos.nbytes / 2**20, "seconds": seconds, "gflops_per_video": gflops}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="sthsth-v1")
+    parser.add_argument("--batches", default="16,32,64,128")
+    parser.add_argument("--max-call-gflops", type=float, default=600.0, help="0: no bound")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    recorded = json.loads((RESULTS / "bench-sthsth-v1-t12-onnxruntime.json").read_text())
+    thresholds = recorded["thresholds"]
+    from adafocus.builtin import random_export
+    from adafocus.machine import cpu_record, package_versions
+
+    random_export(args.preset)  # exported (and cached) once, outside the measured processes
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        for method in ("adaptive", "dense"):
+            command = [sys.executable, "-c", CHILD, args.preset, str(batch), method, str(args.max_call_gflops), json.dumps(thresholds)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                row = {"batch": batch, "method": method, "error": done.stderr.strip().splitlines()[-1][:300]}
+            else:
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    report = {
+        "preset": args.preset,
+        "backend": "onnxruntime, 2 threads",
+        "max_call_gflops": args.max_call_gflops or None,
+        "thresholds": thresholds,
+        "rows": rows,
+        "machine": cpu_record(),
+        "packages": package_versions(),
+    }
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()

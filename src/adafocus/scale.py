@@ -1,0 +1,211 @@
+"""Past one machine: classify a corpus of video files on a Ray cluster with Ray Data.
+
+    for line in predict_dataset(paths, "exports/demo", actors=4, gpus_per_actor=1, decoders=32):
+        ...   # the same JSONL lines as adafocus-predict, in completion order
+
+The pipeline: the paths -> decoding as Ray tasks on CPUs (PyAV, exactly `adafocus.data.video`'s
+sampling and resizing), whose frames cross the object store as uint8 (a quarter of float32) ->
+`map_batches` with a callable class that opens the export's `Runtime` once per actor (a pool of
+`actors`, each with `gpus_per_actor` GPUs) and runs the streaming loop on each batch -> one line per
+input. Ray Data streams (back-pressure between the stages), retries a decoding task whose worker
+dies, and restarts a dead actor and retries its batch (its defaults for actor pools); every input
+still gets exactly one line, which `predict_dataset` checks. A broken video is an error line, not a
+failed job. The same code runs on a laptop (`ray.init()`), a cluster (`address=`) or KubeRay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from adafocus.errors import AdaFocusError, InternalError
+from adafocus.export.manifest import open_export
+from adafocus.predict import error_text, result_record
+
+INSTALL = 'pip install -e ".[scale]" (or pip install "ray[data]")'
+
+
+def require_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401  (Ray Data is the extra, not Ray Core alone)
+    except ImportError as e:
+        raise AdaFocusError(f"--engine ray needs Ray Data, which is not installed ({e})", INSTALL) from None
+    return ray
+
+
+@dataclass
+class ScaleStats:
+    """What a run did and where its time went (summed over workers)."""
+
+    videos: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    decode_seconds: float = 0.0
+    inference_seconds: float = 0.0
+    actors: int = 0
+    decoders: int = 0
+    cluster: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        rate = self.videos / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.videos} videos in {self.seconds:.1f} s ({rate:.1f} videos/s) on Ray: {self.actors} actor(s), "
+            f"{self.decoders} decoder(s); decoding {self.decode_seconds:.1f} s, inference "
+            f"{self.inference_seconds:.1f} s (summed over workers); cluster {self.cluster}"
+        )
+
+
+def decode_row(row: dict, *, num_frames: int, frame_size: int) -> dict:
+    """One path -> uint8 frames (T, 3, S, S) and the sampled source indices, or the error."""
+    from adafocus.data.video import load_clip
+
+    started = time.perf_counter()
+    pixels = np.zeros((num_frames, 3, frame_size, frame_size), np.uint8)
+    try:
+        clip = load_clip(row["path"], num_frames, frame_size)
+        pixels, frames, error = clip.pixels.numpy(), json.dumps(clip.indices), ""
+    except Exception as e:  # any file may be broken in its own way; it becomes its error line
+        frames, error = "[]", error_text(e)
+    return {
+        "position": row["position"],
+        "path": row["path"],
+        "pixels": pixels,
+        "frames": frames,
+        "error": error,
+        "decode_seconds": time.perf_counter() - started,
+    }
+
+
+class Classifier:
+    """The Ray Data callable class: one Runtime per actor, the streaming loop on every batch."""
+
+    def __init__(
+        self,
+        export_dir: str,
+        backend: str,
+        device: str | None,
+        thresholds: list | None,
+        budget: float | None,
+        top_k: int,
+        exit_after_first_batch: str | None = None,
+    ):
+        from adafocus.runtime import Runtime
+
+        self.runtime = Runtime.load(export_dir, backend, device)
+        if thresholds is not None:
+            self.runtime.set_thresholds(thresholds)
+        if budget is not None:
+            self.runtime.set_budget(budget)
+        self.top_k = top_k
+        # test-only: this marker file's absence makes the first actor to finish a batch die (once)
+        self.exit_marker = exit_after_first_batch
+
+    def __call__(self, batch: dict) -> dict:
+        from adafocus.data.video import to_model_input
+
+        started = time.perf_counter()
+        good = [i for i, error in enumerate(batch["error"]) if not error]
+        videos = [to_model_input(batch["pixels"][i]) for i in good]
+        results = {good[r.index]: r for r in self.runtime.stream(iter(videos), batch_size=max(len(videos), 1))}
+        lines = []
+        for i, path in enumerate(batch["path"]):
+            if i in results:
+                frames = json.loads(batch["frames"][i])
+                record = result_record(str(path), results[i], self.runtime.class_names, self.top_k, frames)
+            else:
+                record = {"path": str(path), "error": str(batch["error"][i])}
+            lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False))
+        if self.exit_marker and not os.path.exists(self.exit_marker):
+            open(self.exit_marker, "w").close()
+            os._exit(1)  # an actor that dies mid-run: Ray restarts it and retries this batch
+        seconds = time.perf_counter() - started
+        return {
+            "position": np.asarray(batch["position"]),
+            "line": np.asarray(lines, dtype=object),
+            "decode_seconds": np.asarray(batch["decode_seconds"]),
+            "inference_seconds": np.full(len(lines), seconds / max(len(lines), 1)),
+        }
+
+
+def predict_dataset(
+    paths: Sequence[str],
+    export_dir: str | os.PathLike,
+    *,
+    backend: str = "onnxruntime",
+    device: str | None = None,
+    address: str | None = None,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    cpus_per_actor: float = 1.0,
+    decoders: int = 1,
+    batch_size: int = 16,
+    top_k: int = 5,
+    thresholds: list | None = None,
+    budget: float | None = None,
+    stats: ScaleStats | None = None,
+    log: Callable[[str], None] = print,
+    exit_after_first_batch: str | None = None,
+) -> Iterator[dict]:
+    """One dict per path (adafocus-predict's lines), in completion order, from a Ray Data pipeline.
+    `address`: a running cluster ("auto", "ray://head:10001", ...); None starts or joins a local one."""
+    ray = require_ray()
+    if actors < 1 or decoders < 1 or batch_size < 1 or gpus_per_actor < 0 or cpus_per_actor < 0:
+        raise AdaFocusError("actors, decoders and batch_size must be >= 1, GPUs and CPUs per actor >= 0")
+    export = open_export(export_dir)  # verified on the driver, before any cluster work
+    preset = export.preset
+    names = [os.fspath(p) for p in paths]
+    stats = stats if stats is not None else ScaleStats()
+    stats.actors, stats.decoders = actors, decoders
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    stats.cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    started = time.perf_counter()
+    items = [{"position": i, "path": p} for i, p in enumerate(names)]
+    blocks = max(1, min(len(items), 8 * decoders))
+    decoded = ray.data.from_items(items, override_num_blocks=blocks).map(
+        decode_row,
+        fn_kwargs={"num_frames": preset.num_frames, "frame_size": preset.frame_size},
+        compute=ray.data.TaskPoolStrategy(size=decoders),
+        num_cpus=1,
+    )
+    classified = decoded.map_batches(
+        Classifier,
+        fn_constructor_kwargs={
+            "export_dir": str(export.path),
+            "backend": backend,
+            "device": device,
+            "thresholds": thresholds,
+            "budget": budget,
+            "top_k": top_k,
+            "exit_after_first_batch": exit_after_first_batch,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus_per_actor,
+        num_cpus=cpus_per_actor,
+    )
+    seen: set[int] = set()
+    for row in classified.iter_rows():
+        position = int(row["position"])
+        if position in seen:  # a retried batch must not answer twice
+            raise InternalError(f"the Ray pipeline answered input {position} ({names[position]}) twice")
+        seen.add(position)
+        stats.decode_seconds += float(row["decode_seconds"])
+        stats.inference_seconds += float(row["inference_seconds"])
+        record = json.loads(row["line"])
+        stats.videos += 1
+        stats.failed += "error" in record
+        yield record
+    stats.seconds = time.perf_counter() - started
+    if len(seen) != len(names):
+        missing = sorted(set(range(len(names))) - seen)[:5]
+        raise InternalError(
+            f"the Ray pipeline lost {len(names) - len(seen)} inputs (first: {[names[m] for m in missing]})"
+        )
