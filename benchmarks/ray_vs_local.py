@@ -69,15 +69,33 @@ def main() -> None:
         env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
         rows = [
             run([*predict, str(folder), "--export", export, "--workers", "2", "--batch-size", "16"], env),
-            run([*predict, str(folder), "--export", export, "--engine", "ray", "--actors", "1", "--decoders", "1"], env),
             run(
-                [*predict, str(folder), "--export", export, "--engine", "ray", "--actors", "2", "--cpus-per-actor", "0.5"],
+                [*predict, str(folder), "--export", export, "--engine", "ray", "--actors", "1", "--decoders", "1"], env
+            ),
+            run(
+                [
+                    *predict,
+                    str(folder),
+                    "--export",
+                    export,
+                    "--engine",
+                    "ray",
+                    "--actors",
+                    "2",
+                    "--cpus-per-actor",
+                    "0.5",
+                ],
                 env,
             ),
         ]
     for row in rows:
         print(json.dumps(row))
-    report = {"videos": len(SAMPLES) * args.copies, "rows": rows, "machine": cpu_record(), "packages": package_versions()}
+    report = {
+        "videos": len(SAMPLES) * args.copies,
+        "rows": rows,
+        "machine": cpu_record(),
+        "packages": package_versions(),
+    }
     if args.out:
         args.out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 

@@ -93,3 +93,55 @@ def _refuse_constant(name: str):
 def strict_loads(text: str):
     """json.loads as a strict reader (JSON.parse, jq) reads: NaN and ±Infinity are errors."""
     return json.loads(text, parse_constant=_refuse_constant)
+
+
+OWN_VIDEOS = 160  # per split: enough for a budget table, few enough to write and decode in seconds
+
+
+@pytest.fixture(scope="session")
+def own_videos(tmp_path_factory) -> dict[str, Path]:
+    """The demo task's videos as real lossless files (`adafocus synth`), in every form a user may
+    give them: val/ and test/ with labels.txt (`path label`), CSVs with class names whose paths are
+    relative to another folder (`root`), and a class-per-folder tree of the val videos."""
+    import csv
+    import os
+
+    from click.testing import CliRunner
+
+    from adafocus.cli import main
+    from adafocus.model.checkpoint import load_checkpoint
+    from adafocus.weights import builtin_checkpoint
+
+    root = tmp_path_factory.mktemp("own-videos")
+    for split in ("val", "test"):
+        args = ["synth", "--split", split, "--videos", str(OWN_VIDEOS), "--out", str(root / split)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+    class_names = load_checkpoint(builtin_checkpoint()).class_names
+    (root / "lists").mkdir()
+    for split in ("val", "test"):
+        rows = [line.split() for line in (root / split / "labels.txt").read_text().splitlines() if line[0] != "#"]
+        with open(root / "lists" / f"{split}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label"])
+            writer.writerows([f"{split}/{name}", class_names[int(label)]] for name, label in rows)
+    for name, label in (line.split() for line in (root / "val" / "labels.txt").read_text().splitlines()[1:]):
+        folder = root / "tree" / class_names[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        os.link(root / "val" / name, folder / name)
+    return {
+        "root": root,
+        "val": root / "val" / "labels.txt",
+        "test": root / "test" / "labels.txt",
+        "csv": root / "lists" / "val.csv",  # paths relative to "root" (--root)
+        "test_csv": root / "lists" / "test.csv",
+        "tree": root / "tree",
+    }
+
+
+@pytest.fixture
+def demo_copy(exported, tmp_path) -> Path:
+    """A private copy of the (uncalibrated) demo export, for tests that write into it."""
+    import shutil
+
+    return Path(shutil.copytree(exported("demo").path, tmp_path / "demo"))

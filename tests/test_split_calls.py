@@ -40,6 +40,7 @@ def test_split_calls_give_the_same_results(exported, backend):
 def test_the_cpu_default_bounds_calls_and_a_bad_limit_is_refused(exported):
     runtime = Runtime.load(exported("demo").path)
     assert runtime.backend.max_call_gflops == CPU_CALL_GFLOPS
-    assert runtime.backend.rows_per_call("local") > 10_000  # the demo's calls are never split
+    # the demo's calls are never split at the batches it runs (the bench's largest is 512)
+    assert min(runtime.backend.rows_per_call(g) for g in ("glance", "local", "classifier")) > 512
     with pytest.raises(AdaFocusError, match="max_call_gflops must be positive"):
         Runtime.load(exported("demo").path, max_call_gflops=0)

@@ -182,9 +182,9 @@ def test_keeps_only_sampled_frames(data_dir, monkeypatch):
     converted = []
     real = video.resize_crop
 
-    def counting(rgb, frame_size):
+    def counting(rgb, frame_size, *preprocessing):
         converted.append(rgb.shape)
-        return real(rgb, frame_size)
+        return real(rgb, frame_size, *preprocessing)
 
     monkeypatch.setattr(video, "resize_crop", counting)
     clip = load_clip(data_dir / "bigbuckbunny.mp4", 8, 128)

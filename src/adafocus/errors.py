@@ -13,3 +13,10 @@ class AdaFocusError(Exception):
 class InternalError(RuntimeError):
     """An invariant of adafocus-deploy itself does not hold: a bug to report, not a user error.
     Raised `from` the exception that revealed it, so the cause is kept."""
+
+
+def error_text(error: BaseException) -> str:
+    """One line saying why something failed (a video, an input), for reports and JSONL lines."""
+    if isinstance(error, AdaFocusError):
+        return error.what if error.fix is None else f"{error.what} (fix: {error.fix})"
+    return f"{type(error).__name__}: {error}"

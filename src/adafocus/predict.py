@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from adafocus.errors import AdaFocusError
+from adafocus.data.labelled import VIDEO_EXTENSIONS
+from adafocus.errors import AdaFocusError, error_text
 from adafocus.figures import save_png
 
 if TYPE_CHECKING:
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
 
     from adafocus.model.presets import Preset
     from adafocus.runtime import Runtime
-
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 
 
 def _stderr(line: str) -> None:
@@ -194,13 +193,6 @@ def image_name(path: str) -> str:
 
 
 # --- the pipeline ----------------------------------------------------------------------------------
-
-
-def error_text(error: BaseException) -> str:
-    """One line saying why a video failed, for its JSONL line."""
-    if isinstance(error, AdaFocusError):
-        return error.what if error.fix is None else f"{error.what} (fix: {error.fix})"
-    return f"{type(error).__name__}: {error}"
 
 
 def result_record(path: str, result, class_names, top_k: int, frames: list[int]) -> dict:

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from adafocus.errors import AdaFocusError, InternalError
+from adafocus.errors import AdaFocusError, InternalError, error_text
 from adafocus.export.manifest import open_export
-from adafocus.predict import error_text, result_record
+from adafocus.predict import result_record
 
 INSTALL = 'pip install -e ".[scale]" (or pip install "ray[data]")'
 
@@ -61,14 +61,14 @@ class ScaleStats:
         )
 
 
-def decode_row(row: dict, *, num_frames: int, frame_size: int) -> dict:
+def decode_row(row: dict, *, num_frames: int, frame_size: int, resize_shorter_side: int | None) -> dict:
     """One path -> uint8 frames (T, 3, S, S) and the sampled source indices, or the error."""
     from adafocus.data.video import load_clip
 
     started = time.perf_counter()
     pixels = np.zeros((num_frames, 3, frame_size, frame_size), np.uint8)
     try:
-        clip = load_clip(row["path"], num_frames, frame_size)
+        clip = load_clip(row["path"], num_frames, frame_size, resize_shorter_side)
         pixels, frames, error = clip.pixels.numpy(), json.dumps(clip.indices), ""
     except Exception as e:  # any file may be broken in its own way; it becomes its error line
         frames, error = "[]", error_text(e)
@@ -170,7 +170,11 @@ def predict_dataset(
     blocks = max(1, min(len(items), 8 * decoders))
     decoded = ray.data.from_items(items, override_num_blocks=blocks).map(
         decode_row,
-        fn_kwargs={"num_frames": preset.num_frames, "frame_size": preset.frame_size},
+        fn_kwargs={
+            "num_frames": preset.num_frames,
+            "frame_size": preset.frame_size,
+            "resize_shorter_side": preset.resize_shorter_side,  # the preprocessing the model declares
+        },
         compute=ray.data.TaskPoolStrategy(size=decoders),
         num_cpus=1,
     )

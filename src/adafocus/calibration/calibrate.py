@@ -24,12 +24,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from adafocus.calibration.thresholds import budget_table, simulate
+from adafocus.calibration.thresholds import SOLVERS, budget_table, search_table, simulate
 from adafocus.errors import AdaFocusError, InternalError
 from adafocus.export.manifest import Export, open_export, update_manifest
+from adafocus.files import write_json
 from adafocus.model.networks import AdaFocusV3
 from adafocus.model.reference import adaptive_inference, entropy
+from adafocus.runtime import Runtime
 
+METHODS = {
+    "msdnet": "MSDNet dynamic evaluation (exit proportions q_k ∝ p^k), entropy thresholds placed midway "
+    "between calibration samples",
+    "search": "per-step entropy thresholds maximising accuracy - λ·cost on the calibration videos (coordinate "
+    "ascent, for a sweep of λ, from the MSDNet and fixed-number-of-cubes settings), thresholds midway between "
+    "calibration samples; the front of those, the MSDNet entries and the fixed settings",
+}
 DEFAULT_MAX_DROP = 0.01  # the default operating point: within 1 accuracy point of the best entry
 RANDOM_EXIT_SEED = 0
 
@@ -87,24 +96,38 @@ def collect(
     progress: bool = True,
     desc: str = "collect",
     device: str = "cpu",
+    engine: Runtime | None = None,
 ) -> StepOutputs:
     """Entropy and prediction at every exit for each video.
 
     `source`: an AdaFocusV3, a Runtime, an Export or an export directory (its PyTorch checkpoint is
     run; see the module docstring for why the reference stands for the deployed graphs). `videos`:
     a (N, T, 3, H, W) float32 tensor with `labels` (N,), or, with labels=None, an iterable of
-    (videos, labels) batches such as `TaskVideos` (its len(), if any, sizes the progress bar).
-    `device`: where the reference runs (a GPU makes paper presets fast to calibrate).
+    (videos, labels) batches such as `TaskVideos` or `DecodedBatches` (its len(), if any, sizes the
+    progress bar). `device`: where the reference runs (a GPU makes paper presets fast to calibrate).
+    `engine`: a Runtime whose own graphs give the entropies instead (`Runtime.step_outputs`), to
+    calibrate the thresholds of an fp16 or INT8 deployment on what it computes.
     """
-    model = reference_model(source).to(device)
-    never = [-math.inf] * model.preset.num_exits
+    if engine is None:
+        model = reference_model(source).to(device)
+        never = [-math.inf] * model.preset.num_exits
+
+        def outputs(batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            logits = adaptive_inference(model, batch.to(device), never).step_logits.cpu()  # (B, K+1, classes)
+            return entropy(logits).numpy(), logits.argmax(dim=-1).numpy()
+    else:
+
+        def outputs(batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            step_entropy, step_logits = engine.step_outputs(np.ascontiguousarray(batch, dtype=np.float32))
+            return step_entropy, step_logits.argmax(axis=-1)
+
     total = len(videos) if hasattr(videos, "__len__") else None
     entropies, predictions, targets = [], [], []
     with tqdm(total=total, desc=desc, unit="video", disable=not progress, leave=False) as bar:
         for batch, batch_labels in _batches(videos, labels, batch_size):
-            logits = adaptive_inference(model, batch.to(device), never).step_logits.cpu()  # (B, K+1, classes)
-            entropies.append(entropy(logits).numpy())
-            predictions.append(logits.argmax(dim=-1).numpy())
+            step_entropy, step_predictions = outputs(batch)
+            entropies.append(step_entropy)
+            predictions.append(step_predictions)
             targets.append(torch.as_tensor(batch_labels).numpy())
             bar.update(len(batch))
     if not targets:
@@ -114,6 +137,75 @@ def collect(
         np.concatenate(predictions).astype(np.int64),
         np.concatenate(targets).astype(np.int64),
     )
+
+
+# --- the cache of step outputs -----------------------------------------------------------------------
+CACHE_FORMAT = "adafocus-step-outputs/1"
+
+
+def engine_key(export: Export, engine: Runtime | None) -> dict:
+    """What a set's step outputs depend on, besides the videos: the weights (the checkpoint every
+    graph was exported from) and, for a deployed engine, its backend, device and precision and the
+    files of that precision (INT8 graphs, compiled engines)."""
+    files = export.files
+    key = {"preset": export.preset.name, "weights_sha256": files[export.model_path.name]["sha256"]}
+    if engine is None:
+        return key | {"engine": "pytorch reference loop (fp32)"}
+    described = engine.backend.describe()
+    precision = described["precision"] or "fp32"
+    own = {name: record["sha256"] for name, record in sorted(files.items()) if f".{precision}." in name}
+    return key | {"engine": {k: described[k] for k in ("backend", "device", "precision")}, "files": own}
+
+
+def load_cached(path: str | os.PathLike, role: str, key: dict, log=None) -> tuple[StepOutputs, dict] | None:
+    """The `role` entry ("calibration", "heldout", ...) of a cache file if it was made for `key`
+    (None otherwise, said through `log` when the file holds an entry for something else)."""
+    import json
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cache = json.load(f)
+        entry = cache["entries"].get(role) if cache.get("format") == CACHE_FORMAT else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        entry = None
+    if entry is None:
+        return None
+    if entry.get("key") != key:
+        if log is not None:
+            log(f"{path}: holds no {role} outputs of this export and these videos (either changed): collecting again")
+        return None
+    outputs = StepOutputs(
+        np.asarray(entry["entropy"], np.float32),
+        np.asarray(entry["predictions"], np.int64),
+        np.asarray(entry["labels"], np.int64),
+    )
+    return outputs, entry["meta"]
+
+
+def save_cached(path: str | os.PathLike, role: str, key: dict, outputs: StepOutputs, meta: dict) -> None:
+    """Add (or replace) the `role` entry of a cache file: strict JSON, float32 entropies exactly."""
+    import json
+
+    path = os.fspath(path)
+    cache = {"format": CACHE_FORMAT, "entries": {}}
+    try:
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f)
+        if found.get("format") == CACHE_FORMAT:
+            cache = found
+    except (OSError, ValueError, AttributeError):
+        pass
+    cache["entries"][role] = {
+        "key": key,
+        "meta": meta,
+        "entropy": outputs.entropy.tolist(),
+        "predictions": outputs.predictions.tolist(),
+        "labels": outputs.labels.tolist(),
+    }
+    write_json(path, cache)
 
 
 def add_heldout(table: list[dict], heldout: StepOutputs, cost) -> list[dict]:
@@ -207,6 +299,7 @@ class Calibration:
     heldout: StepOutputs | None
     baselines: dict
     info: dict
+    fronts: dict  # solver -> its front (with held-out figures when measured); `table` is one of them
 
     def to_dict(self) -> dict:
         return _plain(
@@ -221,6 +314,7 @@ class Calibration:
                 "thresholds": self.table[self.default]["thresholds"],
                 "budgets": self.table,
                 "baselines": self.baselines,
+                "fronts": self.fronts,
             }
         )
 
@@ -235,10 +329,17 @@ def calibrate_export(
     progress: bool = True,
     max_drop: float = DEFAULT_MAX_DROP,
     info: dict | None = None,
+    engine: Runtime | None = None,
+    solver: str = "search",
 ) -> Calibration:
     """Solve the budget table on `calibration` videos, evaluate it on `heldout` ones, write it.
 
-    `calibration` / `heldout`: (videos, labels) tensors or an iterable of such batches (`TaskVideos`).
+    `calibration` / `heldout`: (videos, labels) tensors, an iterable of such batches (`TaskVideos`,
+    `DecodedBatches`), or `StepOutputs` already collected (from a cache). `engine`: collect through
+    this Runtime's graphs instead of the PyTorch reference (see `collect`). `solver`: "search"
+    (per-step thresholds searched beyond MSDNet's family, `search_table`) or "msdnet" (the paper's
+    q_k ∝ p^k, `budget_table`); both fronts are measured and returned (`Calibration.fronts`), the
+    chosen one is written.
     The manifest gets `budgets` (the table: gflops, accuracy, thresholds, p, exit_fractions and, with
     held-out data, heldout_accuracy, heldout_gflops, heldout_gflops_stderr, heldout_gflops_minus_budget,
     heldout_exit_fractions), `thresholds` = the `default_entry` (the cheapest entry within `max_drop`
@@ -249,24 +350,34 @@ def calibrate_export(
     cost = np.asarray(export.exit_gflops, dtype=np.float64)
 
     def run(data, desc):
+        if isinstance(data, StepOutputs):
+            return data
         videos, labels = data if isinstance(data, tuple) else (data, None)
-        return collect(export, videos, labels, batch_size=batch_size, progress=progress, desc=desc)
+        return collect(export, videos, labels, batch_size=batch_size, progress=progress, desc=desc, engine=engine)
 
     cal = run(calibration, "calibration videos")
     if cal.entropy.shape[1] != len(cost):
         raise AdaFocusError(f"the model has {cal.entropy.shape[1]} exits but the manifest costs {len(cost)}")
-    table = budget_table(cal.entropy, cal.correct, cost, ps=ps)
+    if solver not in SOLVERS:
+        raise AdaFocusError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
+    fronts = {
+        "msdnet": budget_table(cal.entropy, cal.correct, cost, ps=ps),
+        "search": search_table(cal.entropy, cal.correct, cost, ps=ps),
+    }
     held = run(heldout, "held-out videos") if heldout is not None else None
     if held is not None:
-        table = add_heldout(table, held, cost)
+        fronts = {name: add_heldout(front, held, cost) for name, front in fronts.items()}
+    table = fronts[solver]
     chosen = default_entry(table, max_drop)
     compared = baselines(held if held is not None else cal, cost, table)
     table = _plain(table)
     record = _plain(
         {
-            "method": "MSDNet dynamic evaluation (exit proportions q_k ∝ p^k), entropy thresholds placed midway "
-            "between calibration samples",
-            "outputs_from": f"PyTorch reference loop on {export.model_path.name}",
+            "method": METHODS[solver],
+            "solver": solver,
+            "outputs_from": f"PyTorch reference loop on {export.model_path.name}"
+            if engine is None
+            else engine_key(export, engine)["engine"],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "calibration_videos": len(cal),
             "heldout_videos": len(held) if held is not None else 0,
@@ -283,4 +394,4 @@ def calibrate_export(
         manifest["calibration"] = record
 
     written = update_manifest(export.path, change)
-    return Calibration(written, table, chosen, cal, held, _plain(compared), info or {})
+    return Calibration(written, table, chosen, cal, held, _plain(compared), info or {}, _plain(fronts))

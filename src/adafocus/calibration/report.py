@@ -10,8 +10,7 @@ def format_table(report: dict) -> str:
     exits = len(report["exit_gflops"])
     lines = [
         f"{report['preset']} export {report['export']}",
-        f"calibration: {report['calibration_videos']} '{report['calibration_split']}' videos; held-out: "
-        f"{report['heldout_videos']} '{report['heldout_split']}' videos; task seed {report['seed']}",
+        _sets_line(report),
         "GFLOPs/video by exit step: " + ", ".join(f"{g:.4f}" for g in report["exit_gflops"]),
     ]
     held = report["heldout_accuracy_per_step"] is not None
@@ -49,3 +48,22 @@ def format_table(report: dict) -> str:
             "the exit mix and GFLOPs are realistic"
         )
     return "\n".join(lines)
+
+
+def _sets_line(report: dict) -> str:
+    if "calibration_set" not in report:  # the synthetic task, described by the caller's info
+        return (
+            f"calibration: {report['calibration_videos']} '{report['calibration_split']}' videos; held-out: "
+            f"{report['heldout_videos']} '{report['heldout_split']}' videos; task seed {report['seed']}"
+        )
+
+    def described(videos: dict | None) -> str:
+        if videos is None:
+            return "none"
+        if "synthetic" in videos:
+            task = videos["synthetic"]
+            return f"{videos['used']} synthetic '{task['split']}' videos (task seed {task['seed']})"
+        left_out = f", {videos['left_out']} left out" if videos["left_out"] else ""
+        return f"{videos['used']} videos of {videos['list']}{left_out}"
+
+    return f"calibration: {described(report['calibration_set'])}; held-out: {described(report['heldout_set'])}"

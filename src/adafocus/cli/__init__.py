@@ -8,9 +8,11 @@ import click
 
 from adafocus.cli.bench import bench
 from adafocus.cli.calibrate import calibrate
-from adafocus.cli.common import CONTEXT, Group
+from adafocus.cli.common import CONTEXT, Group, backend_choice, device_choice
 from adafocus.cli.export import export
 from adafocus.cli.predict import predict
+from adafocus.cli.sets import LIST_FORMATS, FileSets, report_left_out, set_options
+from adafocus.errors import AdaFocusError
 from adafocus.files import dumps
 
 __all__ = ["bench", "calibrate", "export", "main", "predict"]
@@ -128,10 +130,31 @@ def train(preset, out, steps, batch_size, lr, gradient, schedule, val_every, see
 
 @main.command()
 @click.option(
+    "--export",
+    "export_dir",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Evaluate this export through a deployed engine [default with --data: the built-in demo export].",
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True),
+    default=None,
+    help="Your held-out videos: " + LIST_FORMATS + ". [default with --export: the synthetic 'test' split]",
+)
+@click.option("--backend", type=backend_choice(), default="onnxruntime", show_default=True, help="With --export.")
+@click.option("--device", type=device_choice(), default=None, help="With --export: where the backend runs.")
+@click.option(
+    "--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None, help="With --export: graph precision."
+)
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="With --export: write the front (PNG).")
+@set_options
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Videos per forward pass.")
+@click.option(
     "--checkpoint",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
-    help="Model to evaluate [default: the built-in demo model].",
+    help="Without --export: the model to evaluate on the synthetic task [default: the built-in demo model].",
 )
 @click.option(
     "--pixel-checkpoint",
@@ -139,11 +162,55 @@ def train(preset, out, steps, batch_size, lr, gradient, schedule, val_every, see
     default=None,
     help="The same model trained with pixel-based gradients [default: the built-in one, with the demo model].",
 )
-@click.option("--videos", type=click.IntRange(1), default=1000, show_default=True, help="Held-out videos.")
+@click.option("--videos", type=click.IntRange(1), default=1000, show_default=True, help="Synthetic held-out videos.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def evaluate(checkpoint, pixel_checkpoint, videos, as_json) -> None:
-    """Held-out accuracy after t cubes (learned vs random policy vs pixel-based gradients) and
-    early exit at a few thresholds, on the synthetic task."""
+def evaluate(
+    export_dir,
+    data,
+    backend,
+    device,
+    precision,
+    plot,
+    batch_size,
+    checkpoint,
+    pixel_checkpoint,
+    videos,
+    as_json,
+    **sets,
+):
+    """Accuracy against GFLOPs on held-out videos.
+
+    With --export (or --data): the export runs through the runtime on --backend, early exit off,
+    on your videos (--data) or synthetic ones: accuracy after t cubes for every video (t = 0..K) and
+    the accuracy-vs-GFLOPs front of the export's calibrated budgets (paper Fig. 3), each realised on
+    these videos. JSON keys: accuracy_per_step (list over t), budgets ([{gflops, accuracy, ...}]),
+    videos, left_out, fixed_cubes, gflops_per_exit_step.
+
+    Without: a PyTorch checkpoint on the synthetic task: accuracy after t cubes with the learned
+    policy, a random one and pixel-based gradients, and early exit at a few thresholds.
+    """
+    if export_dir is not None or data is not None:
+        report = _evaluate_export(export_dir, data, backend, device, precision, plot, batch_size, videos, sets)
+        if as_json:
+            click.echo(dumps(report))
+            return
+        click.echo(
+            f"{report['preset']} export {report['export']} on {report['engine']['backend']} "
+            f"({report['engine']['device']}, {report['engine']['precision']}): {report['videos']} videos"
+        )
+        click.echo("accuracy after t cubes, every video (no exit):")
+        for point in report["fixed_cubes"]:
+            click.echo(f"  t={point['cubes']}  {100 * point['accuracy']:5.1f}%  @ {point['gflops']:.4f} GFLOPs")
+        click.echo("calibrated budgets (entropy exit), realised on these videos:")
+        for b in report["budgets"]:
+            click.echo(f"  budget {b['budget_gflops']:.4f}: {100 * b['accuracy']:5.1f}% @ {b['gflops']:.4f} GFLOPs")
+        if not report["budgets"]:
+            click.echo("  none: the export is not calibrated (adafocus-calibrate)")
+        if plot:
+            click.echo(f"wrote {report['plot']}")
+        return
+    if any(sets[k] != v for k, v in (("root", None), ("workers", 2), ("max_bad", 0.05))):
+        raise AdaFocusError("--root, --workers and --max-bad are for your videos", "give --data")
     from adafocus.data.synthetic import SyntheticTask
     from adafocus.model.checkpoint import load_checkpoint
     from adafocus.train.evaluate import evaluate as run_evaluation
@@ -173,6 +240,60 @@ def evaluate(checkpoint, pixel_checkpoint, videos, as_json) -> None:
             f"GFLOPs/video {point['gflops']:.4f}  exits per step "
             + " ".join(f"{f:.2f}" for f in point["exit_fractions"])
         )
+
+
+def _evaluate_export(export_dir, data, backend, device, precision, plot, batch_size, videos, sets) -> dict:
+    """evaluate --export: the export through the runtime on your videos or the synthetic task's."""
+    from adafocus.builtin import demo_export, task_for_export
+    from adafocus.calibration.evaluate import evaluate_export
+    from adafocus.calibration.plot import plot_curve
+    from adafocus.export.manifest import open_export
+    from adafocus.runtime import Runtime
+
+    export = open_export(export_dir) if export_dir else demo_export()
+    options = {"precision": precision} if precision else {}
+    files = FileSets(export.class_names, export.preset, **sets)
+    labelled = files.read(data) if data else None  # labels checked before the engine loads or anything decodes
+    engine = Runtime.load(export.path, backend, device, **options)
+    if labelled is not None:
+        batches = files.batches(labelled, batch_size, "evaluating")
+        report = evaluate_export(engine, batches)
+        report |= {"data": labelled.source} | report_left_out(f"videos ({labelled.source})", batches.report)
+    else:
+        from adafocus.data.synthetic import TaskVideos
+
+        task, seed, meaningful = task_for_export(export)
+        report = evaluate_export(engine, TaskVideos(task, "test", videos, batch_size), progress=True)
+        report |= {"data": {"synthetic": {"seed": seed, "split": "test"}, "accuracy_meaningful": meaningful}}
+        report |= {"used": report["videos"], "left_out": []}
+    if plot:
+        table = [{"gflops": b["gflops"], "accuracy": b["accuracy"]} for b in report["budgets"]]
+        title = f"{report['preset']}: calibrated budgets on {report['videos']} videos ({backend})"
+        report["plot"] = str(plot_curve(table, {"fixed_cubes": report["fixed_cubes"]}, plot, title=title))
+    return report
+
+
+@main.command()
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
+@click.option("--videos", type=click.IntRange(1), default=200, show_default=True, help="How many videos.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the videos and labels.txt.")
+@click.option("--preset", default="demo", show_default=True, help="Shapes of the videos (frames, size).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Task seed (the demo model was trained on 0).")
+@click.option("--start", type=click.IntRange(0), default=0, show_default=True, help="Index of the first video.")
+def synth(split, videos, out, preset, seed, start) -> None:
+    """Write synthetic-task videos as real video files plus a labels list (OUT/labels.txt: `path
+    label` per line), so that every command that reads video files can be shown and tested on them.
+
+    The files are lossless: H.264 in RGB at qp 0 (libx264rgb), which decodes back to exactly the
+    generated pixels. The glyphs' textures are one pixel wide: chroma subsampling (yuv420p) or any
+    lossy setting erases them, so do not re-encode these files.
+    """
+    from adafocus.data.synthetic import SyntheticTask, write_split
+    from adafocus.model.presets import get_preset
+
+    task = SyntheticTask(get_preset(preset), seed=seed)
+    labels = write_split(task, split, videos, out, start=start)
+    click.echo(f"wrote {videos} videos and {labels}")
 
 
 for command in (export, bench, calibrate, predict):

@@ -54,7 +54,7 @@ RESULTS_DIR = "adafocus-results"  # where reports go by default: untracked, git-
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Split any graph call doing more multiply-adds than this into parts (same results, bounded memory) "
-    "[default: 600 on the CPU, none on a GPU].",
+    "[default: 150 on the CPU, none on a GPU].",
 )
 @click.option(
     "--out",

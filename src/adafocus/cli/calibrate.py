@@ -4,28 +4,35 @@ from __future__ import annotations
 
 import click
 
-from adafocus.cli.common import CONTEXT, Command
-from adafocus.export.manifest import Export
+from adafocus.cli.common import CONTEXT, Command, backend_choice, device_choice
+from adafocus.cli.sets import LIST_FORMATS, FileSets, report_left_out, set_options
+from adafocus.errors import AdaFocusError
+from adafocus.export.manifest import Export, open_export
 from adafocus.files import dumps
 
 
 @click.command(cls=Command, context_settings=CONTEXT)
 @click.argument("export_dir", required=False, type=click.Path(file_okay=False, exists=True))
 @click.option(
+    "--data",
+    type=click.Path(exists=True),
+    default=None,
+    help="Your calibration videos (thresholds are solved on them): " + LIST_FORMATS + ". "
+    "[default: the synthetic task's 'val' split, --videos of them]",
+)
+@click.option(
+    "--heldout",
+    default=None,
+    help="Your held-out videos (same formats), on which each budget's accuracy and realised GFLOPs are measured. "
+    "Without --data: a number of the synthetic task's 'test' videos [default: 1000; 0: skip].",
+)
+@click.option(
     "--videos",
     "calibration_videos",
     type=click.IntRange(1),
     default=1000,
     show_default=True,
-    help="Calibration videos, from the synthetic task's 'val' split (thresholds are solved on them).",
-)
-@click.option(
-    "--heldout",
-    "heldout_videos",
-    type=click.IntRange(0),
-    default=1000,
-    show_default=True,
-    help="Held-out videos, from the 'test' split, to measure each budget's accuracy and realised GFLOPs (0: skip).",
+    help="Without --data: calibration videos from the synthetic task's 'val' split.",
 )
 @click.option(
     "--seed",
@@ -33,6 +40,29 @@ from adafocus.files import dumps
     default=None,
     help="Seed of the synthetic task [default: the checkpoint's training seed (train_config.seed), else 0].",
 )
+@click.option(
+    "--backend",
+    type=backend_choice(),
+    default=None,
+    help="Collect the entropies through this deployed engine (the runtime's loop, early exit off), so an fp16 or "
+    "INT8 deployment gets thresholds for its own entropies [default: the fp32 PyTorch reference loop].",
+)
+@click.option("--device", type=device_choice(), default=None, help="With --backend: where it runs.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    default=None,
+    help="With --backend: the precision of the graphs it runs [default: the backend's own].",
+)
+@click.option(
+    "--cache",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Keep every video's per-exit entropies and correctness in this JSON file, keyed by the export's weights, "
+    "the engine and the videos (paths, labels, sizes, times): another run with other --max-drop or budgets "
+    "decodes nothing; a cache made for another export or other videos is not used (and is replaced).",
+)
+@set_options
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Videos per forward pass.")
 @click.option(
     "--max-drop",
@@ -55,11 +85,18 @@ from adafocus.files import dumps
     "class changes, CPU videos/s).",
 )
 @click.option(
+    "--int8-data",
+    type=click.Path(exists=True),
+    default=None,
+    help="With --int8: your videos for the activation ranges (same formats; the first --int8-videos of them) "
+    "[default: --data if given, else the synthetic 'val' split].",
+)
+@click.option(
     "--int8-videos",
     type=click.IntRange(1),
     default=128,
     show_default=True,
-    help="With --int8: calibration videos for the activation ranges (the first of the 'val' split).",
+    help="With --int8: how many calibration videos record the activation ranges (the first of the set).",
 )
 @click.option(
     "--int8-weight-bits",
@@ -70,106 +107,201 @@ from adafocus.files import dumps
     "the same answers on every x86 CPU; 8 bits are slightly more accurate but clip on CPUs without VNNI, where "
     "they then run in a slower exact mode.",
 )
-def calibrate(
-    export_dir,
-    calibration_videos,
-    heldout_videos,
-    seed,
-    batch_size,
-    max_drop,
-    plot,
-    as_json,
-    threads,
-    int8,
-    int8_videos,
-    int8_weight_bits,
-):
+def calibrate(export_dir, data, heldout, calibration_videos, seed, backend, device, precision, cache, **options):
     """Calibrate early exit for EXPORT_DIR [default: the built-in demo export, in its cache directory].
 
-    Runs the export's PyTorch model without early exit on synthetic-task videos, solves entropy
-    thresholds for a sweep of exit proportions (MSDNet dynamic evaluation, paper Eq. 7), keeps the
-    accuracy-vs-GFLOPs front, measures it on held-out videos and writes it into the manifest
-    (`budgets`, and a default `thresholds`), so `Runtime.set_budget(GFLOPs)` can choose.
+    Runs the export's model without early exit on calibration videos (yours with --data, else the
+    synthetic task), solves entropy thresholds for a sweep of exit proportions (MSDNet dynamic
+    evaluation, paper Eq. 7), keeps the accuracy-vs-GFLOPs front, measures it on held-out videos
+    and writes it into the manifest (`budgets`, and a default `thresholds`), so
+    `Runtime.set_budget(GFLOPs)` can choose.
 
-    Models of the paper's presets (random weights, up to 174 classes) get a task of at most 10
-    classes: their accuracy is meaningless, but the exit mix and realised GFLOPs are realistic.
+    Your videos are decoded exactly as adafocus-predict decodes them; their labels are checked
+    against the export's class names before anything is decoded; an unreadable video is named on
+    stderr and left out (see --max-bad).
+
+    Models of the paper's presets (random weights, up to 174 classes) get a synthetic task of at
+    most 10 classes: their accuracy is meaningless, but the exit mix and realised GFLOPs are realistic.
 
     With --int8, `<graph>.int8.onnx` graphs are added and recorded in the manifest, so that
     `Runtime.load(dir, "onnxruntime", precision="int8")` runs them (see adafocus.quantize.int8).
     """
-    from adafocus.builtin import demo_export, task_for_export
-    from adafocus.calibration.calibrate import calibrate_export
-    from adafocus.calibration.plot import plot_curve
-    from adafocus.calibration.report import format_table
-    from adafocus.data.synthetic import TaskVideos
-    from adafocus.export.manifest import open_export
-    from adafocus.quantize import describe
+    from adafocus.builtin import demo_export
 
-    if threads:
+    if options["threads"]:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(options["threads"])
+    if backend is None and (device or precision):
+        raise AdaFocusError("--device and --precision choose the engine of --backend", "add --backend NAME")
+    if data is None and options["int8_data"] is None and any(options[k] != DEFAULTS[k] for k in DEFAULTS):
+        raise AdaFocusError("--root, --workers and --max-bad are for your videos", "give --data (or --int8-data)")
     export = open_export(export_dir) if export_dir else demo_export()
-    task, seed, meaningful = task_for_export(export, seed)
-    if not meaningful:
-        click.echo(
-            f"note: {export.path} was not trained on the synthetic task ({task.preset.num_classes} classes used): "
-            "accuracy is meaningless, the exit mix is realistic",
-            err=True,
-        )
-    info = {
-        "task": "synthetic 'find the detail' videos",
-        "seed": seed,
-        "calibration_split": "val",
-        "calibration_videos": calibration_videos,
-        "heldout_split": "test",
-        "heldout_videos": heldout_videos,
-        "accuracy_meaningful": meaningful,
-    }
-    result = calibrate_export(
-        export.path,
-        TaskVideos(task, "val", calibration_videos, batch_size),
-        TaskVideos(task, "test", heldout_videos, batch_size) if heldout_videos else None,
-        batch_size=batch_size,
-        max_drop=max_drop,
-        info=info,
-    )
-    report = result.to_dict() | {"default_rule": result.export.calibration["default_rule"]}
-    if plot:
-        title = f"{report['preset']}: early exit by entropy, {calibration_videos} calibration videos"
-        title += f", {heldout_videos} held-out" if heldout_videos else ""
-        report["plot"] = str(plot_curve(result.table, result.baselines, plot, title=title))
-    if int8:
-        batches = {"val": int8_videos, "test": heldout_videos, "batch_size": batch_size}
-        report["int8"] = _quantise(result.export, task, batches, seed, meaningful, int(int8_weight_bits))
-    if as_json:
+    sets = _Sets(export, seed, data, heldout, calibration_videos, options)
+    engine = None
+    if backend is not None:
+        from adafocus.runtime import Runtime
+
+        engine = Runtime.load(export.path, backend, device, **({"precision": precision} if precision else {}))
+    report = _calibrate(export, sets, engine, cache, options)
+    if options["as_json"]:
         click.echo(dumps(report))
         return
+    from adafocus.calibration.report import format_table
+
     click.echo(format_table(report))
-    click.echo(f"\nwrote {len(result.table)} budgets to {result.export.path / 'manifest.json'}")
-    if plot:
+    click.echo(f"\nwrote {len(report['budgets'])} budgets to {export.path / 'manifest.json'}")
+    if options["plot"]:
         click.echo(f"wrote {report['plot']}")
-    if int8:
+    if options["int8"]:
+        from adafocus.quantize import describe
+
         click.echo("\n" + describe(report["int8"]))
 
 
+DEFAULTS = {"root": None, "workers": 2, "max_bad": 0.05}
 SPEED_BATCH = 128
 SPEED_THREADS = 2
 
 
-def _quantise(export: Export, task, videos: dict, seed: int, meaningful: bool, weight_bits: int) -> dict:
-    """--int8: quantise on 'val' videos, compare fp32 and int8 on the held-out ones, store the comparison."""
-    from adafocus.data.synthetic import TaskVideos
+class _Sets:
+    """The videos of one calibration: the user's files (every list read, and its labels checked,
+    before anything is decoded) or the synthetic task's splits."""
+
+    def __init__(self, export: Export, seed, data, heldout, calibration_videos: int, options: dict):
+        from adafocus.builtin import task_for_export
+
+        self.files = FileSets(export.class_names, export.preset, **{k: options[k] for k in DEFAULTS})
+        self.batch_size = options["batch_size"]
+        self.task, self.seed, self.meaningful = task_for_export(export, seed)
+        self.calibration = self.files.read(data) if data else None
+        self.calibration_videos = calibration_videos
+        self.heldout, self.heldout_videos = None, 0
+        if heldout is not None and heldout.strip().isdigit():
+            if data:
+                raise AdaFocusError(f"with --data, --heldout names a set of videos, not a number ({heldout})")
+            self.heldout_videos = int(heldout)
+        elif heldout is not None:
+            self.heldout = self.files.read(heldout)
+        elif not data:
+            self.heldout_videos = 1000
+        int8_data = options["int8_data"]
+        self.int8 = self.files.read(int8_data) if int8_data else self.calibration
+        if int8_data and not options["int8"]:
+            raise AdaFocusError("--int8-data is the data of --int8", "add --int8")
+        if not self.meaningful and data is None:
+            click.echo(
+                f"note: {export.path} was not trained on the synthetic task ({self.task.preset.num_classes} classes "
+                "used): accuracy is meaningless, the exit mix is realistic",
+                err=True,
+            )
+
+    def synthetic(self, split: str, count: int, batch_size: int | None = None):
+        from adafocus.data.synthetic import TaskVideos
+
+        return TaskVideos(self.task, split, count, batch_size or self.batch_size)
+
+    def describe(self, role: str, videos) -> dict:
+        if videos is None:
+            split, count = ("val", self.calibration_videos) if role == "calibration" else ("test", self.heldout_videos)
+            return {"synthetic": {"seed": self.seed, "split": split, "videos": count}}
+        return {"list": videos.source, "sha256": videos.digest(), "videos": len(videos)}
+
+
+def _collect(export: Export, sets: _Sets, role: str, engine, cache, progress: bool):
+    """One set's step outputs: from the cache when it holds them for this export, engine and set, else
+    collected (and cached). Returns (outputs, what the set was)."""
+    from adafocus.calibration.calibrate import collect, engine_key, load_cached, save_cached
+
+    videos = sets.calibration if role == "calibration" else sets.heldout
+    described = sets.describe(role, videos)
+    key = engine_key(export, engine) | {"videos": described}
+    log = lambda line: click.echo(line, err=True)  # noqa: E731
+    hit = load_cached(cache, role, key, log) if cache else None
+    if hit is not None:
+        outputs, meta = hit
+        click.echo(f"{role} videos: {len(outputs)} from {cache} (nothing decoded)", err=True)
+        return outputs, described | meta
+    if videos is None:
+        split, count = ("val", sets.calibration_videos) if role == "calibration" else ("test", sets.heldout_videos)
+        outputs = collect(export, sets.synthetic(split, count), engine=engine, progress=progress, desc=f"{role} videos")
+        meta = {"used": len(outputs), "left_out": []}
+    else:
+        batches = sets.files.batches(videos, sets.batch_size, f"{role} videos", progress)
+        outputs = collect(export, batches, engine=engine, progress=False, batch_size=sets.batch_size)
+        meta = report_left_out(f"{role} videos ({videos.source})", batches.report)
+    if cache:
+        save_cached(cache, role, key, outputs, meta)
+    return outputs, described | meta
+
+
+def _calibrate(export: Export, sets: _Sets, engine, cache, options: dict) -> dict:
+    from adafocus.calibration.calibrate import calibrate_export
+    from adafocus.calibration.plot import plot_curve
+
+    calibration, cal_info = _collect(export, sets, "calibration", engine, cache, True)
+    heldout, held_info = None, None
+    if sets.heldout is not None or sets.heldout_videos:
+        heldout, held_info = _collect(export, sets, "heldout", engine, cache, True)
+    own = sets.calibration is not None
+    info = {
+        "task": "your videos" if own else "synthetic 'find the detail' videos",
+        "calibration_set": {k: v for k, v in cal_info.items() if k != "left_out"}
+        | {"left_out": len(cal_info["left_out"])},
+        "heldout_set": None
+        if held_info is None
+        else {k: v for k, v in held_info.items() if k != "left_out"} | {"left_out": len(held_info["left_out"])},
+        "accuracy_meaningful": own or sets.meaningful,
+        "calibration_videos": len(calibration),
+        "heldout_videos": len(heldout) if heldout is not None else 0,
+    }
+    if not own:
+        info |= {"seed": sets.seed, "calibration_split": "val", "heldout_split": "test"}
+    result = calibrate_export(export.path, calibration, heldout, max_drop=options["max_drop"], info=info, engine=engine)
+    report = result.to_dict() | {"default_rule": result.export.calibration["default_rule"]}
+    report["left_out"] = {"calibration": cal_info["left_out"], "heldout": held_info["left_out"] if held_info else []}
+    if options["plot"]:
+        title = f"{report['preset']}: early exit by entropy, {len(calibration)} calibration videos"
+        title += f", {len(heldout)} held-out" if heldout is not None else ""
+        report["plot"] = str(plot_curve(result.table, result.baselines, options["plot"], title=title))
+    if options["int8"]:
+        report["int8"] = _quantise(result.export, sets, options, int(options["int8_weight_bits"]))
+    return report
+
+
+def _quantise(export: Export, sets: _Sets, options: dict, weight_bits: int) -> dict:
+    """--int8: activation ranges on the calibration set (yours or 'val'), fp32 vs int8 on the held-out one."""
+    from itertools import islice
+
     from adafocus.quantize import compare_precisions, measure_speed, quantize_export, record_report
 
-    info = {"task": "synthetic 'find the detail' videos", "seed": seed, "split": "val"}
-    calibration = TaskVideos(task, "val", videos["val"], videos["batch_size"])
+    count = options["int8_videos"]
+    if sets.int8 is not None:
+        from dataclasses import replace
+
+        first = replace(sets.int8, paths=sets.int8.paths[:count], labels=sets.int8.labels[:count])
+        calibration = sets.files.batches(first, sets.batch_size, "int8 range videos")
+        info = {"task": "your videos", "list": sets.int8.source, "videos": len(first)}
+    else:
+        calibration = sets.synthetic("val", count)
+        info = {"task": "synthetic 'find the detail' videos", "seed": sets.seed, "split": "val"}
     quantize_export(export.path, calibration, weight_bits=weight_bits, info=info)
-    report: dict = {}
-    if videos["test"]:
-        heldout = TaskVideos(task, "test", videos["test"], SPEED_BATCH)
+    if sets.int8 is not None:
+        info["left_out"] = len(report_left_out("int8 range videos", calibration.report)["left_out"])
+    report: dict = {"ranges_from": info}
+    if sets.heldout is not None:
+        heldout = sets.files.batches(sets.heldout, SPEED_BATCH, "int8 comparison videos")
         report["heldout"] = compare_precisions(export.path, heldout, threads=SPEED_THREADS)
-        report["heldout"] |= {"split": "test", "accuracy_meaningful": meaningful}
-    speed_videos, _ = task.batch("test", range(SPEED_BATCH))
+        report["heldout"] |= {"set": sets.heldout.source, "accuracy_meaningful": True}
+        speed_videos = next(iter(sets.files.batches(sets.heldout, SPEED_BATCH, "speed videos", False)))[0]
+    elif sets.heldout_videos:
+        heldout = sets.synthetic("test", sets.heldout_videos, SPEED_BATCH)
+        report["heldout"] = compare_precisions(export.path, heldout, threads=SPEED_THREADS)
+        report["heldout"] |= {"split": "test", "accuracy_meaningful": sets.meaningful}
+        speed_videos = next(iter(islice(heldout, 1)))[0]
+    elif sets.int8 is not None:
+        speed_videos = next(iter(sets.files.batches(sets.int8, SPEED_BATCH, "speed videos", False)))[0]
+    else:
+        speed_videos = next(iter(sets.synthetic("test", SPEED_BATCH, SPEED_BATCH)))[0]
     report["speed"] = measure_speed(export.path, speed_videos, threads=SPEED_THREADS)
     return record_report(export.path, report).int8

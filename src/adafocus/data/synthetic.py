@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -196,3 +197,26 @@ class TaskVideos:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, self.count, self.batch_size):
             yield self.task.batch(self.split, range(start, min(start + self.batch_size, self.count)))
+
+
+def write_split(task: SyntheticTask, split: str, count: int, out, *, start: int = 0, progress: bool = True) -> Path:
+    """Videos `start .. start+count-1` of a split as lossless video files in `out`, and their labels
+    as an annotation list `out/labels.txt` (`path label` per line, the label an index into the
+    task's class names; mmaction2's convention). Returns the list's path. The frames are the task's,
+    rounded to 8 bits (what any video file holds)."""
+    from tqdm import tqdm
+
+    from adafocus.data.video import LOSSLESS, write_lossless  # PyAV: only where files are written
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# adafocus synth: {count} '{split}' videos of the {task.preset.name} task, seed {task.seed}; path label"]
+    for index in tqdm(range(start, start + count), desc=f"writing {split} videos", unit="video", disable=not progress):
+        raw, info = task.raw_video(split, index)
+        pixels = np.rint(raw * 255).astype(np.uint8).transpose(0, 2, 3, 1)  # (T, H, W, 3)
+        name = f"{split}-{index:06d}{LOSSLESS['suffix']}"
+        write_lossless(out / name, pixels)
+        lines.append(f"{name} {info.label}")
+    labels = out / "labels.txt"
+    labels.write_text("\n".join(lines) + "\n")
+    return labels

@@ -81,26 +81,41 @@ def tsn_indices(num_frames: int, count: int) -> list[int]:
     return [((2 * i + 1) * num_frames) // (2 * count) for i in range(count)]
 
 
-def resize_crop(rgb: np.ndarray, frame_size: int) -> torch.Tensor:
+IMAGENET = "imagenet"  # resize_shorter_side's default: the official recipe, round(S * 256 / 224)
+
+
+def shorter_side_for(frame_size: int, resize_shorter_side: int | None | str = IMAGENET) -> int | None:
+    return round(frame_size * 256 / 224) if resize_shorter_side == IMAGENET else resize_shorter_side
+
+
+def resize_crop(rgb: np.ndarray, frame_size: int, resize_shorter_side: int | None | str = IMAGENET) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, S, S) uint8, resized and centre-cropped, rounded back to 8 bits as
     a resized image file would be (and as PIL's resize, which torchvision's transforms run, does):
     frames stay a quarter of float32's size until the model takes them (`to_model_input`), which is
     what the Ray engine ships between machines, and both engines see the same pixels.
 
     Sizes follow torchvision's Resize(int)/CenterCrop, which the official transforms use: the longer
-    side is truncated, the crop offset rounded.
+    side is truncated, the crop offset rounded. `resize_shorter_side` None (the "as-is" preprocessing)
+    crops the frame as it is, with no resampling at all, unless it is smaller than the crop.
     """
     height, width = rgb.shape[:2]
-    short = round(frame_size * 256 / 224)
-    if width <= height:
-        new_w, new_h = short, int(short * height / width)
+    short = shorter_side_for(frame_size, resize_shorter_side)
+    if short is None and min(height, width) >= frame_size:
+        image = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)  # exact pixels: nothing to round
+        new_h, new_w = height, width
     else:
-        new_w, new_h = int(short * width / height), short
-    image = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float()
-    image = F.interpolate(image, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        short = short or frame_size  # "as-is", but too small: scale up just enough
+        if width <= height:
+            new_w, new_h = short, int(short * height / width)
+        else:
+            new_w, new_h = int(short * width / height), short
+        image = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float()
+        image = F.interpolate(image, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
     top = int(round((new_h - frame_size) / 2.0))
     left = int(round((new_w - frame_size) / 2.0))
     image = image[0, :, top : top + frame_size, left : left + frame_size]
+    if image.dtype == torch.uint8:
+        return image.contiguous()
     return image.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -110,17 +125,21 @@ def to_model_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(normalize(pixels.numpy().astype(np.float32) / 255.0)).contiguous()
 
 
-def load_video(path: str | os.PathLike, num_frames: int, frame_size: int) -> torch.Tensor:
+def load_video(
+    path: str | os.PathLike, num_frames: int, frame_size: int, resize_shorter_side: int | None | str = IMAGENET
+) -> torch.Tensor:
     """Model input (num_frames, 3, frame_size, frame_size) for one video file."""
-    return load_clip(path, num_frames, frame_size).frames
+    return load_clip(path, num_frames, frame_size, resize_shorter_side).frames
 
 
 def load_video_for(path: str | os.PathLike, preset: Preset) -> torch.Tensor:
-    """Model input shaped for `preset` (a `adafocus.model.presets.Preset`)."""
-    return load_video(path, preset.num_frames, preset.frame_size)
+    """Model input shaped and preprocessed for `preset` (a `adafocus.model.presets.Preset`)."""
+    return load_video(path, preset.num_frames, preset.frame_size, preset.resize_shorter_side)
 
 
-def load_clip(path: str | os.PathLike, num_frames: int, frame_size: int) -> VideoClip:
+def load_clip(
+    path: str | os.PathLike, num_frames: int, frame_size: int, resize_shorter_side: int | None | str = IMAGENET
+) -> VideoClip:
     """Like `load_video`, keeping which source frames were sampled, for drawing and checks."""
     name = os.fspath(path)
     if num_frames < 1 or frame_size < 1:
@@ -135,7 +154,7 @@ def load_clip(path: str | os.PathLike, num_frames: int, frame_size: int) -> Vide
         raise AdaFocusError(f"{name}: video has no frames", "give a file that contains at least one video frame")
 
     indices = tsn_indices(claimed, num_frames)
-    kept, decoded, failure, size = _decode_indices(name, indices, frame_size)
+    kept, decoded, failure, size = _decode_indices(name, indices, frame_size, resize_shorter_side)
     source, truncated = claimed, False
     if len(kept) < len(set(indices)):
         # The decoder ran dry (or failed) before the last wanted frame: `decoded` is every frame
@@ -148,7 +167,7 @@ def load_clip(path: str | os.PathLike, num_frames: int, frame_size: int) -> Vide
                 _REENCODE,
             )
         indices = tsn_indices(decoded, num_frames)
-        kept, decoded, failure, size = _decode_indices(name, indices, frame_size)
+        kept, decoded, failure, size = _decode_indices(name, indices, frame_size, resize_shorter_side)
         if len(kept) < len(set(indices)):  # the decoder gave a different answer the second time round
             raise AdaFocusError(f"{name}: damaged: decoding stops at a different frame on each pass", _REENCODE)
 
@@ -168,7 +187,8 @@ def load_clip(path: str | os.PathLike, num_frames: int, frame_size: int) -> Vide
 
 
 def load_clip_for(path: str | os.PathLike, preset: Preset) -> VideoClip:
-    return load_clip(path, preset.num_frames, preset.frame_size)
+    """A clip for `preset`: its frame count and size, and the preprocessing it was trained with."""
+    return load_clip(path, preset.num_frames, preset.frame_size, preset.resize_shorter_side)
 
 
 def _check_file(name: str) -> None:
@@ -217,7 +237,7 @@ def _count_frames(name: str) -> tuple[int, str]:
 
 
 def _decode_indices(
-    name: str, indices: list[int], frame_size: int
+    name: str, indices: list[int], frame_size: int, resize_shorter_side
 ) -> tuple[dict[int, torch.Tensor], int, str | None, tuple[int, int]]:
     """One sequential pass keeping `indices`: (kept frames, frames decoded, decode error, (w, h))."""
     wanted = set(indices)
@@ -232,7 +252,7 @@ def _decode_indices(
         try:
             for frame in container.decode(stream):
                 if decoded in wanted:
-                    kept[decoded] = resize_crop(frame.to_ndarray(format="rgb24"), frame_size)
+                    kept[decoded] = resize_crop(frame.to_ndarray(format="rgb24"), frame_size, resize_shorter_side)
                     size = (frame.width, frame.height)
                 decoded += 1
                 if decoded > last:
@@ -242,3 +262,25 @@ def _decode_indices(
     if not decoded and failure:
         raise AdaFocusError(f"{name}: no frame could be decoded ({failure})", _REENCODE)
     return kept, decoded, failure, size
+
+
+LOSSLESS = {"codec": "libx264rgb", "options": {"qp": "0", "preset": "veryfast"}, "pix_fmt": "rgb24", "suffix": ".mkv"}
+
+
+def write_lossless(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
+    """(T, H, W, 3) uint8 RGB frames -> a video file that decodes back to exactly these pixels:
+    H.264 in RGB (libx264rgb) at qp 0, no chroma subsampling. Subsampled or lossy codecs (yuv420p,
+    any crf > 0) blur one-pixel detail, such as the synthetic task's glyph textures."""
+    if LOSSLESS["codec"] not in av.codecs_available:
+        raise AdaFocusError(
+            f"this PyAV's FFmpeg lacks {LOSSLESS['codec']}, needed for lossless RGB video files",
+            "install a PyAV wheel with libx264 (the PyPI wheels have it)",
+        )
+    frames = np.asarray(frames, dtype=np.uint8)
+    with av.open(os.fspath(path), "w") as container:
+        stream = container.add_stream(LOSSLESS["codec"], rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], LOSSLESS["pix_fmt"]
+        stream.options = dict(LOSSLESS["options"])
+        for rgb in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")))
+        container.mux(stream.encode())

@@ -206,7 +206,8 @@ def _manifest(model: AdaFocusV3, class_names, weights, graphs, validation, engin
             "shape": ["batch", *preset.video_shape],
             "dtype": "float32",
             "sampling": f"TSN: frame floor((i + 0.5) * L / {preset.num_frames}) of a video of L frames",
-            "resize_shorter_side": round(preset.frame_size * 256 / 224),
+            "preprocessing": preset.preprocessing,
+            "resize_shorter_side": preset.resize_shorter_side,  # null: frames are cropped as they are
             "crop": f"centre {preset.frame_size}x{preset.frame_size}",
             "scale": 1 / 255,
             "mean": [float(m) for m in MEAN],

@@ -33,6 +33,8 @@ class Preset:
     local_arch: str = "resnet50"
     hidden_dim: int = 4096
     policy_channels: int = 128
+    # how a video file becomes this model's input, as the model was trained (PREPROCESSING)
+    preprocessing: str = "imagenet"
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -41,6 +43,7 @@ class Preset:
                 raise AdaFocusError(f"preset {self.name!r}: {what}", "fix the preset definition")
 
         check(self.local_arch in LOCAL_ARCHS, f"local_arch must be one of {sorted(LOCAL_ARCHS)}")
+        check(self.preprocessing in PREPROCESSING, f"preprocessing must be one of {sorted(PREPROCESSING)}")
         check(0 < self.glance_frames <= self.num_frames, "need 0 < glance_frames <= num_frames")
         check(0 < self.cube_frames <= self.num_frames, "need 0 < cube_frames <= num_frames")
         check(0 < self.cube_size <= self.frame_size, "need 0 < cube_size <= frame_size")
@@ -61,6 +64,12 @@ class Preset:
         return self.max_cubes + 1
 
     @property
+    def resize_shorter_side(self) -> int | None:
+        """The shorter side a decoded frame is resized to before the centre crop; None: no resize
+        (a frame smaller than the crop is scaled up just enough)."""
+        return round(self.frame_size * 256 / 224) if self.preprocessing == "imagenet" else None
+
+    @property
     def video_shape(self) -> tuple[int, int, int, int]:
         """Shape of one preprocessed video: (T, 3, H, W)."""
         return (self.num_frames, 3, self.frame_size, self.frame_size)
@@ -70,6 +79,10 @@ class Preset:
 
     @classmethod
     def from_dict(cls, data: dict) -> Preset:
+        data = dict(data)
+        if "preprocessing" not in data:  # a record from before the field: what its preset trained with
+            registered = PRESETS.get(data.get("name", ""))
+            data["preprocessing"] = registered.preprocessing if registered else "imagenet"
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -79,6 +92,15 @@ class Preset:
             )
         return cls(**data)
 
+
+# How video files are turned into a preset's input (adafocus.data.video): always TSN frame sampling,
+# /255 and ImageNet mean/std; the resize differs.
+PREPROCESSING = {
+    "imagenet": "shorter side resized to round(S * 256 / 224) (bilinear, antialiased), centre crop S×S: the "
+    "official recipe (what ImageNet-pretrained backbones and the paper's models expect)",
+    "as-is": "frames as they are: centre crop S×S without resizing (a frame smaller than S is scaled up just "
+    "enough); for models trained on frames of exactly their input size, such as the demo",
+}
 
 # Local encoder trunks: (block, blocks per stage, stage widths). The first two are torchvision's
 # ResNet-18/50; "resnet10-slim" is a half-width, one-block-per-stage ResNet for the CPU demo.
@@ -138,6 +160,7 @@ DEMO = Preset(
     local_arch="resnet10-slim",
     hidden_dim=128,
     policy_channels=32,
+    preprocessing="as-is",  # trained on 128² frames as generated: resampling would blur its 1-pixel glyphs
     description="small model that trains on 2 CPU cores in minutes: MobileNetV2×0.5 glance at 64², "
     "up to 4 frame-wise 64² cubes for a slim ResNet-10",
 )

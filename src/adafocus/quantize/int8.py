@@ -450,7 +450,7 @@ def describe(record: dict) -> str:
     quantised = [g for g, r in record["graphs"].items() if r["quantized"]]
     lines = [
         f"INT8: {', '.join(f'{g}.int8.onnx' for g in quantised)} ({record['format']}; {record['method']} ranges "
-        f"from {record['calibration_videos']} '{record['split']}' videos through the fp32 loop; "
+        f"from {record['calibration_videos']} {_videos_of(record)} through the fp32 loop; "
         f"onnxruntime {record['onnxruntime']}); other graphs stay fp32",
     ]
     made = record.get("made_on", {})
@@ -461,7 +461,7 @@ def describe(record: dict) -> str:
     )
     if held := record.get("heldout"):
         lines.append(
-            f"  held-out ({held['videos']} '{held['split']}' videos, manifest thresholds): accuracy "
+            f"  held-out ({held['videos']} {_videos_of(held)}, manifest thresholds): accuracy "
             f"fp32 {100 * held['fp32_accuracy']:.1f}% -> int8 {100 * held['int8_accuracy']:.1f}%; "
             f"exit step changed for {100 * held['exit_step_changed']:.1f}%, "
             f"class for {100 * held['class_changed']:.1f}%; "
@@ -476,3 +476,9 @@ def describe(record: dict) -> str:
         f"videos/s ({speed['speedup']:.2f}x); load average {speed['load_average'][0]:.1f} on {speed['cpus']} CPUs"
     )
     return "\n".join(lines)
+
+
+def _videos_of(record: dict) -> str:
+    """Where a record's videos came from: a synthetic split, or the user's list (`set`/`list`)."""
+    listed = record.get("list") or record.get("set")
+    return f"videos of {listed}" if listed else f"'{record.get('split', '?')}' videos"

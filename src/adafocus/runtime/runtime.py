@@ -215,6 +215,34 @@ class Runtime:
             raise InternalError(f"the cube loop finished {finished} of {n} videos")
         return result
 
+    def step_outputs(self, videos) -> tuple[np.ndarray, np.ndarray]:
+        """Every exit's entropy (B, K+1) float32 and logits (B, K+1, classes) float32 for a batch,
+        with nobody exiting early: what calibrating exit thresholds on this engine takes (its own
+        entropies, as its graphs compute them in fp16 or INT8 too). The same loop as `predict`, with
+        every threshold at -inf; `thresholds` and `stats` are left as they are."""
+        self.check_videos(videos)
+        limit = self.backend.max_batch
+        if limit and videos.shape[0] > limit:
+            parts = [self.step_outputs(videos[i : i + limit]) for i in range(0, videos.shape[0], limit)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        n, exits = videos.shape[0], self.preset.num_exits
+        recorder = _StepRecorder(self.backend, LoopStats([0] * exits), n, exits, self.preset.num_classes)
+        batch = self.backend.videos(videos)
+        chunks = iter([(np.arange(n), batch, [])])
+        finished = cube_loop(
+            self.backend,
+            lambda _: next(chunks, None),
+            thresholds=np.full(exits, -np.inf),
+            max_cubes=self.preset.max_cubes,
+            video_shape=self.preset.video_shape,
+            capacity=None,
+            stats=recorder.stats,
+            timer=recorder,
+        )
+        if sum(1 for _ in finished) != n or not recorder.seen.all():
+            raise InternalError(f"the loop without exits left steps unrecorded ({recorder.seen.sum(axis=0)} of {n})")
+        return recorder.entropy, recorder.logits
+
     def stream(self, videos: Iterable, batch_size: int = 128) -> Iterator[VideoResult]:
         """Streaming mode: one (T, 3, H, W) video at a time in, one VideoResult per video out, in
         completion order (`index` = position in the input). A bad video yields a result with `error`
@@ -297,3 +325,29 @@ def _report(stats: LoopStats) -> dict:
         "exits_per_step": list(stats.exits),
         "videos": stats.videos,
     }
+
+
+class _StepRecorder(StageTimer):
+    """Sits between the loop and the backend and keeps every exit's entropy and logits. Without exits
+    every video of the batch runs every step in its own row (nothing leaves before step K, so nothing
+    is compacted): the glance's rows are exit 0, each classifier call's rows the exit its `step` says."""
+
+    def __init__(self, backend: Backend, stats: LoopStats, videos: int, exits: int, classes: int):
+        super().__init__(backend, stats)
+        self.entropy = np.zeros((videos, exits), np.float32)
+        self.logits = np.zeros((videos, exits, classes), np.float32)
+        self.seen = np.zeros((videos, exits), bool)
+
+    def run(self, graph: str, feeds: dict) -> dict:
+        out = self.backend.run(graph, feeds)
+        if graph in ("glance", "classifier"):
+            arrays = self.backend.arrays
+            entropy, logits = arrays.to_host(out["entropy"]), arrays.to_host(out["logits"])
+            steps = arrays.to_host(feeds["step"]) if graph == "classifier" else np.zeros(len(entropy), np.int64)
+            if len(entropy) != len(self.entropy) or len(set(steps.tolist())) != 1:
+                raise InternalError(
+                    f"a {graph} call of {len(entropy)} rows at steps {set(steps.tolist())} in a loop without exits"
+                )
+            step = int(steps[0])
+            self.entropy[:, step], self.logits[:, step], self.seen[:, step] = entropy, logits, True
+        return out

@@ -1,0 +1,320 @@
+"""Labelled video sets: the user's own videos for calibration, evaluation, INT8 ranges and training.
+
+    videos = read_labelled("val/labels.txt", class_names)        # or a .csv, or a class-per-folder tree
+    for frames, labels in decode_batches(videos, preset):       # decoded like adafocus-predict does
+        ...
+
+Three ways to name a set (`read_labelled` picks by what SOURCE is):
+
+- an annotation list, `path label` per line, whitespace-separated, the label an integer index into
+  the class names (the mmaction2 / TSN convention; a path may hold spaces: the label is the last
+  field);
+- a CSV file (`.csv`, or a first line `path,label`) with a header naming the columns `path` and
+  `label`, the label a class name or an index;
+- a directory: a class-per-folder tree, ROOT/<class name>/<video files>; its classes, in sorted
+  order, must be exactly the model's.
+
+In lists, blank lines and lines starting with `#` are skipped, and relative paths are taken against
+the list file's folder (or `root=`). Labels are checked against the model's class names when the
+set is read, before anything is decoded: one error names the first offenders and the fix.
+
+Decoding is `adafocus.data.video.load_clip_for`, the code adafocus-predict runs, in a pool of
+decoder threads (PyAV releases the GIL) that works at most two batches ahead, so memory is bounded
+whatever the size of the set. A video that cannot be used is reported (path and reason) and left
+out; past `max_bad` (a fraction of the set) the pass stops with an error instead of going on with a
+skewed set.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from adafocus.errors import AdaFocusError, error_text
+
+if TYPE_CHECKING:
+    from adafocus.model.presets import Preset
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+DEFAULT_MAX_BAD = 0.05  # the share of a set that may be unreadable before a command refuses it
+SHOWN = 5  # offenders named in one error
+
+
+@dataclass(frozen=True)
+class LabelledVideos:
+    """Video files and their class indices (into `class_names`), in the order the source gives."""
+
+    source: str  # the list file or the tree's root, as given
+    paths: tuple[str, ...]
+    labels: np.ndarray  # (N,) int64
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def digest(self) -> str:
+        """sha256 of what the set is: every path (absolute), its label, and its file's size and
+        modification time, so that a cache keyed by it goes stale when a file is replaced."""
+        h = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels.tolist()):
+            try:
+                stat = os.stat(path)
+                seen = f"{stat.st_size} {stat.st_mtime_ns}"
+            except OSError:
+                seen = "missing"
+            h.update(f"{os.path.abspath(path)}\t{label}\t{seen}\n".encode("utf-8", "surrogatepass"))
+        return h.hexdigest()
+
+
+def read_labelled(
+    source: str | os.PathLike, class_names: Sequence[str], *, root: str | os.PathLike | None = None
+) -> LabelledVideos:
+    """The set named by `source` (see the module docstring), labels checked against `class_names`."""
+    name = os.fspath(source)
+    class_names = tuple(class_names)
+    if os.path.isdir(name):
+        if root is not None:
+            raise AdaFocusError(f"--root is for lists; {name} is a folder tree", "drop --root, or give a list file")
+        return _read_tree(name, class_names)
+    if not os.path.exists(name):
+        raise AdaFocusError(f"{name}: no such list file or folder", "give a list, a CSV or a class-per-folder tree")
+    try:
+        with open(name, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdaFocusError(f"{name}: cannot read the list ({e})", "give a UTF-8 text file") from None
+    folder = os.fspath(root) if root is not None else os.path.dirname(name)
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    if name.lower().endswith(".csv") or (lines and lines[0][1].replace(" ", "").lower() == "path,label"):
+        rows = _csv_rows(name, lines)
+        by_name = True
+    else:
+        rows = [_list_row(name, n, line) for n, line in lines]
+        by_name = False
+    if not rows:
+        raise AdaFocusError(f"{name}: lists no videos", "give one `path label` line per video")
+    labels, offenders = [], []
+    for number, _, label in rows:
+        index = _label_index(label, class_names, by_name)
+        if index is None:
+            offenders.append(f"line {number}: {label!r}")
+        labels.append(index)
+    if offenders:
+        raise _label_error(name, offenders, class_names, by_name)
+    paths = tuple(p if os.path.isabs(p) else os.path.join(folder, p) for _, p, _ in rows)
+    return LabelledVideos(name, paths, np.asarray(labels, np.int64), class_names)
+
+
+def tree_classes(root: str | os.PathLike) -> list[str]:
+    """The class names of a class-per-folder tree: its visible sub-folders, sorted."""
+    name = os.fspath(root)
+    return sorted(e.name for e in os.scandir(name) if e.is_dir() and not e.name.startswith("."))
+
+
+def _read_tree(root: str, class_names: tuple[str, ...]) -> LabelledVideos:
+    found = tree_classes(root)
+    if not found:
+        raise AdaFocusError(
+            f"{root}: no class folders (ROOT/<class name>/<videos>)",
+            "give a folder with one sub-folder per class, or a labels list (e.g. its labels.txt)",
+        )
+    extra = [c for c in found if c not in class_names]
+    missing = [c for c in class_names if c not in found]
+    if extra or missing:
+        parts = []
+        if extra:
+            parts.append(f"folders that are not classes of the model: {_first(extra)}")
+        if missing:
+            parts.append(f"classes without a folder: {_first(missing)}")
+        raise AdaFocusError(
+            f"{root}: the tree's classes differ from the model's ({'; '.join(parts)})",
+            f"name the folders after the model's classes ({_first(list(class_names))}), or give a labels list",
+        )
+    paths, labels = [], []
+    for class_name in found:
+        for path in _videos_in(os.path.join(root, class_name)):
+            paths.append(path)
+            labels.append(class_names.index(class_name))
+    if not paths:
+        raise AdaFocusError(f"{root}: no video files in its class folders", f"video files end in {VIDEO_EXTENSIONS}")
+    return LabelledVideos(root, tuple(paths), np.asarray(labels, np.int64), class_names)
+
+
+def _videos_in(folder: str) -> list[str]:
+    found = []
+    for current, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(current, f) for f in sorted(files) if f.lower().endswith(VIDEO_EXTENSIONS)]
+    return found
+
+
+def _list_row(name: str, number: int, line: str) -> tuple[int, str, str]:
+    fields = line.rsplit(None, 1)
+    if len(fields) != 2:
+        raise AdaFocusError(f"{name}:{number}: expected `path label`, got {line!r}", "write one `path label` per line")
+    return number, fields[0], fields[1]
+
+
+def _csv_rows(name: str, lines: list[tuple[int, str]]) -> list[tuple[int, str, str]]:
+    reader = csv.reader(io.StringIO("\n".join(line for _, line in lines)))
+    rows = list(reader)
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if "path" not in header or "label" not in header:
+        raise AdaFocusError(f"{name}: a CSV list needs a header with `path` and `label`", "start it with: path,label")
+    at_path, at_label = header.index("path"), header.index("label")
+    out = []
+    for (number, _), row in zip(lines[1:], rows[1:]):
+        if len(row) <= max(at_path, at_label):
+            raise AdaFocusError(f"{name}:{number}: expected {len(header)} columns, got {row}", "fix that line")
+        out.append((number, row[at_path].strip(), row[at_label].strip()))
+    return out
+
+
+def _label_index(label: str, class_names: tuple[str, ...], by_name: bool) -> int | None:
+    if by_name and label in class_names:
+        return class_names.index(label)
+    try:
+        index = int(label)
+    except ValueError:
+        return None
+    return index if 0 <= index < len(class_names) else None
+
+
+def _label_error(name: str, offenders: list[str], class_names: tuple[str, ...], by_name: bool) -> AdaFocusError:
+    accepted = f"indices 0..{len(class_names) - 1}"
+    if by_name:
+        accepted = f"the model's class names ({_first(list(class_names))}) or {accepted}"
+    return AdaFocusError(
+        f"{name}: {len(offenders)} label{'s are' if len(offenders) != 1 else ' is'} not a class of the model "
+        f"({_first(offenders)}); nothing was decoded",
+        f"use {accepted}",
+    )
+
+
+def _first(items: list[str]) -> str:
+    shown = ", ".join(items[:SHOWN])
+    return shown + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+@dataclass
+class DecodeReport:
+    """What a pass over a set used and left out (path, reason), filled in as it goes."""
+
+    total: int
+    used: int = 0
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if not self.left_out:
+            return f"{self.used} used"
+        return f"{self.used} used, {len(self.left_out)} left out (see above)"
+
+
+class DecodedBatches:
+    """Iterable of (frames (B, T, 3, S, S) float32, labels (B,) int64) batches of a set's videos,
+    decoded for `preset` by `workers` threads; `report` says what was used and left out.
+
+    `load` decodes one path (default: `load_clip_for(path, preset).frames`, what adafocus-predict
+    feeds the runtime). A video that fails is written to `log` and left out; once more than
+    `max_bad` × len(set) are left out, iteration raises AdaFocusError. Iterating again decodes again.
+    """
+
+    def __init__(
+        self,
+        videos: LabelledVideos,
+        preset: Preset,
+        *,
+        batch_size: int = 64,
+        workers: int = 2,
+        max_bad: float = DEFAULT_MAX_BAD,
+        progress: bool = True,
+        desc: str = "decoding",
+        log: Callable[[str], None] | None = None,
+        load: Callable[[str], torch.Tensor] | None = None,
+    ):
+        if batch_size < 1 or workers < 1:
+            raise AdaFocusError(f"batch_size and workers must be >= 1 (got {batch_size}, {workers})")
+        if not 0 <= max_bad <= 1:
+            raise AdaFocusError(f"max_bad must be a fraction in [0, 1], got {max_bad}")
+        self.videos, self.preset = videos, preset
+        self.batch_size, self.workers, self.max_bad = batch_size, workers, max_bad
+        self.progress, self.desc, self.log = progress, desc, log
+        self.load = load or self._load_clip
+        self.report = DecodeReport(len(videos))
+
+    def _load_clip(self, path: str) -> torch.Tensor:
+        from adafocus.data.video import load_clip_for  # PyAV only where videos are decoded
+
+        return load_clip_for(path, self.preset).frames
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from tqdm import tqdm
+
+        self.report = report = DecodeReport(len(self.videos))
+        allowed = int(self.max_bad * len(self.videos) + 1e-9)
+        ahead = max(2 * self.batch_size, self.workers)
+        pending: deque = deque()
+        items = iter(zip(self.videos.paths, self.videos.labels.tolist()))
+        frames, labels = [], []
+        with (
+            ThreadPoolExecutor(self.workers, thread_name_prefix="adafocus-decode") as pool,
+            tqdm(total=len(self.videos), desc=self.desc, unit="video", disable=not self.progress, leave=False) as bar,
+        ):
+            log = self.log or (lambda line: bar.write(line, file=sys.stderr))
+
+            def top_up() -> None:
+                for path, label in items:
+                    pending.append((path, label, pool.submit(self.load, path)))
+                    if len(pending) >= ahead:
+                        return
+
+            try:
+                top_up()
+                while pending:
+                    path, label, future = pending.popleft()
+                    top_up()
+                    try:
+                        clip = future.result()
+                    except Exception as e:  # each file may be broken in its own way; the others go on
+                        report.left_out.append((path, error_text(e)))
+                        log(f"left out {path}: {error_text(e)}")
+                        if len(report.left_out) > allowed:
+                            raise AdaFocusError(
+                                f"{self.videos.source}: more than {self.max_bad:.0%} of its {len(self.videos)} "
+                                f"videos cannot be used ({len(report.left_out)} so far, see above)",
+                                "fix or remove the broken files, or allow more with --max-bad FRACTION",
+                            ) from None
+                    else:
+                        frames.append(clip)
+                        labels.append(label)
+                        report.used += 1
+                    bar.update(1)
+                    if len(frames) == self.batch_size:
+                        yield torch.stack(frames), torch.tensor(labels, dtype=torch.int64)
+                        frames, labels = [], []
+                if frames:
+                    yield torch.stack(frames), torch.tensor(labels, dtype=torch.int64)
+            finally:
+                for *_, future in pending:
+                    future.cancel()
+        if report.used == 0:
+            raise AdaFocusError(f"{self.videos.source}: none of its videos could be used (see above)")

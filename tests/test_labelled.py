@@ -1,0 +1,192 @@
+"""The user's own labelled videos: the list formats, label checks before any decoding, broken files
+left out (and --max-bad), calibration and evaluation from real files against the same videos as
+tensors, calibration on a deployed engine, and the cache of step outputs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import adafocus.data.video
+from adafocus.calibration.calibrate import calibrate_export, collect
+from adafocus.cli import calibrate, main
+from adafocus.data.labelled import DecodedBatches, read_labelled
+from adafocus.data.synthetic import SyntheticTask
+from adafocus.errors import AdaFocusError
+from adafocus.export.manifest import open_export, update_manifest
+from adafocus.model.preprocess import normalize
+from adafocus.runtime import Runtime
+from adafocus.weights import DEMO_PIXEL, builtin_checkpoint
+from conftest import OWN_VIDEOS, strict_loads
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Counts the videos decoded (the one function every reader of files goes through)."""
+    calls = []
+    real = adafocus.data.video.load_clip_for
+
+    def counting(path, preset):
+        calls.append(str(path))
+        return real(path, preset)
+
+    monkeypatch.setattr(adafocus.data.video, "load_clip_for", counting)
+    return calls
+
+
+def as_tensors(split: str, preset):
+    """The fixture's videos as tensors: the task's frames rounded to 8 bits, as the files hold them."""
+    task = SyntheticTask(preset, seed=0)
+    raw = [task.raw_video(split, i) for i in range(OWN_VIDEOS)]
+    videos = np.stack([normalize(np.rint(v * 255) / 255) for v, _ in raw]).astype(np.float32)
+    return videos, np.array([info.label for _, info in raw])
+
+
+def test_every_list_format_names_the_same_videos_and_labels(own_videos, exported):
+    classes = exported("demo").class_names
+    listed = read_labelled(own_videos["val"], classes)
+    from_csv = read_labelled(own_videos["csv"], classes, root=own_videos["root"])
+    tree = read_labelled(own_videos["tree"], classes)
+    assert len(listed) == len(from_csv) == len(tree) == OWN_VIDEOS
+    assert [p.rsplit("/", 1)[1] for p in listed.paths] == [p.rsplit("/", 1)[1] for p in from_csv.paths]
+    np.testing.assert_array_equal(listed.labels, from_csv.labels)
+    by_name = dict(zip((p.rsplit("/", 1)[1] for p in tree.paths), tree.labels.tolist()))  # the tree is by class
+    assert by_name == dict(zip((p.rsplit("/", 1)[1] for p in listed.paths), listed.labels.tolist()))
+    _, labels = as_tensors("val", exported("demo").preset)
+    np.testing.assert_array_equal(listed.labels, labels)
+
+
+def test_label_problems_are_one_error_before_anything_is_decoded(own_videos, exported, tmp_path, decodes):
+    classes = exported("demo").class_names
+    (tmp_path / "bad.csv").write_text("path,label\nval/val-000000.mkv,glyph-3\nval/val-000001.mkv,cat\n")
+    with pytest.raises(AdaFocusError, match=r"(?s)line 3: 'cat'.*nothing was decoded"):
+        read_labelled(tmp_path / "bad.csv", classes, root=own_videos["root"])
+    (tmp_path / "bad.txt").write_text(f"# a comment\n{own_videos['val'].parent}/val-000000.mkv 10\n")
+    with pytest.raises(AdaFocusError, match=r"(?s)line 2: '10'.*indices 0\.\.9"):
+        read_labelled(tmp_path / "bad.txt", classes)
+    tree = tmp_path / "tree"
+    shutil.copytree(own_videos["tree"], tree)
+    (tree / "glyph-0").rename(tree / "glyph-zero")
+    with pytest.raises(AdaFocusError, match=r"not classes of the model: glyph-zero; classes without a folder: glyph-0"):
+        read_labelled(tree, classes)
+    assert decodes == []
+
+
+def test_broken_files_are_named_and_left_out_and_max_bad_refuses(own_videos, demo_copy, tmp_path, decodes):
+    folder = own_videos["val"].parent
+    truncated = tmp_path / "cut.mkv"
+    truncated.write_bytes((folder / "val-000000.mkv").read_bytes()[:300])
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n")
+    good = [f"{folder}/val-{i:06d}.mkv {i % 10}" for i in range(1, 39)]
+    lines = [f"{truncated} 0", f"{text} 1", *good]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([*lines, f"{folder}/val-000039.mkv glyph-3"]) + "\n")
+    result = CliRunner().invoke(calibrate, [str(demo_copy), "--data", str(listing)])
+    assert result.exit_code != 0 and "line 41: 'glyph-3'" in result.output  # 1-based, after nothing decoded
+    assert decodes == []
+
+    listing.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(calibrate, [str(demo_copy), "--data", str(listing), "--json", "--max-bad", "0.1"])
+    assert result.exit_code == 0, result.output
+    report = strict_loads(result.stdout)
+    assert f"left out {truncated}" in result.stderr and f"left out {text}" in result.stderr
+    assert "38 used, 2 left out (see above)" in result.stderr
+    assert report["calibration_set"] == {
+        "list": str(listing),
+        "sha256": read_labelled(listing, open_export(demo_copy).class_names).digest(),
+        "videos": 40,
+        "used": 38,
+        "left_out": 2,
+    }
+    assert [entry["path"] for entry in report["left_out"]["calibration"]] == [str(truncated), str(text)]
+
+    result = CliRunner().invoke(calibrate, [str(demo_copy), "--data", str(listing), "--max-bad", "0"])
+    assert result.exit_code != 0 and "more than 0% of its 40 videos cannot be used" in result.output
+
+
+def test_calibration_from_files_matches_calibration_from_the_same_videos_as_tensors(own_videos, exported, tmp_path):
+    preset = exported("demo").preset
+    from_files, from_tensors = (shutil.copytree(exported("demo").path, tmp_path / n) for n in ("files", "tensors"))
+    args = [str(from_files), "--data", str(own_videos["val"]), "--heldout", str(own_videos["test"]), "--json"]
+    result = CliRunner().invoke(calibrate, args)
+    assert result.exit_code == 0, result.output
+    files = strict_loads(result.stdout)
+    tensors = calibrate_export(from_tensors, as_tensors("val", preset), as_tensors("test", preset), progress=False)
+    assert len(files["budgets"]) == len(tensors.table) >= 4
+    for a, b in zip(files["budgets"], tensors.table):
+        np.testing.assert_allclose(a["thresholds"], b["thresholds"], rtol=1e-5)  # lossless: only float noise
+        assert abs(a["heldout_accuracy"] - b["heldout_accuracy"]) <= 0.03
+    assert open_export(from_files).budgets == files["budgets"]  # written into the manifest
+
+
+def test_evaluate_from_files_through_onnxruntime_is_what_the_loop_does(own_videos, exported, tmp_path):
+    export = calibrate_export(
+        shutil.copytree(exported("demo").path, tmp_path / "demo"),
+        as_tensors("val", exported("demo").preset),
+        progress=False,
+    ).export
+    args = ["evaluate", "--export", str(export.path), "--data", str(own_videos["test"]), "--json"]
+    result = CliRunner().invoke(main, [*args, "--plot", str(tmp_path / "front.png")])
+    assert result.exit_code == 0, result.output
+    report = strict_loads(result.stdout)
+    assert report["videos"] == OWN_VIDEOS and report["left_out"] == [] and report["engine"]["backend"] == "onnxruntime"
+    assert len(report["accuracy_per_step"]) == export.preset.num_exits
+    assert len(report["budgets"]) == len(export.budgets) and (tmp_path / "front.png").stat().st_size > 10_000
+    videos, labels = as_tensors("test", export.preset)
+    runtime = Runtime.load(export.path, "onnxruntime")
+    for t in range(export.preset.num_exits):  # t cubes for every video: thresholds -inf before t, +inf at t
+        runtime.set_thresholds([-np.inf] * t + [np.inf] * (export.preset.num_exits - t))
+        accuracy = float((runtime.predict(videos).prediction == labels).mean())
+        assert abs(report["accuracy_per_step"][t] - accuracy) <= 1 / OWN_VIDEOS
+    for budget in report["budgets"][:: max(1, len(report["budgets"]) // 3)]:  # the loop at the budget's thresholds
+        runtime.set_thresholds(budget["thresholds"])
+        result = runtime.predict(videos)
+        assert abs(budget["accuracy"] - float((result.prediction == labels).mean())) <= 1 / OWN_VIDEOS
+        assert abs(budget["gflops"] - float(result.gflops.mean())) <= 0.02 * budget["gflops"]
+
+
+def test_calibrating_on_a_deployed_engine_uses_its_own_entropies(own_videos, exported):
+    export = exported("demo")
+    videos = read_labelled(own_videos["val"], export.class_names)
+    batches = DecodedBatches(videos, export.preset, batch_size=32, progress=False)
+    reference = collect(export, batches, progress=False)
+    engine = collect(export, batches, progress=False, engine=Runtime.load(export.path, "onnxruntime"))
+    np.testing.assert_allclose(engine.entropy, reference.entropy, atol=1e-4)
+    assert (engine.predictions == reference.predictions).mean() >= 0.99
+    assert not np.array_equal(engine.entropy, reference.entropy)  # computed by ONNX Runtime, not copied
+
+
+def test_the_cache_spares_decoding_and_is_refused_when_the_export_changes(own_videos, demo_copy, tmp_path, decodes):
+    cache = tmp_path / "outputs.json"
+    args = [str(demo_copy), "--data", str(own_videos["val"]), "--cache", str(cache), "--json"]
+    first = CliRunner().invoke(calibrate, args)
+    assert first.exit_code == 0, first.output
+    assert len(decodes) == OWN_VIDEOS and json.loads(cache.read_text())["format"] == "adafocus-step-outputs/1"
+    second = CliRunner().invoke(calibrate, [*args, "--max-drop", "0.05"])
+    assert second.exit_code == 0, second.output
+    assert len(decodes) == OWN_VIDEOS and "from " + str(cache) + " (nothing decoded)" in second.stderr
+    assert strict_loads(second.stdout)["budgets"] == strict_loads(first.stdout)["budgets"]
+
+    other = tmp_path / "model.pt"  # the same preset and classes, other weights: the export changed
+    shutil.copy(builtin_checkpoint(DEMO_PIXEL), other)
+    update_manifest(demo_copy, lambda manifest: None, new_files={"model.pt": other})
+    third = CliRunner().invoke(calibrate, args)
+    assert third.exit_code == 0, third.output
+    assert len(decodes) == 2 * OWN_VIDEOS and "collecting again" in third.stderr
+
+
+def test_int8_ranges_from_your_videos(own_videos, demo_copy):
+    args = [str(demo_copy), "--data", str(own_videos["csv"]), "--heldout", str(own_videos["test_csv"]), "--int8"]
+    args += ["--int8-data", str(own_videos["csv"]), "--root", str(own_videos["root"]), "--int8-videos", "24"]
+    result = CliRunner().invoke(calibrate, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    record = open_export(demo_copy).int8
+    assert record["list"] == str(own_videos["csv"]) and record["calibration_videos"] == 24
+    assert record["heldout"]["set"] == str(own_videos["test_csv"]) and record["heldout"]["videos"] == OWN_VIDEOS
+    assert record["heldout"]["class_changed"] < 0.5  # the ranges fit the videos: int8 mostly agrees with fp32
+    int8 = Runtime.load(demo_copy, "onnxruntime", precision="int8")
+    videos, _ = as_tensors("test", int8.preset)
+    assert int8.predict(videos[:8]).exit_step.shape == (8,)
