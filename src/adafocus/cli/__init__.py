@@ -81,8 +81,35 @@ def flops(preset: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--preset", default="demo", show_default=True, help="Model preset to train.")
+@click.option("--preset", default=None, help="Model preset to train [default: --init's, else demo].")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory (state + model.pt).")
+@click.option(
+    "--data",
+    type=click.Path(exists=True),
+    default=None,
+    help="Your training videos: " + LIST_FORMATS + ". Clips are sampled with TSN's random offsets. "
+    "[default: the synthetic 'find the detail' task]",
+)
+@click.option("--val-data", type=click.Path(exists=True), default=None, help="With --data: validation videos.")
+@click.option(
+    "--init",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Fine-tune this checkpoint (its preset and class names) instead of starting from random weights.",
+)
+@click.option(
+    "--glance-weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Start the glance encoder from this torchvision mobilenet_v2 ImageNet state dict on disk (not downloaded).",
+)
+@click.option(
+    "--local-weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Start the local encoder from this torchvision resnet50/resnet18 ImageNet state dict on disk.",
+)
+@set_options
 @click.option("--steps", type=click.IntRange(1), default=1200, show_default=True, help="Optimisation steps.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Videos per step.")
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak AdamW learning rate (cosine decay).")
@@ -102,30 +129,97 @@ def flops(preset: str, as_json: bool) -> None:
     "joint: all networks together from the start.",
 )
 @click.option("--val-every", type=click.IntRange(1), default=200, show_default=True, help="Validate every N steps.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the task and the initialisation.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order and the initialisation.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch threads (default: all cores).")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (same options).")
 @click.option("--stop-at", type=click.IntRange(1), default=None, help="Pause after step N; continue with --resume.")
-def train(preset, out, steps, batch_size, lr, gradient, schedule, val_every, seed, threads, resume, stop_at) -> None:
-    """Train a model on the synthetic 'find the detail' task (see README).
+def train(preset, out, data, val_data, init, glance_weights, local_weights, root, workers, max_bad, **options) -> None:
+    """Train a model: on the synthetic 'find the detail' task (see README), or on your labelled
+    videos (--data, validated on --val-data), decoded exactly as adafocus-predict decodes them by a
+    DataLoader of --workers processes.
 
-    Progress, periodic validation (accuracy after t cubes) and a resumable state in OUT; the result
-    is OUT/model.pt.
+    Class names come from --init's checkpoint, else from a class-per-folder tree's folders, else
+    the preset's (class_0 ...); the model gets as many classes as there are. Progress, periodic
+    validation (accuracy after t cubes) and a resumable state in OUT; the result is OUT/model.pt.
     """
     import torch
 
-    from adafocus.model.presets import get_preset
     from adafocus.train.trainer import TrainConfig
     from adafocus.train.trainer import train as run_training
 
-    if threads:
-        torch.set_num_threads(threads)
-    config = TrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, gradient=gradient, schedule=schedule, val_every=val_every, seed=seed
+    if options["threads"]:
+        torch.set_num_threads(options["threads"])
+    if data is None and (val_data or root or workers != 2 or max_bad != 0.05):
+        raise AdaFocusError("--val-data, --root, --workers and --max-bad are for your videos", "give --data")
+    model_preset, class_names, start_from = _training_start(preset, data, init, glance_weights, local_weights)
+    keys = ("steps", "batch_size", "lr", "gradient", "schedule", "val_every", "seed")
+    config = TrainConfig(**{k: options[k] for k in keys})
+    source = None
+    if data is not None:
+        from adafocus.train.sources import FileSource
+
+        files = FileSets(class_names, model_preset, root=root, workers=workers, max_bad=max_bad)
+        train_set = files.read(data)  # every label checked before anything is decoded
+        val_set = files.read(val_data) if val_data else None
+        log = lambda line: click.echo(line, err=True)  # noqa: E731
+        source = FileSource(
+            train_set, val_set, model_preset, seed=config.seed, workers=workers, max_bad=max_bad, log=log
+        )
+    path = run_training(
+        model_preset,
+        out,
+        config,
+        source=source,
+        start_from=start_from,
+        resume=options["resume"],
+        stop_at=options["stop_at"],
+        log=click.echo,
     )
-    path = run_training(get_preset(preset), out, config, resume=resume, stop_at=stop_at, log=click.echo)
+    if source is not None and source.left_out:
+        click.echo(f"{data}: {len(source.left_out)} videos left out (see above)", err=True)
     if path is not None:
         click.echo(f"wrote {path}")
+
+
+def _training_start(preset, data, init, glance_weights, local_weights):
+    """The preset, the class names and the initialisation of `adafocus train` (see its help)."""
+    import dataclasses
+    import os
+
+    from adafocus.model.checkpoint import default_class_names, load_checkpoint
+    from adafocus.model.networks import build_model
+    from adafocus.model.presets import get_preset
+    from adafocus.model.pretrained import load_encoder_weights
+
+    loaded = load_checkpoint(init) if init else None
+    chosen = get_preset(preset) if preset else (loaded.preset if loaded else get_preset("demo"))
+    if loaded is not None:
+        if chosen.to_dict() != loaded.preset.to_dict():
+            raise AdaFocusError(f"{init} is a {loaded.preset.name!r} model, not {chosen.name!r}", "drop --preset")
+        class_names = loaded.class_names
+    elif data is not None and os.path.isdir(data):
+        from adafocus.data.labelled import tree_classes
+
+        class_names = tree_classes(data)
+    else:
+        class_names = default_class_names(chosen)
+    if len(class_names) != chosen.num_classes:
+        chosen = dataclasses.replace(chosen, num_classes=len(class_names))  # the data's classes, not the preset's
+
+    def start_from(model) -> dict:
+        done = {}
+        if loaded is not None:
+            model.load_state_dict(loaded.model.state_dict())
+            done["checkpoint"] = os.fspath(init)
+        if glance_weights:
+            done["glance"] = load_encoder_weights(model.glance, glance_weights, "glance")
+        if local_weights:
+            done["local"] = load_encoder_weights(model.local, local_weights, "local")
+        return done
+
+    if glance_weights or local_weights:  # a missing or mismatched file fails now, not after the data is read
+        start_from(build_model(chosen))
+    return chosen, class_names, start_from
 
 
 @main.command()

@@ -81,6 +81,19 @@ def tsn_indices(num_frames: int, count: int) -> list[int]:
     return [((2 * i + 1) * num_frames) // (2 * count) for i in range(count)]
 
 
+def random_tsn_indices(num_frames: int, count: int, rng: np.random.Generator) -> list[int]:
+    """TSN's training sampling: one frame drawn uniformly from each of `count` equal segments (a
+    segment shorter than one frame, in a clip shorter than `count`, keeps its single frame).
+    Non-decreasing, like `tsn_indices`, so one sequential pass decodes them."""
+    if count < 1 or num_frames < 1:
+        raise AdaFocusError(f"cannot sample {count} frames from {num_frames}", "need count >= 1 and num_frames >= 1")
+    out = []
+    for i in range(count):
+        lo, hi = (i * num_frames) // count, ((i + 1) * num_frames) // count
+        out.append(int(rng.integers(lo, max(hi, lo + 1))))
+    return out
+
+
 IMAGENET = "imagenet"  # resize_shorter_side's default: the official recipe, round(S * 256 / 224)
 
 
@@ -138,9 +151,14 @@ def load_video_for(path: str | os.PathLike, preset: Preset) -> torch.Tensor:
 
 
 def load_clip(
-    path: str | os.PathLike, num_frames: int, frame_size: int, resize_shorter_side: int | None | str = IMAGENET
+    path: str | os.PathLike,
+    num_frames: int,
+    frame_size: int,
+    resize_shorter_side: int | None | str = IMAGENET,
+    sample=tsn_indices,
 ) -> VideoClip:
-    """Like `load_video`, keeping which source frames were sampled, for drawing and checks."""
+    """Like `load_video`, keeping which source frames were sampled, for drawing and checks.
+    `sample(frames, count)` picks the frames (default: TSN's test-time middle frames)."""
     name = os.fspath(path)
     if num_frames < 1 or frame_size < 1:
         raise AdaFocusError(
@@ -153,7 +171,7 @@ def load_clip(
     if claimed < 1:
         raise AdaFocusError(f"{name}: video has no frames", "give a file that contains at least one video frame")
 
-    indices = tsn_indices(claimed, num_frames)
+    indices = sample(claimed, num_frames)
     kept, decoded, failure, size = _decode_indices(name, indices, frame_size, resize_shorter_side)
     source, truncated = claimed, False
     if len(kept) < len(set(indices)):
@@ -166,7 +184,7 @@ def load_clip(
                 f"{name}: truncated or damaged: the container claims {claimed} frames but none decodes{reason}",
                 _REENCODE,
             )
-        indices = tsn_indices(decoded, num_frames)
+        indices = sample(decoded, num_frames)
         kept, decoded, failure, size = _decode_indices(name, indices, frame_size, resize_shorter_side)
         if len(kept) < len(set(indices)):  # the decoder gave a different answer the second time round
             raise AdaFocusError(f"{name}: damaged: decoding stops at a different frame on each pass", _REENCODE)
@@ -186,9 +204,9 @@ def load_clip(
     )
 
 
-def load_clip_for(path: str | os.PathLike, preset: Preset) -> VideoClip:
+def load_clip_for(path: str | os.PathLike, preset: Preset, sample=tsn_indices) -> VideoClip:
     """A clip for `preset`: its frame count and size, and the preprocessing it was trained with."""
-    return load_clip(path, preset.num_frames, preset.frame_size, preset.resize_shorter_side)
+    return load_clip(path, preset.num_frames, preset.frame_size, preset.resize_shorter_side, sample)
 
 
 def _check_file(name: str) -> None:

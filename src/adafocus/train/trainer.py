@@ -27,14 +27,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from adafocus.data.synthetic import TASK_ID, SyntheticTask
-from adafocus.errors import AdaFocusError
+from adafocus.data.synthetic import TASK_ID, SyntheticTask, TaskVideos
+from adafocus.errors import AdaFocusError, InternalError
 from adafocus.files import atomic_write
 from adafocus.model.checkpoint import save_checkpoint, torch_bytes
 from adafocus.model.networks import AdaFocusV3, build_model
 from adafocus.model.presets import Preset
 from adafocus.model.reference import adaptive_inference
 from adafocus.train.cube_gradients import CUBE_FEATURES
+from adafocus.train.sources import FileSource, SyntheticSource
 
 
 @dataclass(frozen=True)
@@ -137,20 +138,27 @@ def train_step(
     return loss.item()
 
 
-@torch.no_grad()
 def accuracy_per_step(
     model: AdaFocusV3, task: SyntheticTask, split: str, count: int, *, policy: str = "learned", batch: int = 64
 ) -> list[float]:
     """Accuracy after t = 0..K cubes on `count` videos of a split (no early exit). policy "random"
     draws the centres uniformly (a fixed generator, so the figure is repeatable)."""
+    return accuracy_on(model, TaskVideos(task, split, count, batch), policy=policy)
+
+
+@torch.no_grad()
+def accuracy_on(model: AdaFocusV3, batches, *, policy: str = "learned") -> list[float]:
+    """Accuracy after t = 0..K cubes over (videos, labels) batches, with no early exit."""
     p = model.preset
     generator = torch.Generator().manual_seed(RANDOM_POLICY_SEED)
-    correct = torch.zeros(p.num_exits)
+    correct, count = torch.zeros(p.num_exits), 0
     with eval_mode(model):
-        for start in range(0, count, batch):
-            videos, labels = task.batch(split, range(start, min(start + batch, count)))
+        for videos, labels in batches:
             centres = random_centres(len(labels), p.max_cubes, generator) if policy == "random" else None
             correct += correct_per_step(adaptive_inference(model, videos, [-1.0] * p.num_exits, centres), labels)
+            count += len(labels)
+    if count == 0:
+        raise AdaFocusError("no validation videos", "give at least one")
     return (correct / count).tolist()
 
 
@@ -188,6 +196,7 @@ class _Run:
     step: int = 0
     history: list = dataclasses.field(default_factory=list)
     elapsed: float = 0.0
+    initialised: dict | None = None
 
 
 def train(
@@ -195,71 +204,88 @@ def train(
     out: str | os.PathLike,
     config: TrainConfig = TrainConfig(),
     *,
+    source: SyntheticSource | FileSource | None = None,
+    start_from: Callable[[AdaFocusV3], dict] | None = None,
     resume: bool = False,
     stop_at: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path | None:
-    """Train `preset` on the synthetic task; returns the path of the final checkpoint OUT/model.pt,
-    or None when `stop_at` paused the run (its state is saved; continue with resume=True)."""
+    """Train `preset` on `source` (default: the synthetic task); returns the path of the final
+    checkpoint OUT/model.pt, or None when `stop_at` paused the run (its state is saved; continue
+    with resume=True). `start_from(model)` initialises a fresh run's weights (a checkpoint to
+    fine-tune, ImageNet encoders) and returns what it did, for the checkpoint's meta."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "train_state.pt"
-    task = SyntheticTask(preset, seed=config.seed, easy_share=config.easy_share)
-    run = _start(preset, config, state_path, resume, log)
+    if source is None:
+        source = SyntheticSource(preset, seed=config.seed, easy_share=config.easy_share, val_videos=config.val_videos)
+    if len(source.class_names) != preset.num_classes:
+        raise InternalError(f"{len(source.class_names)} classes for a {preset.num_classes}-class preset")
+    run = _start(preset, config, state_path, resume, source.meta, start_from, log)
     bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc=f"train {preset.name}", unit="step")
     started = time.perf_counter() - run.elapsed
-    while run.step < min(config.steps, stop_at or config.steps):
-        loss = _one_step(run, task, config, log)
+    end = min(config.steps, stop_at or config.steps)
+    losses: list[float] = []
+    for videos, labels in source.batches(run.step, end, config.batch_size):
+        if len(labels):
+            losses.append(_one_step(run, videos, labels, config, log))
+        else:  # every video of this batch was left out: the step passes without an update
+            run.step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", stage=run.stage)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "-", stage=run.stage)
         if run.step % config.val_every == 0 or run.step == config.steps:
-            accuracy = accuracy_per_step(run.model, task, "val", config.val_videos)
+            validation = source.validation()
+            accuracy = accuracy_on(run.model, validation) if validation is not None else None
+            loss = sum(losses) / len(losses) if losses else None  # mean over the steps since the last record
             run.history.append({"step": run.step, "loss": loss, "val_accuracy_per_step": accuracy})
+            losses = []
             say = bar.write if progress else log  # bar.write keeps the progress bar intact
-            say(
-                f"step {run.step}: loss {loss:.3f}, val accuracy after t cubes "
-                + " ".join(f"{a:.3f}" for a in accuracy)
-            )
+            shown = "-" if loss is None else f"{loss:.3f}"
+            seen = "" if accuracy is None else ", val accuracy after t cubes " + " ".join(f"{a:.3f}" for a in accuracy)
+            say(f"step {run.step}: mean loss {shown}{seen}")
         if run.step % config.checkpoint_every == 0 or run.step in (config.steps, stop_at):
             run.elapsed = time.perf_counter() - started
-            _save_state(state_path, run, config, preset)
+            _save_state(state_path, run, config, preset, source.meta)
     bar.close()
     if run.step < config.steps:
         log(f"paused at step {run.step}; continue with resume")
         return None
     run.model.eval()
     meta = {
-        "task": TASK_ID,
+        **source.meta,
         "train_config": dataclasses.asdict(config),
         "history": run.history,
         "train_seconds": round(time.perf_counter() - started, 1),
         "torch": str(torch.__version__),
         "threads": torch.get_num_threads(),
+        **({"initialised_from": run.initialised} if run.initialised else {}),
     }
-    return save_checkpoint(out / "model.pt", run.model, task.class_names, meta=meta)
+    return save_checkpoint(out / "model.pt", run.model, source.class_names, meta=meta)
 
 
-def _start(preset: Preset, config: TrainConfig, state_path: Path, resume: bool, log) -> _Run:
-    """A fresh run, or the saved one to resume (refused when its settings differ)."""
+def _start(preset: Preset, config: TrainConfig, state_path: Path, resume: bool, data: dict, start_from, log) -> _Run:
+    """A fresh run, or the saved one to resume (refused when its settings or data differ)."""
     torch.manual_seed(config.seed)
     model = build_model(preset)
     saved = None
     if resume and state_path.exists():
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
-        if saved["config"] != dataclasses.asdict(config) or saved["preset"] != preset.to_dict():
+        same = saved["config"] == dataclasses.asdict(config) and saved["preset"] == preset.to_dict()
+        if not same or saved.get("data", {"task": TASK_ID}) != data:
             raise AdaFocusError(
-                f"{state_path} belongs to a run with other settings",
-                "resume with the same options, or train into a new --out directory",
+                f"{state_path} belongs to a run with other settings or other videos",
+                "resume with the same options and data, or train into a new --out directory",
             )
         model.load_state_dict(saved["model"])
     elif state_path.exists():
         raise AdaFocusError(
             f"{state_path.parent} already holds a training run", "pass --resume to continue it, or another --out"
         )
+    initialised = saved.get("initialised") if saved else (start_from(model) if start_from else None)
     step = saved["step"] if saved else 0
     stage = config.stage(step)
-    run = _Run(model, _optimizer(model, config, stage), stage, step)
+    run = _Run(model, _optimizer(model, config, stage), stage, step, initialised=initialised)
     if saved is not None:
         run.optimizer.load_state_dict(saved["optimizer"])
         run.history, run.elapsed = saved["history"], saved["elapsed_s"]
@@ -268,8 +294,8 @@ def _start(preset: Preset, config: TrainConfig, state_path: Path, resume: bool, 
     return run
 
 
-def _one_step(run: _Run, task: SyntheticTask, config: TrainConfig, log) -> float:
-    """One optimisation step at `run.step` (a pure function of seed and step), then step + 1."""
+def _one_step(run: _Run, videos: torch.Tensor, labels: torch.Tensor, config: TrainConfig, log) -> float:
+    """One optimisation step at `run.step` on its batch, then step + 1."""
     if config.stage(run.step) != run.stage:
         run.stage = config.stage(run.step)
         run.optimizer = _optimizer(run.model, config, run.stage)
@@ -277,19 +303,19 @@ def _one_step(run: _Run, task: SyntheticTask, config: TrainConfig, log) -> float
         log(f"step {run.step}: stage 2, training the policy alone")
     for group in run.optimizer.param_groups:
         group["lr"] = _learning_rate(config, run.step)
-    first = run.step * config.batch_size
-    videos, labels = task.batch("train", range(first, first + config.batch_size))
     random_policy = None
     if config.schedule == "two-stage" and run.stage == 1:  # stage 1 of two-stage: a random policy
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + run.step)
-        random_policy = random_centres(len(labels), task.preset.max_cubes, generator)
+        random_policy = random_centres(len(labels), run.model.preset.max_cubes, generator)
     loss = train_step(run.model, run.optimizer, videos, labels, gradient=config.gradient, random_policy=random_policy)
     run.step += 1
     return loss
 
 
-def _save_state(path: Path, run: _Run, config: TrainConfig, preset: Preset) -> None:
+def _save_state(path: Path, run: _Run, config: TrainConfig, preset: Preset, data: dict) -> None:
     state = {
+        "data": data,
+        "initialised": run.initialised,
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "step": run.step,
