@@ -244,3 +244,30 @@ def test_table_shows_a_dash_where_the_cost_has_no_spread():
     assert len(rows) == 2
     assert "—" in rows[0] and "e+" not in rows[0]
     assert "0.75" in rows[1] and "—" not in rows[1]  # 6e-4 / 8e-4
+
+
+def test_the_search_front_lies_on_or_above_every_fixed_and_msdnet_point():
+    """A weak glance whose entropy says nothing (as the demo's): MSDNet's q_k ∝ p^k always sends some
+    videos out at the glance, while "every video uses one cube" is a threshold setting too."""
+    from adafocus.calibration.thresholds import fixed_cubes_thresholds, search_table
+
+    rng = np.random.default_rng(0)
+    n, exits = 400, 5
+    correct = rng.random((n, exits)) < np.array([0.15, 0.30, 0.37, 0.40, 0.48])
+    entropies = (2 * rng.random((n, exits)) - 0.8 * correct * (np.arange(exits) > 0)).astype(np.float32)
+    cost = [0.03, 0.05, 0.07, 0.09, 0.11]
+    search, msdnet = search_table(entropies, correct, cost), budget_table(entropies, correct, cost)
+    fixed = [simulate(entropies, correct, cost, fixed_cubes_thresholds(t, exits - 1)) for t in range(exits)]
+
+    def best(front, budget):
+        return max(e["accuracy"] for e in front if e["gflops"] <= budget + 1e-12)
+
+    for gflops, accuracy in [(e["gflops"], e["accuracy"]) for e in msdnet] + [(o.gflops, o.accuracy) for o in fixed]:
+        assert best(search, gflops) >= accuracy
+    assert best(search, cost[1]) > best(msdnet, cost[1])  # what MSDNet's family cannot express
+    for e in search:  # every entry is what its thresholds do, and budget-bound ones keep their budget
+        outcome = simulate(entropies, correct, cost, e["thresholds"])
+        assert (outcome.gflops, outcome.accuracy) == (e["gflops"], e["accuracy"])
+        assert e["gflops"] <= e.get("budget", np.inf) + 1e-12
+        assert all(t in (ALWAYS, NEVER) or float(np.float32(t)) == t for t in e["thresholds"])
+    assert [e["accuracy"] for e in search] == sorted({e["accuracy"] for e in search})  # a front

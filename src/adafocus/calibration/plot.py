@@ -8,12 +8,31 @@ from pathlib import Path
 from adafocus.figures import new_figure, save_png
 
 
-def plot_curve(table: list[dict], baselines: dict | None, path: str | os.PathLike, title: str | None = None) -> Path:
+def plot_curve(
+    table: list[dict],
+    baselines: dict | None,
+    path: str | os.PathLike,
+    title: str | None = None,
+    others: dict[str, list[dict]] | None = None,
+) -> Path:
     """Write a PNG: the budget table (held-out accuracy at realised GFLOPs when the entries carry
     held-out figures, and the calibration curve dashed), fixed-t-cubes points and the random-exit
-    curve (`calibrate.baselines`). Returns the path."""
+    curve (`calibrate.baselines`), and `others` (name -> another solver's front, drawn thin).
+    Returns the path."""
     path = Path(path)
     fig, ax = new_figure(figsize=(7, 4.8), dpi=120)
+    for name, front in (others or {}).items():
+        held = bool(front) and "heldout_accuracy" in front[0]
+        ax.plot(
+            [e["heldout_gflops" if held else "gflops"] for e in front],
+            [100 * e["heldout_accuracy" if held else "accuracy"] for e in front],
+            "^-",
+            color="tab:green",
+            ms=3,
+            lw=1.0,
+            alpha=0.8,
+            label=f"{name} thresholds{', held-out' if held else ''}",
+        )
     cal_x = [e["gflops"] for e in table]
     cal_y = [100 * e["accuracy"] for e in table]
     if table and "heldout_accuracy" in table[0]:

@@ -232,28 +232,42 @@ def budget_table(E: np.ndarray, C: np.ndarray, cost: Sequence[float], ps: Sequen
 SOLVERS = ("search", "msdnet")
 DEFAULT_LAMBDAS = (0.0, *np.geomspace(1e-3, 30.0, 48).tolist())  # accuracy points per full-cost share
 SEARCH_ROUNDS = 4
+BUDGET_STEPS = 41  # budgets between the glance's cost and K cubes' at which accuracy is also maximised
 
 
-def _exit_values(E: np.ndarray, C: np.ndarray, relative_cost: np.ndarray, thresholds: np.ndarray, lam: float):
-    """(N,) accuracy − λ·cost of each sample under `thresholds` (the objective's per-sample terms)."""
+def _objective(E, C, cost, thresholds, lam: float) -> float:
+    right, spent = _outcomes(E, np.asarray(C, dtype=bool), np.asarray(cost, dtype=np.float64), thresholds)
+    return float(right.mean() - lam * spent.mean() / float(cost[-1]))
+
+
+def _outcomes(E: np.ndarray, C: np.ndarray, cost: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) correctness and cost of each sample under `thresholds`."""
     steps = exit_steps(E, thresholds)
-    return C[np.arange(len(steps)), steps] - lam * relative_cost[steps]
+    return C[np.arange(len(steps)), steps].astype(np.float64), cost[steps]
 
 
 def ascend_thresholds(
-    E: np.ndarray, C: np.ndarray, cost: Sequence[float], start: Sequence[float], lam: float, rounds: int = SEARCH_ROUNDS
+    E: np.ndarray,
+    C: np.ndarray,
+    cost: Sequence[float],
+    start: Sequence[float],
+    lam: float = 0.0,
+    budget: float | None = None,
+    rounds: int = SEARCH_ROUNDS,
 ) -> np.ndarray:
-    """Per-step thresholds that maximise mean(correct) − λ·mean(cost / cost_K) on these samples, by
-    coordinate ascent from `start`: each round sets η_0 .. η_{K-1} in turn to its best value with the
-    others fixed. For exit k that is exact and cheap: among the samples that reach k, sorted by
-    entropy, exiting the first m changes the objective by a prefix sum of (value if it exits at k −
-    value if it goes on under the later thresholds), so every m is scored at once. Thresholds are
-    placed midway (float32) between neighbouring samples, as `solve_thresholds` places them (m = 0:
-    −inf, m = all: +inf), so the objective never falls and no sample sits on a threshold."""
+    """Per-step thresholds that maximise mean(correct) − λ·mean(cost)/cost_K on these samples, with
+    mean(cost) <= `budget` when one is given, by coordinate ascent from `start` (which must meet the
+    budget): each round sets η_0 .. η_{K-1} in turn to its best value with the others fixed. For exit
+    k that is exact and cheap: among the samples that reach k, sorted by entropy, exiting the first m
+    changes accuracy and cost by prefix sums of (outcome if it exits at k − outcome if it goes on
+    under the later thresholds), so every m is scored at once. Thresholds are placed midway (float32)
+    between neighbouring samples, as `solve_thresholds` places them (m = 0: −inf, m = all: +inf), so
+    the objective never falls, the budget holds, and no sample sits on a threshold."""
     E = _check_entropies(E)
     C = np.asarray(C, dtype=bool)
-    relative = np.asarray(cost, dtype=np.float64) / float(cost[-1])
-    K = E.shape[1] - 1
+    cost = np.asarray(cost, dtype=np.float64)
+    n, K = E.shape[0], E.shape[1] - 1
+    scale = lam / float(cost[-1])
     thresholds = np.asarray(thresholds_from_json(start), dtype=np.float64)
     for _ in range(rounds):
         changed = False
@@ -262,15 +276,20 @@ def ascend_thresholds(
             rows = np.flatnonzero(reach)
             if len(rows) == 0:
                 continue
-            later = np.r_[np.full(k + 1, -np.inf), thresholds[k + 1 :]]  # nobody exits at <= k
-            go_on = _exit_values(E[rows], C[rows], relative, later, lam)
-            stop = C[rows, k] - lam * relative[k]
-            order = np.argsort(E[rows, k], kind="stable")
-            values = E[rows, k][order]
-            gain = np.r_[0.0, np.cumsum((stop - go_on)[order])]  # gain[m]: the first m exit at k
-            scores = np.where(np.r_[True, values[:-1] < values[1:], True], gain, -np.inf)  # where η can fall
-            while True:
-                best_m = int(np.argmax(scores))  # the first best: the fewest exits for the same gain
+            later = np.r_[np.full(k + 1, -np.inf), thresholds[k + 1 :]]  # nobody of `rows` exits at <= k
+            right, spent = _outcomes(E, C, cost, np.r_[thresholds[:k], later[k:]])  # nobody exits at k
+            order = rows[np.argsort(E[rows, k], kind="stable")]
+            values = E[order, k]
+            accuracy = (right.sum() + np.r_[0.0, np.cumsum(C[order, k] - right[order])]) / n  # first m exit at k
+            mean_cost = (spent.sum() + np.r_[0.0, np.cumsum(cost[k] - spent[order])]) / n
+            scores = accuracy - scale * mean_cost
+            scores[~np.r_[True, values[:-1] < values[1:], True]] = -np.inf  # where no threshold can fall
+            if budget is not None:
+                scores[mean_cost > budget + 1e-12] = -np.inf
+            current = exit_steps(E, thresholds)
+            now = C[np.arange(n), current].mean() - scale * cost[current].mean()
+            while np.isfinite(scores).any():
+                best_m = int(np.argmax(scores))  # the first best: the fewest exits for the same score
                 if best_m in (0, len(values)):
                     new = -np.inf if best_m == 0 else np.inf
                     break
@@ -278,12 +297,11 @@ def ascend_thresholds(
                 if new is not None:
                     break
                 scores[best_m] = -np.inf  # neighbouring float32 values: nothing lies between them
-            if new != thresholds[k]:
-                old_value = _exit_values(E, C, relative, thresholds, lam).mean()
-                trial = thresholds.copy()
-                trial[k] = new
-                if _exit_values(E, C, relative, trial, lam).mean() > old_value + 1e-12:
-                    thresholds, changed = trial, True
+            else:
+                continue
+            if new != thresholds[k] and scores[best_m] > now + 1e-12:
+                thresholds = thresholds.copy()
+                thresholds[k], changed = new, True
         if not changed:
             break
     thresholds[K] = np.inf
@@ -305,23 +323,30 @@ def search_table(
     """The accuracy-vs-GFLOPs front over a wider family than MSDNet's: for each trade-off λ,
     per-step thresholds optimised for accuracy − λ·cost on these samples (`ascend_thresholds`),
     started from the best of the MSDNet solutions, the fixed-number-of-cubes settings and the
-    previous λ's answer. The MSDNet entries and the fixed settings are candidates too, so the front
-    lies on or above both on the calibration set; held-out videos say what of it is real."""
+    previous λ's answer (these reach the vertices of the front's upper hull); then, for budgets
+    between the glance's cost and K cubes', the most accurate thresholds costing at most the budget,
+    started from the best entry found so far that fits (the points between the vertices). The MSDNet
+    entries and the fixed settings are candidates too, so the front lies on or above both on the
+    calibration set; held-out videos say what of it is real."""
     E = _check_entropies(E)
     C = np.asarray(C, dtype=bool)
     K = E.shape[1] - 1
-    relative = np.asarray(cost, dtype=np.float64) / float(cost[-1])
     msdnet = sweep(E, C, cost, DEFAULT_PS if ps is None else ps)
     fixed = [fixed_cubes_thresholds(t, K) for t in range(K + 1)]
     starts = [t for _, t, _ in msdnet] + fixed
     entries = [_entry(E, C, cost, t, "msdnet") | {"p": p} for p, t, _ in msdnet]
     entries += [_entry(E, C, cost, t, "fixed") for t in fixed]
     previous = None
-    for lam in lambdas:
+    for lam in lambdas:  # the vertices of the front's upper hull
         candidates = starts + ([previous] if previous is not None else [])
-        start = max(candidates, key=lambda t: _exit_values(E, C, relative, t, lam).mean())
+        start = max(candidates, key=lambda t: _objective(E, C, cost, t, lam))
         previous = ascend_thresholds(E, C, cost, start, lam)
         entries.append(_entry(E, C, cost, previous, "search") | {"lambda": float(lam)})
+    for budget in np.linspace(cost[0], cost[-1], BUDGET_STEPS)[1:-1]:  # and the points between them
+        fitting = [e for e in pareto_front(entries) if e["gflops"] <= budget]
+        start = thresholds_from_json(fitting[-1]["thresholds"])  # the most accurate one that fits
+        found = ascend_thresholds(E, C, cost, start, budget=float(budget))
+        entries.append(_entry(E, C, cost, found, "search") | {"budget": float(budget)})
     return pareto_front(entries)
 
 

@@ -62,6 +62,15 @@ from adafocus.files import dumps
     "the engine and the videos (paths, labels, sizes, times): another run with other --max-drop or budgets "
     "decodes nothing; a cache made for another export or other videos is not used (and is replaced).",
 )
+@click.option(
+    "--solver",
+    type=click.Choice(["search", "msdnet"]),
+    default="search",
+    show_default=True,
+    help="Which front goes into the manifest: per-step thresholds searched for accuracy under each cost (it can "
+    "express 'nobody exits at the glance', which MSDNet's q_k ∝ p^k cannot), or the paper's MSDNet rule. Both "
+    "fronts are measured and in --json.",
+)
 @set_options
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Videos per forward pass.")
 @click.option(
@@ -257,13 +266,22 @@ def _calibrate(export: Export, sets: _Sets, engine, cache, options: dict) -> dic
     }
     if not own:
         info |= {"seed": sets.seed, "calibration_split": "val", "heldout_split": "test"}
-    result = calibrate_export(export.path, calibration, heldout, max_drop=options["max_drop"], info=info, engine=engine)
+    result = calibrate_export(
+        export.path,
+        calibration,
+        heldout,
+        max_drop=options["max_drop"],
+        info=info,
+        engine=engine,
+        solver=options["solver"],
+    )
     report = result.to_dict() | {"default_rule": result.export.calibration["default_rule"]}
     report["left_out"] = {"calibration": cal_info["left_out"], "heldout": held_info["left_out"] if held_info else []}
     if options["plot"]:
         title = f"{report['preset']}: early exit by entropy, {len(calibration)} calibration videos"
         title += f", {len(heldout)} held-out" if heldout is not None else ""
-        report["plot"] = str(plot_curve(result.table, result.baselines, options["plot"], title=title))
+        others = {name: front for name, front in result.fronts.items() if name != options["solver"]}
+        report["plot"] = str(plot_curve(result.table, result.baselines, options["plot"], title=title, others=others))
     if options["int8"]:
         report["int8"] = _quantise(result.export, sets, options, int(options["int8_weight_bits"]))
     return report
@@ -271,8 +289,6 @@ def _calibrate(export: Export, sets: _Sets, engine, cache, options: dict) -> dic
 
 def _quantise(export: Export, sets: _Sets, options: dict, weight_bits: int) -> dict:
     """--int8: activation ranges on the calibration set (yours or 'val'), fp32 vs int8 on the held-out one."""
-    from itertools import islice
-
     from adafocus.quantize import compare_precisions, measure_speed, quantize_export, record_report
 
     count = options["int8_videos"]
@@ -298,10 +314,9 @@ def _quantise(export: Export, sets: _Sets, options: dict, weight_bits: int) -> d
         heldout = sets.synthetic("test", sets.heldout_videos, SPEED_BATCH)
         report["heldout"] = compare_precisions(export.path, heldout, threads=SPEED_THREADS)
         report["heldout"] |= {"split": "test", "accuracy_meaningful": sets.meaningful}
-        speed_videos = next(iter(islice(heldout, 1)))[0]
-    elif sets.int8 is not None:
+    if sets.heldout is None and sets.int8 is not None:
         speed_videos = next(iter(sets.files.batches(sets.int8, SPEED_BATCH, "speed videos", False)))[0]
-    else:
-        speed_videos = next(iter(sets.synthetic("test", SPEED_BATCH, SPEED_BATCH)))[0]
+    elif sets.heldout is None:
+        speed_videos, _ = sets.task.batch("test", range(SPEED_BATCH))
     report["speed"] = measure_speed(export.path, speed_videos, threads=SPEED_THREADS)
     return record_report(export.path, report).int8
