@@ -143,8 +143,9 @@ def calibrate(export_dir, data, heldout, calibration_videos, seed, backend, devi
         torch.set_num_threads(options["threads"])
     if backend is None and (device or precision):
         raise AdaFocusError("--device and --precision choose the engine of --backend", "add --backend NAME")
-    if data is None and options["int8_data"] is None and any(options[k] != DEFAULTS[k] for k in DEFAULTS):
-        raise AdaFocusError("--root, --workers and --max-bad are for your videos", "give --data (or --int8-data)")
+    no_files = data is None and options["int8_data"] is None and (heldout is None or heldout.strip().isdigit())
+    if no_files and any(options[k] != DEFAULTS[k] for k in DEFAULTS):
+        raise AdaFocusError("--root, --workers and --max-bad are for your videos", "give --data (or --heldout FILE)")
     export = open_export(export_dir) if export_dir else demo_export()
     sets = _Sets(export, seed, data, heldout, calibration_videos, options)
     engine = None

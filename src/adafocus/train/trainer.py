@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from adafocus.data.synthetic import TASK_ID, SyntheticTask, TaskVideos
-from adafocus.errors import AdaFocusError, InternalError
+from adafocus.errors import AdaFocusError
 from adafocus.files import atomic_write
 from adafocus.model.checkpoint import save_checkpoint, torch_bytes
 from adafocus.model.networks import AdaFocusV3, build_model
@@ -221,7 +221,10 @@ def train(
     if source is None:
         source = SyntheticSource(preset, seed=config.seed, easy_share=config.easy_share, val_videos=config.val_videos)
     if len(source.class_names) != preset.num_classes:
-        raise InternalError(f"{len(source.class_names)} classes for a {preset.num_classes}-class preset")
+        raise AdaFocusError(
+            f"the data has {len(source.class_names)} classes, the {preset.name} preset {preset.num_classes}",
+            "build the preset for the data's classes (dataclasses.replace(preset, num_classes=N))",
+        )
     run = _start(preset, config, state_path, resume, source.meta, start_from, log)
     bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc=f"train {preset.name}", unit="step")
     started = time.perf_counter() - run.elapsed
