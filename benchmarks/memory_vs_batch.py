@@ -65,6 +65,7 @@ def main() -> None:
     recorded = json.loads((RESULTS / "bench-sthsth-v1-t12-onnxruntime.json").read_text())
     thresholds = recorded["thresholds"]
     from adafocus.builtin import random_export
+    from adafocus.files import write_json
     from adafocus.machine import cpu_record, package_versions
 
     random_export(args.preset)  # exported (and cached) once, outside the measured processes
@@ -98,7 +99,7 @@ def main() -> None:
         "packages": package_versions(),
     }
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

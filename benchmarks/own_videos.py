@@ -32,6 +32,7 @@ from adafocus.cli import calibrate, main
 from adafocus.data.labelled import DecodedBatches, read_labelled
 from adafocus.data.synthetic import SyntheticTask
 from adafocus.data.video import _count_frames, _decode_indices, to_model_input, tsn_indices
+from adafocus.files import dumps, write_json
 from adafocus.machine import cpu_record
 from adafocus.model.preprocess import normalize
 from adafocus.weights import builtin_checkpoint
@@ -113,10 +114,9 @@ def main_(argv=None) -> None:
             "tensors": from_tensors["heldout_accuracy_per_step"],
         }
         report["int8_from_files"] = {k: from_files["int8"][k] for k in ("heldout", "speed", "calibration_videos")}
-    text = json.dumps(report, indent=2, allow_nan=False)
-    print(text)
+    print(dumps(report))
     if args.out:
-        args.out.write_text(text + "\n")
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from adafocus.builtin import demo_export
+    from adafocus.files import write_json
     from adafocus.machine import cpu_record, package_versions
 
     export = args.export or str(demo_export().path)
@@ -97,7 +98,7 @@ def main() -> None:
         "packages": package_versions(),
     }
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

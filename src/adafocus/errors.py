@@ -20,3 +20,10 @@ def error_text(error: BaseException) -> str:
     if isinstance(error, AdaFocusError):
         return error.what if error.fix is None else f"{error.what} (fix: {error.fix})"
     return f"{type(error).__name__}: {error}"
+
+
+def first_of(items, shown: int = 5) -> str:
+    """The first `shown` items, comma-separated, and how many more: for errors naming offenders."""
+    items = [str(i) for i in items]
+    text = ", ".join(items[:shown])
+    return text + (f" and {len(items) - shown} more" if len(items) > shown else "")

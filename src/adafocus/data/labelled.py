@@ -41,14 +41,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from adafocus.errors import AdaFocusError, error_text
+from adafocus.errors import AdaFocusError, error_text, first_of
 
 if TYPE_CHECKING:
     from adafocus.model.presets import Preset
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 DEFAULT_MAX_BAD = 0.05  # the share of a set that may be unreadable before a command refuses it
-SHOWN = 5  # offenders named in one error
 
 
 @dataclass(frozen=True)
@@ -135,12 +134,12 @@ def _read_tree(root: str, class_names: tuple[str, ...]) -> LabelledVideos:
     if extra or missing:
         parts = []
         if extra:
-            parts.append(f"folders that are not classes of the model: {_first(extra)}")
+            parts.append(f"folders that are not classes of the model: {first_of(extra)}")
         if missing:
-            parts.append(f"classes without a folder: {_first(missing)}")
+            parts.append(f"classes without a folder: {first_of(missing)}")
         raise AdaFocusError(
             f"{root}: the tree's classes differ from the model's ({'; '.join(parts)})",
-            f"name the folders after the model's classes ({_first(list(class_names))}), or give a labels list",
+            f"name the folders after the model's classes ({first_of(list(class_names))}), or give a labels list",
         )
     paths, labels = [], []
     for class_name in found:
@@ -195,17 +194,22 @@ def _label_index(label: str, class_names: tuple[str, ...], by_name: bool) -> int
 def _label_error(name: str, offenders: list[str], class_names: tuple[str, ...], by_name: bool) -> AdaFocusError:
     accepted = f"indices 0..{len(class_names) - 1}"
     if by_name:
-        accepted = f"the model's class names ({_first(list(class_names))}) or {accepted}"
+        accepted = f"the model's class names ({first_of(list(class_names))}) or {accepted}"
     return AdaFocusError(
         f"{name}: {len(offenders)} label{'s are' if len(offenders) != 1 else ' is'} not a class of the model "
-        f"({_first(offenders)}); nothing was decoded",
+        f"({first_of(offenders)}); nothing was decoded",
         f"use {accepted}",
     )
 
 
-def _first(items: list[str]) -> str:
-    shown = ", ".join(items[:SHOWN])
-    return shown + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+def check_left_out(videos: LabelledVideos, left_out: int, max_bad: float) -> None:
+    """Refuse a set once more than `max_bad` of its videos are left out (a skewed set)."""
+    if left_out > int(max_bad * len(videos) + 1e-9):
+        raise AdaFocusError(
+            f"{videos.source}: more than {max_bad:.0%} of its {len(videos)} videos cannot be used "
+            f"({left_out} so far, see above)",
+            "fix or remove the broken files, or allow more with --max-bad FRACTION",
+        )
 
 
 def _stderr(line: str) -> None:
@@ -270,7 +274,6 @@ class DecodedBatches:
         from tqdm import tqdm
 
         self.report = report = DecodeReport(len(self.videos))
-        allowed = int(self.max_bad * len(self.videos) + 1e-9)
         ahead = max(2 * self.batch_size, self.workers)
         pending: deque = deque()
         items = iter(zip(self.videos.paths, self.videos.labels.tolist()))
@@ -297,12 +300,7 @@ class DecodedBatches:
                     except Exception as e:  # each file may be broken in its own way; the others go on
                         report.left_out.append((path, error_text(e)))
                         log(f"left out {path}: {error_text(e)}")
-                        if len(report.left_out) > allowed:
-                            raise AdaFocusError(
-                                f"{self.videos.source}: more than {self.max_bad:.0%} of its {len(self.videos)} "
-                                f"videos cannot be used ({len(report.left_out)} so far, see above)",
-                                "fix or remove the broken files, or allow more with --max-bad FRACTION",
-                            ) from None
+                        check_left_out(self.videos, len(report.left_out), self.max_bad)
                     else:
                         frames.append(clip)
                         labels.append(label)

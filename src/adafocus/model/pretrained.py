@@ -19,7 +19,7 @@ import os
 import torch
 from torch import nn
 
-from adafocus.errors import AdaFocusError
+from adafocus.errors import AdaFocusError, first_of
 
 HEADS = ("classifier.", "fc.")  # torchvision's classification heads: not part of an encoder
 WHAT = {
@@ -73,9 +73,9 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike, role: str)
     if missing or mismatched:
         found = []
         if missing:
-            found.append(f"{len(missing)} keys missing ({_first(missing)})")
+            found.append(f"{len(missing)} keys missing ({first_of(missing, 3)})")
         if mismatched:
-            found.append(f"{len(mismatched)} of another shape ({_first(mismatched)})")
+            found.append(f"{len(mismatched)} of another shape ({first_of(mismatched, 3)})")
         raise AdaFocusError(
             f"{os.fspath(path)} does not fit the {role} encoder: {'; '.join(found)}",
             f"give {WHAT.get(role, 'a matching state dict')} for this preset",
@@ -90,7 +90,3 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike, role: str)
             f"give {WHAT.get(role, 'a matching state dict')} for this preset",
         )
     return {"file": os.fspath(path), "tensors": len(loaded), "skipped": skipped}
-
-
-def _first(items: list[str], shown: int = 3) -> str:
-    return ", ".join(items[:shown]) + (", ..." if len(items) > shown else "")

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from adafocus.data.labelled import DEFAULT_MAX_BAD, DecodedBatches, LabelledVideos
+from adafocus.data.labelled import DEFAULT_MAX_BAD, DecodedBatches, LabelledVideos, check_left_out
 from adafocus.data.synthetic import TASK_ID, SyntheticTask, TaskVideos
-from adafocus.errors import AdaFocusError, error_text
+from adafocus.errors import error_text
 from adafocus.model.presets import Preset
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -133,18 +133,12 @@ class FileSource:
             num_workers=self.workers,
             collate_fn=_collate,
         )
-        allowed = int(self.max_bad * len(self.train) + 1e-9)
         for videos, labels, failed in loader:
             for path, reason in failed:
                 if path not in self.left_out:
                     self.left_out[path] = reason
                     self.log(f"left out {path}: {reason}")
-            if len(self.left_out) > allowed:
-                raise AdaFocusError(
-                    f"{self.train.source}: more than {self.max_bad:.0%} of its {len(self.train)} videos cannot be "
-                    f"used ({len(self.left_out)} so far, see above)",
-                    "fix or remove the broken files, or allow more with --max-bad FRACTION",
-                )
+            check_left_out(self.train, len(self.left_out), self.max_bad)
             yield videos, labels
 
     def validation(self):
