@@ -325,6 +325,12 @@ int main(int argc, char** argv) {
     if (positional.size() != 2) throw Refusal("expected EXPORT_DIR and VIDEOS.npy", "see adafocus-run --help");
     if (device != "cpu" && device != "cuda") throw Refusal("unknown device " + device, "use --device cpu or cuda");
     if (precision.empty()) precision = device == "cuda" ? "fp16" : "fp32";
+    if (device == "cuda" && precision == "fp32") {
+      // fp32 means fp32, as in Python's runtime: cuDNN and cuBLAS would run fp32 convolutions and
+      // matmuls in TF32 on Ampere and newer GPUs (logits move by ~1e-3)
+      at::globalContext().setAllowTF32CuDNN(false);
+      at::globalContext().setAllowTF32CuBLAS(false);
+    }
     const fs::path dir = positional[0];
     const json manifest = open_export(dir);
     const int64_t k_max = manifest["protocol"]["max_cubes"].get<int64_t>();

@@ -41,11 +41,11 @@ def aoti_export(exported, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_data(aoti_export):
+def demo_data(exported):
     from adafocus.data.synthetic import SyntheticTask
     from test_runtime import spread_thresholds
 
-    model = aoti_export.load_model()
+    model = exported("demo").load_model()
     videos, _ = SyntheticTask(model.preset, seed=0).batch("test", range(128))
     return model, videos, spread_thresholds(model, videos)
 
@@ -87,6 +87,56 @@ def test_batches_past_the_packages_range_are_split(aoti_export, demo_data):
     doubled = torch.cat([videos, videos])  # 256 > the packages' largest batch
     result = runtime.predict(doubled)
     np.testing.assert_array_equal(result.exit_step[:128], result.exit_step[128:])
+
+
+# --- CUDA packages (on a GPU host: benchmarks/gpu_host.sh runs these) --------------------------------
+NO_CUDA = "no CUDA GPU: AOTInductor CUDA packages are compiled and run on one (benchmarks/gpu_host.sh)"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+
+
+@pytest.fixture(scope="session")
+def aoti_cuda_export(exported, tmp_path_factory):
+    """The demo export with CUDA packages of every graph in fp32 and fp16 (compiled once per test run)."""
+    target = tmp_path_factory.mktemp("aoti-cuda") / "demo"
+    shutil.copytree(exported("demo").path, target)
+    for precision in ("fp32", "fp16"):
+        started = time.perf_counter()
+        lines = []
+        compile_packages(target, device="cuda", precision=precision, log=lines.append)
+        print(f"\nAOTInductor CUDA {precision} compile of the demo's six graphs: {time.perf_counter() - started:.0f} s")
+        print("\n".join(lines))
+    return open_export(target)
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 7, 128])
+def test_aoti_cuda_fp32_reproduces_the_reference_in_both_modes(aoti_cuda_export, demo_data, batch):
+    model, videos, thresholds = demo_data
+    videos = videos[:batch]
+    reference = adaptive_inference(model, videos, thresholds)
+    runtime = Runtime.load(aoti_cuda_export.path, "aoti", "cuda", precision="fp32")
+    runtime.set_thresholds(thresholds)
+    assert_same(runtime.predict(videos.cuda()).video, reference, batch)
+    streamed = {r.index: r for r in runtime.stream(iter(videos.cuda()), batch_size=max(batch // 2, 1))}
+    assert sorted(streamed) == list(range(batch))
+    assert_same(streamed.__getitem__, reference, batch)
+
+
+@needs_cuda
+def test_aoti_cuda_fp16_agrees_with_the_fp32_reference(aoti_cuda_export, demo_data):
+    """The agreement criterion of the PyTorch CUDA fp16 backend (tests/test_runtime.py)."""
+    from test_runtime import FP16_AGREEMENT
+
+    model, videos, thresholds = demo_data
+    reference = adaptive_inference(model, videos, thresholds)
+    runtime = Runtime.load(aoti_cuda_export.path, "aoti", "cuda", precision="fp16")
+    runtime.set_thresholds(thresholds)
+    result = runtime.predict(videos.cuda())
+    same = (result.exit_step == reference.exit_step.numpy()) & (result.prediction == reference.prediction.numpy())
+    assert same.mean() >= FP16_AGREEMENT, f"{same.mean():.3f} of videos agree"
+    diff = np.abs(result.probs[same] - reference.probs[same].double().numpy()).max()
+    assert diff < 5e-2, diff
+    print(f"AOTInductor CUDA fp16 vs fp32 reference: {same.mean():.3f} agree; max probability difference {diff:.2e}")
 
 
 def _resealed(source: Path, target: Path, change) -> Path:
@@ -158,29 +208,47 @@ def run_cpp(runner: Path, *args) -> subprocess.CompletedProcess:
     )
 
 
+def _thresholds_args(thresholds) -> list[str]:
+    return ["--thresholds", ",".join("-inf" if math.isinf(t) else repr(t) for t in thresholds)]
+
+
+def _assert_cpp_agrees(done: subprocess.CompletedProcess, expected) -> None:
+    """The runner's JSON lines against Runtime.predict's result, video by video."""
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["index"] for line in lines] == list(range(len(expected.exit_step)))
+    for i, line in enumerate(lines):
+        k = int(expected.exit_step[i])
+        assert line["exit_step"] == k and line["class_index"] == int(expected.prediction[i]), i
+        assert line["cube_starts"] == expected.cube_starts[i, :k].tolist(), i
+        np.testing.assert_allclose(line["probabilities"], expected.probs[i], atol=PROB_TOL_CPP, rtol=0)
+        assert line["gflops"] == pytest.approx(float(expected.gflops[i]))
+
+
 def test_the_cpp_runner_agrees_with_runtime_predict_video_by_video(runner, aoti_export, demo_data, tmp_path):
     _, videos, thresholds = demo_data
     np.save(tmp_path / "videos.npy", videos.numpy())
     for chosen in (None, thresholds):  # the manifest's calibrated thresholds, then ones spread over every step
-        args = (
-            [] if chosen is None else ["--thresholds", ",".join("-inf" if math.isinf(t) else repr(t) for t in chosen)]
-        )
+        args = [] if chosen is None else _thresholds_args(chosen)
         done = run_cpp(runner, aoti_export.path, tmp_path / "videos.npy", *args)
-        assert done.returncode == 0, done.stderr[-3000:]
-        lines = [json.loads(line) for line in done.stdout.splitlines()]
         runtime = Runtime.load(aoti_export.path, "aoti")
         if chosen is not None:
             runtime.set_thresholds(chosen)
         expected = runtime.predict(videos)
-        assert [line["index"] for line in lines] == list(range(len(videos)))
-        for i, line in enumerate(lines):
-            k = int(expected.exit_step[i])
-            assert line["exit_step"] == k and line["class_index"] == int(expected.prediction[i]), i
-            assert line["cube_starts"] == expected.cube_starts[i, :k].tolist(), i
-            np.testing.assert_allclose(line["probabilities"], expected.probs[i], atol=PROB_TOL_CPP, rtol=0)
-            assert line["gflops"] == pytest.approx(float(expected.gflops[i]))
+        _assert_cpp_agrees(done, expected)
         if chosen is not None:  # (this export is uncalibrated: its own thresholds never exit early)
             assert len(set(expected.exit_step.tolist())) >= 3
+
+
+@needs_cuda
+def test_the_cpp_runner_on_cuda_agrees_with_runtime_predict(runner, aoti_cuda_export, demo_data, tmp_path):
+    _, videos, thresholds = demo_data
+    np.save(tmp_path / "videos.npy", videos.numpy())
+    args = ["--device", "cuda", "--precision", "fp32", *_thresholds_args(thresholds)]
+    done = run_cpp(runner, aoti_cuda_export.path, tmp_path / "videos.npy", *args)
+    runtime = Runtime.load(aoti_cuda_export.path, "aoti", "cuda", precision="fp32")
+    runtime.set_thresholds(thresholds)
+    _assert_cpp_agrees(done, runtime.predict(videos.cuda()))
 
 
 def test_the_cpp_runner_verifies_the_export(runner, aoti_export, tmp_path):

@@ -24,6 +24,10 @@ def heldout(demo):
     return task, recorded, accuracy_per_step(demo.model, task, recorded["split"], recorded["videos"])
 
 
+# the training time each checkpoint was allowed on 2 CPU cores (README, "The built-in demo model")
+TRAINING_BUDGET_S = {DEMO: 60 * 60, DEMO_PIXEL: 15 * 60}
+
+
 @pytest.mark.parametrize("name", [DEMO, DEMO_PIXEL])
 def test_builtin_checkpoints_are_small_and_documented(name):
     path = builtin_checkpoint(name)
@@ -31,7 +35,7 @@ def test_builtin_checkpoints_are_small_and_documented(name):
     loaded = load_checkpoint(path)
     assert loaded.preset.name == "demo" and loaded.report.complete
     assert loaded.meta["command"].startswith("adafocus train --preset demo")
-    assert loaded.meta["train_seconds"] <= 15 * 60
+    assert loaded.meta["train_seconds"] <= TRAINING_BUDGET_S[name]
 
 
 def test_demo_reproduces_its_recorded_heldout_accuracy(heldout):
@@ -42,7 +46,7 @@ def test_demo_reproduces_its_recorded_heldout_accuracy(heldout):
 def test_learned_policy_beats_a_random_one(demo, heldout):
     task, recorded, learned = heldout
     random = accuracy_per_step(demo.model, task, recorded["split"], recorded["videos"], policy="random")
-    assert learned[1] >= random[1] + 0.05  # after one cube: where the policy matters most
+    assert learned[1] >= random[1] + 0.08  # after one cube: where the policy matters most
     assert learned[-1] >= random[-1] + 0.05
     assert learned[0] == random[0]  # the glance does not depend on the policy
 

@@ -4,6 +4,7 @@ tensors, calibration on a deployed engine, and the cache of step outputs."""
 
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 import adafocus.data.video
 from adafocus.calibration.calibrate import calibrate_export, collect
 from adafocus.cli import calibrate, main
-from adafocus.data.labelled import DecodedBatches, read_labelled
+from adafocus.data.labelled import DecodedBatches, decode_ahead, read_labelled
 from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import open_export, update_manifest
@@ -190,3 +191,24 @@ def test_int8_ranges_from_your_videos(own_videos, demo_copy):
     int8 = Runtime.load(demo_copy, "onnxruntime", precision="int8")
     videos, _ = as_tensors("test", int8.preset)
     assert int8.predict(videos[:8]).exit_step.shape == (8,)
+
+
+def test_decode_ahead_keeps_the_order_hands_out_errors_and_bounds_the_work():
+    """The one decode-ahead pool of DecodedBatches and adafocus-predict: loads run at most `ahead`
+    items beyond the one handed out, a failing item comes out in its place, closing stops the rest."""
+    started, lock = [], threading.Lock()
+
+    def load(i):
+        with lock:
+            started.append(i)
+        if i == 3:
+            raise ValueError("broken")
+        return i * 10
+
+    decoded = decode_ahead(range(1000), load, workers=2, ahead=4)
+    first = [next(decoded) for _ in range(5)]
+    assert [item for item, _, _ in first] == [0, 1, 2, 3, 4]
+    assert [result for _, result, _ in first] == [0, 10, 20, None, 40]
+    assert isinstance(first[3][2], ValueError) and all(e is None for i, _, e in first if i != 3)
+    decoded.close()
+    assert len(started) <= 5 + 4  # five handed out, at most four ahead: never the whole input

@@ -34,9 +34,10 @@ from adafocus.export.manifest import Export
 from adafocus.figures import new_figure, save_png
 from adafocus.files import write_json
 from adafocus.machine import cpu_name, package_versions
+from adafocus.model.numerics import strict_fp32
 from adafocus.model.reference import adaptive_inference
 from adafocus.runtime import Runtime
-from adafocus.runtime.backends import make_backend, strict_fp32
+from adafocus.runtime.backends import make_backend
 from adafocus.runtime.runtime import budget_entry
 
 STREAM_BATCHES = 4  # the streaming mode runs this many batches of videos, so refilling matters

@@ -23,10 +23,9 @@ import sys
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from adafocus.data.labelled import VIDEO_EXTENSIONS
+from adafocus.data.labelled import VIDEO_EXTENSIONS, decode_ahead
 from adafocus.errors import AdaFocusError, error_text
 from adafocus.figures import save_png
 
@@ -237,33 +236,17 @@ def predict_paths(
         load_clip_for,  # PyAV only where videos are decoded: `adafocus bench` runs without it
     )
 
-    ahead = max(2 * batch_size, workers)
     failures: deque[dict] = deque()  # decode errors, reported with the next result
     admitted: dict[int, tuple[str, list[int], torch.Tensor | None]] = {}  # stream position -> video
 
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adafocus-decode")
+    decoded = decode_ahead(names, lambda path: load_clip_for(path, preset), workers, max(2 * batch_size, workers))
 
     def clips() -> Iterator[torch.Tensor]:
         """Decoded clips in input order; runs in the caller's thread, pulled by runtime.stream."""
-        pending = deque()
-        remaining = iter(names)
-
-        def top_up() -> None:
-            while len(pending) < ahead:
-                path = next(remaining, None)
-                if path is None:
-                    return
-                pending.append((path, pool.submit(load_clip_for, path, preset)))
-
-        top_up()
         position = 0
-        while pending:
-            path, future = pending.popleft()
-            top_up()
-            try:
-                clip = future.result()
-            except Exception as e:  # any file may be broken in its own way; the others go on
-                failures.append({"path": path, "error": error_text(e)})
+        for path, clip, error in decoded:
+            if error is not None:  # any file may be broken in its own way; the others go on
+                failures.append({"path": path, "error": error_text(error)})
                 continue
             admitted[position] = (path, clip.indices, clip.frames if show is not None else None)
             position += 1
@@ -286,7 +269,7 @@ def predict_paths(
         while failures:
             yield failures.popleft()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        decoded.close()  # stops the decoder threads, also when the caller stops early
 
 
 # --- --resume --------------------------------------------------------------------------------------

@@ -120,8 +120,9 @@ def calibrate(export_dir, data, heldout, calibration_videos, seed, backend, devi
     """Calibrate early exit for EXPORT_DIR [default: the built-in demo export, in its cache directory].
 
     Runs the export's model without early exit on calibration videos (yours with --data, else the
-    synthetic task), solves entropy thresholds for a sweep of exit proportions (MSDNet dynamic
-    evaluation, paper Eq. 7), keeps the accuracy-vs-GFLOPs front, measures it on held-out videos
+    synthetic task), solves entropy thresholds for a range of budgets (paper Eq. 7: --solver search
+    fits per-step thresholds on half of the videos and keeps the accuracy-vs-GFLOPs front measured on
+    the other half; --solver msdnet, the paper's exit proportions q_k ∝ p^k), measures it on held-out videos
     and writes it into the manifest (`budgets`, and a default `thresholds`), so
     `Runtime.set_budget(GFLOPs)` can choose.
 

@@ -33,10 +33,10 @@ import io
 import os
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 DEFAULT_MAX_BAD = 0.05  # the share of a set that may be unreadable before a command refuses it
+T, R = TypeVar("T"), TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,38 @@ class DecodeReport:
         return f"{self.used} used, {len(self.left_out)} left out (see above)"
 
 
+def decode_ahead(
+    items: Iterable[T], load: Callable[[T], R], workers: int, ahead: int
+) -> Iterator[tuple[T, R | None, Exception | None]]:
+    """(item, load(item), None) or (item, None, the exception) for every item, in input order, with
+    `workers` threads loading at most `ahead` items beyond the one handed out (bounded memory however
+    many items there are). A failing item does not stop the others: each file may be broken in its
+    own way. When the consumer stops early, loads not yet started are cancelled."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="adafocus-decode")
+    pending: deque = deque()
+    remaining = iter(items)
+
+    def top_up() -> None:
+        for item in remaining:
+            pending.append((item, pool.submit(load, item)))
+            if len(pending) >= ahead:
+                return
+
+    try:
+        top_up()
+        while pending:
+            item, future = pending.popleft()
+            top_up()
+            try:
+                result = future.result()
+            except Exception as e:  # handed to the consumer, which names it and goes on
+                yield item, None, e
+            else:
+                yield item, result, None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 class DecodedBatches:
     """Iterable of (frames (B, T, 3, S, S) float32, labels (B,) int64) batches of a set's videos,
     decoded for `preset` by `workers` threads; `report` says what was used and left out.
@@ -274,45 +307,25 @@ class DecodedBatches:
         from tqdm import tqdm
 
         self.report = report = DecodeReport(len(self.videos))
-        ahead = max(2 * self.batch_size, self.workers)
-        pending: deque = deque()
-        items = iter(zip(self.videos.paths, self.videos.labels.tolist()))
+        items = zip(self.videos.paths, self.videos.labels.tolist())
         frames, labels = [], []
-        with (
-            ThreadPoolExecutor(self.workers, thread_name_prefix="adafocus-decode") as pool,
-            tqdm(total=len(self.videos), desc=self.desc, unit="video", disable=not self.progress, leave=False) as bar,
-        ):
+        with tqdm(total=len(self.videos), desc=self.desc, unit="video", disable=not self.progress, leave=False) as bar:
             log = self.log or (lambda line: bar.write(line, file=sys.stderr))
-
-            def top_up() -> None:
-                for path, label in items:
-                    pending.append((path, label, pool.submit(self.load, path)))
-                    if len(pending) >= ahead:
-                        return
-
-            try:
-                top_up()
-                while pending:
-                    path, label, future = pending.popleft()
-                    top_up()
-                    try:
-                        clip = future.result()
-                    except Exception as e:  # each file may be broken in its own way; the others go on
-                        report.left_out.append((path, error_text(e)))
-                        log(f"left out {path}: {error_text(e)}")
-                        check_left_out(self.videos, len(report.left_out), self.max_bad)
-                    else:
-                        frames.append(clip)
-                        labels.append(label)
-                        report.used += 1
-                    bar.update(1)
-                    if len(frames) == self.batch_size:
-                        yield torch.stack(frames), torch.tensor(labels, dtype=torch.int64)
-                        frames, labels = [], []
-                if frames:
+            ahead = max(2 * self.batch_size, self.workers)
+            for (path, label), clip, error in decode_ahead(items, lambda item: self.load(item[0]), self.workers, ahead):
+                if error is not None:
+                    report.left_out.append((path, error_text(error)))
+                    log(f"left out {path}: {error_text(error)}")
+                    check_left_out(self.videos, len(report.left_out), self.max_bad)
+                else:
+                    frames.append(clip)
+                    labels.append(label)
+                    report.used += 1
+                bar.update(1)
+                if len(frames) == self.batch_size:
                     yield torch.stack(frames), torch.tensor(labels, dtype=torch.int64)
-            finally:
-                for *_, future in pending:
-                    future.cancel()
+                    frames, labels = [], []
+            if frames:
+                yield torch.stack(frames), torch.tensor(labels, dtype=torch.int64)
         if report.used == 0:
             raise AdaFocusError(f"{self.videos.source}: none of its videos could be used (see above)")

@@ -30,6 +30,7 @@ from adafocus.export.manifest import Export, open_export, sha256_file, update_ma
 from adafocus.export.onnx_export import EXAMPLE_BATCH
 from adafocus.export.validate import FP32_RTOL, compare_outputs, validation_cases
 from adafocus.files import partial_path, remove_stale_partials
+from adafocus.model.numerics import strict_fp32
 
 KIND = "aoti"  # the key under the manifest's `engines`
 PRECISIONS = {"cpu": ("fp32",), "cuda": ("fp16", "fp32")}  # the first is the default
@@ -141,7 +142,7 @@ def _compile_one(spec: GraphSpec, path: Path, device, precision, batch_range, ca
     module = spec.module if precision == "fp32" else Fp16Graph(spec)
     example = tuple(x.to(device) for x in spec.random_inputs(EXAMPLE_BATCH, torch.Generator().manual_seed(0)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), strict_fp32():  # fp32 means fp32 (TF32 off; Inductor reads it when it picks kernels)
             program = torch.export.export(module.eval(), example, dynamic_shapes=dynamic)
             torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     except Exception as e:  # torch.export and Inductor raise many types; name the graph and keep the cause
@@ -153,7 +154,7 @@ def _compile_one(spec: GraphSpec, path: Path, device, precision, batch_range, ca
     package = torch._inductor.aoti_load_package(str(path))
 
     def run(inputs):
-        with torch.inference_mode():
+        with torch.inference_mode(), strict_fp32():
             out = package(*[x.contiguous() for x in inputs])
         out = [out] if isinstance(out, torch.Tensor) else list(out)  # one output comes back bare
         return [np.ascontiguousarray(y.detach().cpu().numpy()) for y in out]

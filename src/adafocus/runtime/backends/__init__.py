@@ -6,7 +6,7 @@ from adafocus.runtime.backends import aoti, onnxruntime, pytorch, tensorrt  # no
 from adafocus.runtime.backends.aoti import AotiBackend
 from adafocus.runtime.backends.base import BACKENDS, Backend, backend_names, device_names, make_backend, register
 from adafocus.runtime.backends.onnxruntime import EXACT_U8U8, Int8PrecisionWarning, OnnxRuntimeBackend
-from adafocus.runtime.backends.pytorch import PyTorchBackend, strict_fp32
+from adafocus.runtime.backends.pytorch import PyTorchBackend
 from adafocus.runtime.backends.tensorrt import TensorRTBackend
 
 __all__ = [
@@ -22,5 +22,4 @@ __all__ = [
     "device_names",
     "make_backend",
     "register",
-    "strict_fp32",
 ]

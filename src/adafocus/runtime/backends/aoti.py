@@ -11,6 +11,7 @@ import torch
 from adafocus.export.aoti import PRECISIONS, packages_for
 from adafocus.export.graphs import GRAPH_NAMES
 from adafocus.export.manifest import Export
+from adafocus.model.numerics import strict_fp32
 from adafocus.runtime.arrays import TorchArrays
 from adafocus.runtime.backends.base import Backend, register
 
@@ -41,7 +42,8 @@ class AotiBackend(Backend):
 
     @torch.inference_mode()
     def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
-        out = self.packages[graph](*[feeds[name].contiguous() for name in self.inputs[graph]])
+        with strict_fp32():  # the packages call cuDNN/cuBLAS, which read these switches when they run
+            out = self.packages[graph](*[feeds[name].contiguous() for name in self.inputs[graph]])
         out = [out] if isinstance(out, torch.Tensor) else out  # a package with one output returns it bare
         return dict(zip(self.outputs[graph], out))
 

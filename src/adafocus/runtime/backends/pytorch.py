@@ -3,7 +3,6 @@ CUDA GPU (fp16 autocast there if asked)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 from adafocus.errors import AdaFocusError
 from adafocus.export.graphs import GRAPH_NAMES, graph_specs
 from adafocus.export.manifest import Export
+from adafocus.model.numerics import strict_fp32
 from adafocus.runtime.arrays import TorchArrays
 from adafocus.runtime.backends.base import Backend, register
 
@@ -48,16 +48,3 @@ class PyTorchBackend(Backend):
 
     def describe(self) -> dict:
         return super().describe() | {"threads": torch.get_num_threads()}
-
-
-@contextlib.contextmanager
-def strict_fp32():
-    """fp32 means fp32: by default cuDNN runs fp32 convolutions in TF32 (a 10-bit mantissa) on
-    Ampere and newer GPUs, which moves logits by ~1e-3. The user's own settings come back after."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32 = matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = before
