@@ -141,7 +141,7 @@ def test_thresholds_compare_in_float32(exported):
     manifest = open_directory(export.path)
     session = ort.InferenceSession(str(export.path / manifest["graphs"]["glance"]["file"]))
     (entropy0,) = session.run(["entropy"], {"videos": videos})
-    value = float(entropy0[0])
+    value = float(entropy0.max())  # rows of one batch may differ in the last bit; the other one exits too
     below = float(np.nextafter(value, -np.inf))  # a float64 just below the float32 entropy ...
     assert below < value and np.float32(below) == np.float32(value)  # ... that rounds onto it in float32
     runtime = Runtime.load(export.path)

@@ -27,6 +27,7 @@ skewed set.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -309,10 +310,14 @@ class DecodedBatches:
         self.report = report = DecodeReport(len(self.videos))
         items = zip(self.videos.paths, self.videos.labels.tolist())
         frames, labels = [], []
-        with tqdm(total=len(self.videos), desc=self.desc, unit="video", disable=not self.progress, leave=False) as bar:
+        ahead = max(2 * self.batch_size, self.workers)
+        decoded = decode_ahead(items, lambda item: self.load(item[0]), self.workers, ahead)
+        with (
+            tqdm(total=len(self.videos), desc=self.desc, unit="video", disable=not self.progress, leave=False) as bar,
+            contextlib.closing(decoded),  # the decoders stop at once when this pass ends early (an error, a break)
+        ):
             log = self.log or (lambda line: bar.write(line, file=sys.stderr))
-            ahead = max(2 * self.batch_size, self.workers)
-            for (path, label), clip, error in decode_ahead(items, lambda item: self.load(item[0]), self.workers, ahead):
+            for (path, label), clip, error in decoded:
                 if error is not None:
                     report.left_out.append((path, error_text(error)))
                     log(f"left out {path}: {error_text(error)}")
