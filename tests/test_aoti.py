@@ -21,7 +21,7 @@ from adafocus.export.graphs import GRAPH_NAMES
 from adafocus.export.manifest import MANIFEST, content_hash, open_export
 from adafocus.model import adaptive_inference
 from adafocus.runtime import Runtime
-from test_runtime import assert_same
+from test_runtime import assert_fp16_agrees, assert_same
 
 REPO = Path(__file__).resolve().parents[1]
 PROB_TOL_CPP = 1e-4
@@ -125,18 +125,11 @@ def test_aoti_cuda_fp32_reproduces_the_reference_in_both_modes(aoti_cuda_export,
 @needs_cuda
 def test_aoti_cuda_fp16_agrees_with_the_fp32_reference(aoti_cuda_export, demo_data):
     """The agreement criterion of the PyTorch CUDA fp16 backend (tests/test_runtime.py)."""
-    from test_runtime import FP16_AGREEMENT
-
     model, videos, thresholds = demo_data
     reference = adaptive_inference(model, videos, thresholds)
     runtime = Runtime.load(aoti_cuda_export.path, "aoti", "cuda", precision="fp16")
     runtime.set_thresholds(thresholds)
-    result = runtime.predict(videos.cuda())
-    same = (result.exit_step == reference.exit_step.numpy()) & (result.prediction == reference.prediction.numpy())
-    assert same.mean() >= FP16_AGREEMENT, f"{same.mean():.3f} of videos agree"
-    diff = np.abs(result.probs[same] - reference.probs[same].double().numpy()).max()
-    assert diff < 5e-2, diff
-    print(f"AOTInductor CUDA fp16 vs fp32 reference: {same.mean():.3f} agree; max probability difference {diff:.2e}")
+    assert_fp16_agrees(runtime.predict(videos.cuda()), reference, "AOTInductor CUDA fp16")
 
 
 def _resealed(source: Path, target: Path, change) -> Path:

@@ -229,12 +229,17 @@ def test_pytorch_cuda_fp16_agrees_with_the_fp32_reference(exported, demo_data):
     reference = adaptive_inference(model, videos, thresholds)
     runtime = Runtime.load(exported("demo").path, "pytorch", "cuda", precision="fp16")
     runtime.set_thresholds(thresholds)
-    result = runtime.predict(videos.cuda())
+    assert_fp16_agrees(runtime.predict(videos.cuda()), reference, "PyTorch CUDA fp16")
+
+
+def assert_fp16_agrees(result, reference, engine: str) -> None:
+    """fp16's agreement criterion: most videos keep the reference's exit step and class, and their
+    probabilities stay within 5e-2."""
     same = (result.exit_step == reference.exit_step.numpy()) & (result.prediction == reference.prediction.numpy())
     assert same.mean() >= FP16_AGREEMENT, f"{same.mean():.3f} of videos agree"
     diff = np.abs(result.probs[same] - reference.probs[same].double().numpy()).max()
     assert diff < 5e-2, diff
-    print(f"fp16 vs fp32 reference: {same.mean():.3f} agree; max probability difference {diff:.2e}")
+    print(f"{engine} vs fp32 reference: {same.mean():.3f} agree; max probability difference {diff:.2e}")
 
 
 def test_tensorrt_backend_reproduces_the_reference_or_says_why_not(exported):
