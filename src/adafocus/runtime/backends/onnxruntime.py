@@ -108,7 +108,11 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> dict:
         import onnxruntime as ort
 
-        described = super().describe() | {"onnxruntime": ort.__version__, "threads": self.threads or "default"}
+        described = super().describe() | {
+            "onnxruntime": ort.__version__,
+            "threads": self.threads or "default",
+            "thread_spinning": "default" if len(self.sessions) == 1 else "off",
+        }
         if self.io_binding:
             described |= {"providers": next(iter(self.sessions.values())).get_providers(), "io_binding": True}
         return described
