@@ -46,7 +46,7 @@ def test_demo_reproduces_its_recorded_heldout_accuracy(heldout):
 def test_learned_policy_beats_a_random_one(demo, heldout):
     task, recorded, learned = heldout
     random = accuracy_per_step(demo.model, task, recorded["split"], recorded["videos"], policy="random")
-    assert learned[1] >= random[1] + 0.08  # after one cube: where the policy matters most
+    assert learned[1] >= random[1] + 0.10  # after one cube, where the policy matters most
     assert learned[-1] >= random[-1] + 0.05
     assert learned[0] == random[0]  # the glance does not depend on the policy
 

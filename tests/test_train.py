@@ -135,3 +135,42 @@ def test_schedules_train_what_they_say(tmp_path, schedule, policy_moves):
     start = fresh_model().state_dict()
     assert (not torch.equal(state["policy.head.weight"], start["policy.head.weight"])) == policy_moves
     assert not torch.equal(state["local.conv1.weight"], start["local.conv1.weight"])
+
+
+def test_refine_trains_the_local_encoder_and_classifier_on_the_frozen_policys_cubes(tmp_path, batch):
+    from adafocus.train.trainer import _set_stage
+
+    start = fresh_model(seed=3).state_dict()
+
+    def initialise(model) -> dict:
+        model.load_state_dict(start)
+        return {"checkpoint": "seed 3"}
+
+    train(DEMO, tmp_path, tiny_config(schedule="refine"), start_from=initialise, progress=False, log=lambda _: None)
+    state = load_checkpoint(tmp_path / "model.pt", DEMO).model.state_dict()
+    frozen = [key for key in start if key.startswith(("glance.", "policy."))]
+    assert frozen and all(torch.equal(state[key], start[key]) for key in frozen)  # BN statistics included
+    assert not torch.equal(state["local.conv1.weight"], start["local.conv1.weight"])
+    assert not torch.equal(state["classifier.step_heads.weight"], start["classifier.step_heads.weight"])
+
+    # the cubes are the policy's own: the loss of a refine step is the loss under the learned policy
+    model = fresh_model(seed=3)
+    _set_stage(model, 3)
+    videos, labels = batch
+    with torch.no_grad():
+        centres = model.policy(model.glance(model.glance_frames(videos))[0])
+        expected = float(summed_cross_entropy(training_logits(model, videos, CUBE_FEATURES["crop"], centres), labels))
+    optimizer = torch.optim.AdamW([*model.local.parameters(), *model.classifier.parameters()], lr=0.0)
+    assert train_step(model, optimizer, videos, labels, gradient="deep", centres=centres) == pytest.approx(expected)
+    assert all(p.grad is None for p in [*model.policy.parameters(), *model.glance.parameters()])
+
+
+def test_refine_needs_a_trained_policy(tmp_path):
+    from click.testing import CliRunner
+
+    from adafocus.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r"), "--schedule", "refine", "--steps", "1"])
+    assert result.exit_code != 0
+    assert "--init" in result.output and "refine" in result.output
+    assert not (tmp_path / "r").exists()  # refused before anything is written

@@ -122,11 +122,12 @@ def flops(preset: str, as_json: bool) -> None:
 )
 @click.option(
     "--schedule",
-    type=click.Choice(["two-stage", "joint"]),
+    type=click.Choice(["two-stage", "joint", "refine"]),
     default="two-stage",
     show_default=True,
     help="two-stage (appendix C): encoders+classifier under a random policy, then the policy alone; "
-    "joint: all networks together from the start.",
+    "joint: all networks together from the start; refine (needs --init): the local encoder and the "
+    "classifier alone, on the cubes the checkpoint's frozen policy picks (AdaFocus V1's stage III).",
 )
 @click.option("--val-every", type=click.IntRange(1), default=200, show_default=True, help="Validate every N steps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order and the initialisation.")
@@ -151,6 +152,11 @@ def train(preset, out, data, val_data, init, glance_weights, local_weights, root
         torch.set_num_threads(options["threads"])
     if data is None and (val_data or root or workers != 2 or max_bad != 0.05):
         raise AdaFocusError("--val-data, --root, --workers and --max-bad are for your videos", "give --data")
+    if options["schedule"] == "refine" and init is None:
+        raise AdaFocusError(
+            "--schedule refine trains fL and fC under a trained policy, and there is none without --init",
+            "give --init CHECKPOINT (e.g. the model.pt of a two-stage run)",
+        )
     model_preset, class_names, start_from = _training_start(preset, data, init, glance_weights, local_weights)
     keys = ("steps", "batch_size", "lr", "gradient", "schedule", "val_every", "seed")
     config = TrainConfig(**{k: options[k] for k in keys})

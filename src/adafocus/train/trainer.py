@@ -6,6 +6,10 @@ Schedules:
   one that learns within minutes: jointly, the policy has no useful gradient until fL can read
   glyphs, and fL rarely sees one until the policy finds them.
 - "joint": every network from the start; the policy learns through the chosen cube gradient.
+- "refine": fL and fC alone, on the cubes the model's own (frozen) policy picks; glance and policy
+  frozen, in eval mode. Meant after two-stage, from its checkpoint (`adafocus train --init`): the
+  classifier of two-stage learned under a random policy and never saw the cubes it is given at
+  inference. This is AdaFocus (V1)'s stage III; AdaFocusV3's appendix C stops after the policy.
 
 Training state is saved every `checkpoint_every` steps (and at the end) to OUT/train_state.pt; a
 run started again with `resume=True` continues from it and, because every batch is a pure function
@@ -46,7 +50,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     gradient: str = "deep"  # how the policy learns: "deep" (Eq. 5-6) or "pixel" (Eq. 2-4)
-    schedule: str = "two-stage"  # or "joint"
+    schedule: str = "two-stage"  # or "joint", "refine"
     stage_one_share: float = 0.7  # two-stage: the share of steps under a random policy
     val_every: int = 200
     val_videos: int = 256
@@ -57,8 +61,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.gradient not in ("deep", "pixel"):
             raise AdaFocusError(f"unknown gradient estimator {self.gradient!r}", "use 'deep' or 'pixel'")
-        if self.schedule not in ("joint", "two-stage"):
-            raise AdaFocusError(f"unknown schedule {self.schedule!r}", "use 'joint' or 'two-stage'")
+        if self.schedule not in SCHEDULES:
+            raise AdaFocusError(f"unknown schedule {self.schedule!r}", "use one of " + ", ".join(SCHEDULES))
 
     @property
     def policy_stage_start(self) -> int:
@@ -67,8 +71,13 @@ class TrainConfig:
 
     def stage(self, step: int) -> int:
         """1: everything under the policy being trained (joint) or a random policy (two-stage);
-        2: the policy alone."""
+        2: the policy alone; 3: fL and fC under the frozen policy (refine)."""
+        if self.schedule == "refine":
+            return 3
         return 2 if step >= self.policy_stage_start else 1
+
+
+SCHEDULES = ("two-stage", "joint", "refine")
 
 
 RANDOM_POLICY_SEED = 12345  # the random-policy baseline draws the same centres in every evaluation
@@ -127,11 +136,12 @@ def train_step(
     labels: torch.Tensor,
     *,
     gradient: str,
-    random_policy: torch.Tensor | None = None,
+    centres: torch.Tensor | None = None,
 ) -> float:
-    """One optimisation step; with `random_policy` centres the cubes are cut by the crop rule."""
-    cube_features = CUBE_FEATURES["crop" if random_policy is not None else gradient]
-    loss = summed_cross_entropy(training_logits(model, videos, cube_features, random_policy), labels)
+    """One optimisation step. Given `centres` (a random policy, or a frozen one's choice) the cubes
+    are cut there by the crop rule and no gradient reaches the policy."""
+    cube_features = CUBE_FEATURES["crop" if centres is not None else gradient]
+    loss = summed_cross_entropy(training_logits(model, videos, cube_features, centres), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -174,15 +184,21 @@ def _learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def _optimizer(model: AdaFocusV3, config: TrainConfig, stage: int) -> torch.optim.Optimizer:
-    params = model.policy.parameters() if stage == 2 else model.parameters()
+    if stage == 2:
+        params = list(model.policy.parameters())
+    elif stage == 3:
+        params = [*model.local.parameters(), *model.classifier.parameters()]
+    else:
+        params = list(model.parameters())
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _set_stage(model: AdaFocusV3, stage: int) -> None:
     model.train()
-    if stage == 2:  # the policy alone: everything else frozen, BN statistics included
+    trained = {1: None, 2: ("policy",), 3: ("local", "classifier")}[stage]
+    if trained is not None:  # everything else frozen, BN statistics included
         for name, module in model.named_children():
-            if name != "policy":
+            if name not in trained:
                 module.eval().requires_grad_(False)
 
 
@@ -306,11 +322,15 @@ def _one_step(run: _Run, videos: torch.Tensor, labels: torch.Tensor, config: Tra
         log(f"step {run.step}: stage 2, training the policy alone")
     for group in run.optimizer.param_groups:
         group["lr"] = _learning_rate(config, run.step)
-    random_policy = None
+    centres = None
     if config.schedule == "two-stage" and run.stage == 1:  # stage 1 of two-stage: a random policy
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + run.step)
-        random_policy = random_centres(len(labels), run.model.preset.max_cubes, generator)
-    loss = train_step(run.model, run.optimizer, videos, labels, gradient=config.gradient, random_policy=random_policy)
+        centres = random_centres(len(labels), run.model.preset.max_cubes, generator)
+    elif run.stage == 3:  # refine: the cubes the frozen policy picks (it is in eval mode)
+        with torch.no_grad():
+            maps, _ = run.model.glance(run.model.glance_frames(videos))
+            centres = run.model.policy(maps)
+    loss = train_step(run.model, run.optimizer, videos, labels, gradient=config.gradient, centres=centres)
     run.step += 1
     return loss
 
