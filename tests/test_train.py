@@ -153,16 +153,22 @@ def test_refine_trains_the_local_encoder_and_classifier_on_the_frozen_policys_cu
     assert not torch.equal(state["local.conv1.weight"], start["local.conv1.weight"])
     assert not torch.equal(state["classifier.step_heads.weight"], start["classifier.step_heads.weight"])
 
-    # the cubes are the policy's own: the loss of a refine step is the loss under the learned policy
+    # the first step's loss (recorded before its update) is the loss on the cubes the policy picks
+    one = tiny_config(schedule="refine", steps=1, val_every=1)
+    train(DEMO, tmp_path / "one", one, start_from=initialise, progress=False, log=lambda _: None)
+    recorded = load_checkpoint(tmp_path / "one" / "model.pt", DEMO).meta["history"][0]["loss"]
     model = fresh_model(seed=3)
     _set_stage(model, 3)
-    videos, labels = batch
+    videos, labels = SyntheticTask(DEMO, seed=one.seed, easy_share=one.easy_share).batch("train", range(one.batch_size))
     with torch.no_grad():
-        centres = model.policy(model.glance(model.glance_frames(videos))[0])
-        expected = float(summed_cross_entropy(training_logits(model, videos, CUBE_FEATURES["crop"], centres), labels))
-    optimizer = torch.optim.AdamW([*model.local.parameters(), *model.classifier.parameters()], lr=0.0)
-    assert train_step(model, optimizer, videos, labels, gradient="deep", centres=centres) == pytest.approx(expected)
-    assert all(p.grad is None for p in [*model.policy.parameters(), *model.glance.parameters()])
+        own = model.policy(model.glance(model.glance_frames(videos))[0])
+        elsewhere = torch.rand(own.shape, generator=torch.Generator().manual_seed(0))
+        loss = [
+            float(summed_cross_entropy(training_logits(model, videos, CUBE_FEATURES["crop"], c), labels))
+            for c in (own, elsewhere)
+        ]
+    assert recorded == pytest.approx(loss[0], rel=1e-5)
+    assert abs(loss[1] - loss[0]) > 1e-3  # so the check above can tell the policy's cubes from others
 
 
 def test_refine_needs_a_trained_policy(tmp_path):
