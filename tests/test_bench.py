@@ -2,6 +2,7 @@ import pytest
 from click.testing import CliRunner
 
 from adafocus import cli
+from adafocus.machine import cpu_flags
 from conftest import strict_loads
 
 
@@ -13,6 +14,7 @@ def test_bench_reports_every_method_and_the_realisation(exported, tmp_path):
     report = strict_loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     assert report["machine"]["cpu"] and report["machine"]["onnxruntime"]
+    assert report["machine"]["flags"] == cpu_flags()  # the CPU kind, not only its model name
     (b,) = report["backends"]
     assert set(b["videos_per_s"]) == {"adaptive", "adaptive_stream", "dense", "torch_eager"}
     v, g = b["videos_per_s"], b["gflops_per_video"]

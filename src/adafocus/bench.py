@@ -33,7 +33,7 @@ from adafocus.export.graphs import DENSE
 from adafocus.export.manifest import Export
 from adafocus.figures import new_figure, save_png
 from adafocus.files import write_json
-from adafocus.machine import cpu_name, package_versions
+from adafocus.machine import cpu_record, package_versions
 from adafocus.model.numerics import strict_fp32
 from adafocus.model.reference import adaptive_inference
 from adafocus.runtime import Runtime
@@ -44,9 +44,10 @@ STREAM_BATCHES = 4  # the streaming mode runs this many batches of videos, so re
 
 
 def machine() -> dict:
+    """Where a report was measured. The CPU's vector flags are part of it: the development machines
+    change between AVX2-only and AVX-512 CPUs, which rank the graphs differently."""
     return {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
+        **cpu_record(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         **package_versions(),
