@@ -326,11 +326,9 @@ def _one_step(run: _Run, videos: torch.Tensor, labels: torch.Tensor, config: Tra
     if config.schedule == "two-stage" and run.stage == 1:  # stage 1 of two-stage: a random policy
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + run.step)
         centres = random_centres(len(labels), run.model.preset.max_cubes, generator)
-    elif run.stage == 3:  # refine: the cubes the frozen policy picks (it is in eval mode)
-        with torch.no_grad():
-            maps, _ = run.model.glance(run.model.glance_frames(videos))
-            centres = run.model.policy(maps)
-    loss = train_step(run.model, run.optimizer, videos, labels, gradient=config.gradient, centres=centres)
+    # refine: the frozen policy (eval mode, no gradients) picks the cubes, cut exactly by the crop rule
+    gradient = "crop" if run.stage == 3 else config.gradient
+    loss = train_step(run.model, run.optimizer, videos, labels, gradient=gradient, centres=centres)
     run.step += 1
     return loss
 
