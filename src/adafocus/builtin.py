@@ -29,7 +29,7 @@ from adafocus.model.batchnorm import measure_batchnorm
 from adafocus.model.checkpoint import default_class_names
 from adafocus.weights import DEMO, DEMO_PIXEL, DEMO_SOURCE, builtin_checkpoint
 
-REVISION = 7  # bump whenever the exporter's output changes, so stale cached exports are not reused
+REVISION = 8  # bump whenever the exporter's output changes, so stale cached exports are not reused
 CALIBRATION_VIDEOS = 1000  # the built-in demo export's calibration and held-out sets
 BATCHNORM_VIDEOS = 8
 
