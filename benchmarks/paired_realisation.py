@@ -7,7 +7,7 @@ in turns, in one process, so that every figure sees the same load.
 `adafocus-bench` times its methods one after another (all adaptive repeats, then all dense ones),
 which it must for the paper presets (the sessions of both at batch 128 do not fit in memory
 together). On the shared development machines the load changes within a minute, and the ratio of
-two blocks timed a minute apart moves with it (the main job's realisation read 0.38-0.52 in three
+two blocks timed a minute apart moves with it (the main job's realisation read 0.38-0.61 in five
 runs in a row). Here each round runs every export's `Runtime.predict` and the first export's dense
 graph once; `realisation` and `paired_speedup` (each export against the first) are computed per
 round and their medians reported, `videos_per_s` are the medians of each method's times. When the
