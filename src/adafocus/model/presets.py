@@ -74,6 +74,11 @@ class Preset:
         """Shape of one preprocessed video: (T, 3, H, W)."""
         return (self.num_frames, 3, self.frame_size, self.frame_size)
 
+    @property
+    def cube_shape(self) -> tuple[int, int, int, int]:
+        """Shape of one cube: (T', 3, h', w')."""
+        return (self.cube_frames, 3, self.cube_size, self.cube_size)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
