@@ -14,6 +14,15 @@ round and their medians reported, `videos_per_s` are the medians of each method'
 load switches between levels during a run, the ratio of two medians can fall in different levels;
 the per-round figures cannot.
 
+The methods run in a new random order each round (seeded): with a fixed order, an A/A test of one
+loop against itself read 0.95-0.965 on these machines (the method after the dense graph ran slower).
+
+`--streaming` adds the two modes of the first export fed the same separate arrays (as videos
+arrive from a decoder, `4 x --batch` of them): `per_batch_stacking` stacks each batch and calls
+`predict`, `streaming` is `Runtime.stream`; `streaming_shares` gives their per-round videos/s as
+shares of `per_batch` (`predict` on the same videos already stacked, batch by batch), and
+`streaming_over_stacking` streaming's against `per_batch_stacking` (the same input).
+
 Without EXPORT_DIRs: the built-in demo's export (built and calibrated once, cached). All exports
 must be of one preset; the videos are `adafocus-bench`'s (the synthetic task), the thresholds each
 export's own calibrated default.
@@ -22,8 +31,11 @@ export's own calibrated default.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
+
+import numpy as np
 
 from adafocus.bench import bench_videos
 from adafocus.builtin import demo_export
@@ -40,6 +52,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (each runs every method once)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--streaming", action="store_true", help="also time both modes on separate arrays")
+    parser.add_argument("--seed", type=int, default=0, help="of the methods' order in each round")
     parser.add_argument("--out", default=None, help="write the figures here as JSON")
     args = parser.parse_args()
 
@@ -50,26 +64,33 @@ def main() -> None:
         parser.error("all exports must be of one preset")
     videos = bench_videos(first, args.batch).numpy()
 
-    methods, gflops = {}, {}
+    methods, gflops, counts = {}, {}, {}
     for i, export in enumerate(exports):
         runtime = Runtime.load(export.path, "onnxruntime", threads=args.threads)
         name = f"adaptive[{i}]"
         gflops[name] = float(runtime.predict(videos).gflops.mean())  # also the warm-up
         methods[name] = lambda runtime=runtime: runtime.predict(videos)
+        counts[name] = args.batch
+        if i == 0 and args.streaming:
+            methods |= _mode_methods(runtime, bench_videos(first, 4 * args.batch).numpy(), args.batch)
+            counts |= dict.fromkeys(("per_batch", "per_batch_stacking", "streaming"), 4 * args.batch)
     dense = make_backend(first, "onnxruntime", threads=args.threads, graphs=("dense",))
     methods["dense"] = lambda: dense.run("dense", {"videos": videos})
-    methods["dense"]()
+    counts["dense"] = args.batch
     gflops["dense"] = first.dense_gflops
+    for run in methods.values():
+        run()  # warm-up
 
+    order = random.Random(args.seed)
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     for r in range(args.rounds):
-        for name, run in methods.items():
+        for name in order.sample(list(methods), len(methods)):
             started = time.perf_counter()
-            run()
+            methods[name]()
             seconds[name].append(time.perf_counter() - started)
         print(f"round {r + 1}/{args.rounds}", flush=True)
 
-    per_s = {name: args.batch / statistics.median(s) for name, s in seconds.items()}
+    per_s = {name: counts[name] / statistics.median(s) for name, s in seconds.items()}
     report = {
         "exports": [str(e.path) for e in exports],
         "preset": first.preset.name,
@@ -84,21 +105,51 @@ def main() -> None:
                 (d / a) / (gflops["dense"] / gflops[name]) for a, d in zip(seconds[name], seconds["dense"])
             )
             for name in methods
-            if name != "dense"
+            if name.startswith("adaptive")
         },
         "paired_speedup": {
             name: statistics.median(a / b for a, b in zip(seconds["adaptive[0]"], seconds[name]))
             for name in methods
             if name.startswith("adaptive")
         },
+        **(
+            {
+                "streaming_shares": {
+                    name: statistics.median(p / m for p, m in zip(seconds["per_batch"], seconds[name]))
+                    for name in ("per_batch_stacking", "streaming")
+                }
+                | {  # the two modes from the same separate arrays
+                    "streaming_over_stacking": statistics.median(
+                        p / m for p, m in zip(seconds["per_batch_stacking"], seconds["streaming"])
+                    )
+                }
+            }
+            if args.streaming
+            else {}
+        ),
         "seconds": seconds,
         "machine": cpu_record(),
         "versions": package_versions(),
     }
-    print(dumps({k: report[k] for k in ("videos_per_s", "realisation", "paired_speedup")}))
+    shown = ("videos_per_s", "realisation", "paired_speedup", "streaming_shares")
+    print(dumps({k: v for k, v in report.items() if k in shown}))
     if args.out:
         write_json(args.out, report)
         print(f"wrote {args.out}")
+
+
+def _mode_methods(runtime: Runtime, videos: np.ndarray, batch: int) -> dict:
+    """Both modes on the same videos: stacked already, and as separate arrays (one allocation each,
+    as a decoder hands them over)."""
+    separate = [np.array(v) for v in videos]
+    chunks = [videos[i : i + batch] for i in range(0, len(videos), batch)]
+    return {
+        "per_batch": lambda: [runtime.predict(c) for c in chunks],
+        "per_batch_stacking": lambda: [
+            runtime.predict(np.stack(separate[i : i + batch])) for i in range(0, len(separate), batch)
+        ],
+        "streaming": lambda: list(runtime.stream(separate, batch_size=batch)),
+    }
 
 
 if __name__ == "__main__":

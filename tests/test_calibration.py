@@ -16,6 +16,7 @@ from adafocus.calibration import (
     exit_steps,
     simulate,
     solve_thresholds,
+    thresholds_for_budget,
     thresholds_from_json,
     thresholds_to_json,
 )
@@ -104,6 +105,20 @@ def check_monotone(table):
     accuracy = [e["accuracy"] for e in table]
     assert gflops == sorted(gflops) and len(set(gflops)) == len(gflops)
     assert all(b >= a for a, b in zip(accuracy, accuracy[1:]))
+
+
+def test_budget_thresholds_fit_the_budget_even_on_one_video():
+    cost = [2.0, 18.0, 34.0]  # a budget between two steps' costs (sthsth-v1: 2.4, 18.5, 35.1)
+    one = np.array([[1.5, 1.0, 0.5]])
+    thresholds, realised = thresholds_for_budget(one, cost, 14.0)
+    assert realised == 2.0 and exit_steps(one, thresholds).tolist() == [0]
+    many = np.random.default_rng(0).uniform(0, 3, size=(128, 3))
+    thresholds, realised = thresholds_for_budget(many, cost, 14.0)
+    assert 12.0 < realised <= 14.0  # a mix of exits, as close to the budget as the sweep gets
+    assert simulate(many, np.zeros(many.shape, bool), cost, thresholds).gflops == realised
+    with pytest.raises(AdaFocusError) as caught:
+        thresholds_for_budget(one, cost, 1.5)
+    assert "ask for at least 2.000" in caught.value.fix
 
 
 def test_table_is_monotone_and_spans_the_range():

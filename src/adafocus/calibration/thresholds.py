@@ -398,11 +398,19 @@ def _entry(E, C, cost, thresholds, solver: str) -> dict:
 def thresholds_for_budget(E: np.ndarray, cost: Sequence[float], budget: float) -> tuple[list[float], float]:
     """Thresholds whose realised cost on these samples is the largest not above `budget`, and that
     cost: for exports without a calibrated table (random weights, where accuracy plays no part and
-    the exit mix does). A fine sweep of p (601 values over 1e-3..1e3), solved as in calibration."""
+    the exit mix does). A fine sweep of p (601 values over 1e-3..1e3), solved as in calibration, and
+    the fixed settings ("t cubes for every video"): on a few samples the sweep's quotas round away
+    from "everyone exits at t", so without them one video and a budget between two steps' costs
+    found nothing."""
     E = _check_entropies(E)
     correct = np.zeros(E.shape, bool)  # accuracy is not asked for
-    fitting = [(o.gflops, t) for _, t, o in sweep(E, correct, cost, np.logspace(-3, 3, 601)) if o.gflops <= budget]
-    if not fitting:
+    candidates = [(o.gflops, t) for _, t, o in sweep(E, correct, cost, np.logspace(-3, 3, 601))]
+    K = E.shape[1] - 1
+    for t in range(K + 1):
+        fixed = fixed_cubes_thresholds(t, K)
+        candidates.append((simulate(E, correct, cost, fixed).gflops, fixed))
+    fitting = [(gflops, t) for gflops, t in candidates if gflops <= budget]
+    if not fitting:  # only a budget below the glance's own cost is left here
         raise AdaFocusError(
             f"no exit mix costs <= {budget} GFLOPs/video (the glance alone costs {cost[0]:.3f})",
             f"ask for at least {cost[0]:.3f}",
