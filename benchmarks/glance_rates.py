@@ -1,5 +1,6 @@
 """How fast ONNX Runtime runs candidate glance networks on this CPU: the demo's glance graph with
-other MobileNetV2 widths and input sizes, random weights, timed in turns (random order per round).
+other MobileNetV2 widths and input sizes, random weights with measured BatchNorm statistics
+(`adafocus.builtin.random_model`), timed in turns (random order per round).
 
     python benchmarks/glance_rates.py --out benchmarks/results/glance-rates-demo.json
 
@@ -25,16 +26,14 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from adafocus.builtin import BATCHNORM_VIDEOS
-from adafocus.data.synthetic import SyntheticTask
+from adafocus.builtin import random_model
 from adafocus.export.exporter import DEFAULT_OPSET
 from adafocus.export.graphs import DENSE, graph_specs
 from adafocus.export.onnx_export import export_graph
 from adafocus.export.onnx_flops import count_gmacs
 from adafocus.files import dumps, write_json
 from adafocus.machine import cpu_record, package_versions
-from adafocus.model import build_model, get_preset, load_checkpoint
-from adafocus.model.batchnorm import measure_batchnorm
+from adafocus.model import get_preset, load_checkpoint
 from adafocus.runtime.backends.onnxruntime import SPINNING
 from adafocus.weights import builtin_checkpoint
 
@@ -61,7 +60,7 @@ def main() -> None:
         trained = load_checkpoint(builtin_checkpoint()).model
         _add(graphs, "glance of the built-in demo", graph_specs(trained)["glance"], work, options, args, generator)
         for width, size in CANDIDATES:
-            model = _random_model(dataclasses.replace(demo, glance_width=width, glance_size=size))
+            model = random_model(dataclasses.replace(demo, glance_width=width, glance_size=size))
             _add(graphs, f"glance w{width} @{size}²", graph_specs(model)["glance"], work, options, args, generator)
         specs = graph_specs(trained)
         _add(graphs, "local (one cube each)", specs["local"], work, options, args, generator)
@@ -101,17 +100,6 @@ def main() -> None:
         print(f"wrote {args.out}")
     else:
         print(dumps(rows))
-
-
-def _random_model(preset):
-    """Random weights with BatchNorm statistics measured on generated videos, as `adafocus-bench
-    --preset` builds them, so activations have a working network's scale (with the initial
-    statistics the glance's shrink ~10× per stage, to 1e-7 at its end)."""
-    torch.manual_seed(0)
-    model = build_model(preset)
-    videos, _ = SyntheticTask.for_preset(preset, seed=0).batch("train", range(BATCHNORM_VIDEOS))
-    measure_batchnorm(model, videos)
-    return model
 
 
 def _add(graphs: dict, name: str, spec, work: Path, options, args, generator) -> None:

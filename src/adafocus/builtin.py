@@ -24,7 +24,7 @@ from adafocus.errors import AdaFocusError
 from adafocus.export.exporter import export_model
 from adafocus.export.manifest import Export, open_export, sha256_file
 from adafocus.files import cache_root
-from adafocus.model import build_model, get_preset, load_checkpoint
+from adafocus.model import AdaFocusV3, Preset, build_model, get_preset, load_checkpoint
 from adafocus.model.batchnorm import measure_batchnorm
 from adafocus.model.checkpoint import default_class_names
 from adafocus.weights import DEMO, DEMO_PIXEL, DEMO_SOURCE, builtin_checkpoint
@@ -90,11 +90,8 @@ def random_export(preset_name: str, seed: int = 0, log=_stderr) -> Export:
             return open_export(target)
         except AdaFocusError as e:
             log(f"re-exporting {preset.name}: the cached export is unusable ({e.what})")
-    torch.manual_seed(seed)
-    model = build_model(preset)
     log(f"measuring BatchNorm statistics of random {preset.name} weights on generated videos")
-    videos, _ = SyntheticTask.for_preset(preset, seed=seed).batch("train", range(BATCHNORM_VIDEOS))
-    measure_batchnorm(model, videos)
+    model = random_model(preset, seed)
     return export_model(
         model,
         target,
@@ -103,6 +100,16 @@ def random_export(preset_name: str, seed: int = 0, log=_stderr) -> Export:
         force=True,
         log=log,
     )
+
+
+def random_model(preset: Preset, seed: int = 0) -> AdaFocusV3:
+    """Random weights (seed) with BatchNorm statistics measured on generated videos, so that the
+    activations have a working network's scale: what speed-only benchmarks run."""
+    torch.manual_seed(seed)
+    model = build_model(preset)
+    videos, _ = SyntheticTask.for_preset(preset, seed=seed).batch("train", range(BATCHNORM_VIDEOS))
+    measure_batchnorm(model, videos)
+    return model
 
 
 # what an export was trained on -------------------------------------------------------------------
