@@ -23,7 +23,13 @@ RESULTS_DIR = "adafocus-results"  # where reports go by default: untracked, git-
 )
 @click.option("--batch", type=click.IntRange(1), default=128, show_default=True, help="Videos per batch.")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed runs per method.")
-@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
+@click.option(
+    "--warmup",
+    type=click.IntRange(0),
+    default=2,
+    show_default=True,
+    help="Untimed runs of each method first (ONNX Runtime allocates a new shape's memory on its second run).",
+)
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads (ONNX Runtime and torch).")
 @click.option(
     "--thresholds",
