@@ -186,6 +186,7 @@ def bench_backend(
         "exits_per_step": a["exits_per_step"],
         "methods": methods,
         "max_call_gflops": described["max_call_gflops"],
+        "call_cache_mib": described["call_cache_mib"],
         "peak_rss_mib": _peak_rss_mib(),
         "peak_rss_mib_by_stage": peak,
     }

@@ -1,6 +1,7 @@
-"""Multiply-adds counted from an ONNX graph itself: the deployed graph is the truth.
+"""What one video costs a graph, read from the ONNX graph itself (the deployed graph is the truth):
+multiply-adds (`count_gmacs`) and the largest tensor it makes (`largest_activation_bytes`).
 
-Convolutions and matrix products only (Conv, Gemm, MatMul), the same accounting as
+Multiply-adds: convolutions and matrix products only (Conv, Gemm, MatMul), the same accounting as
 `adafocus.model.flops` (the paper's "GFLOPs" are GMACs of the conv/linear layers). Shapes come from ONNX
 shape inference with every symbolic axis set to 1, so the figures are per video.
 """
@@ -74,3 +75,18 @@ def count_gmacs(path: str | Path) -> float:
             k = a[-1] if len(a) > 1 else a[0]
             total += math.prod(out) * k
     return total / 1e9
+
+
+def largest_activation_bytes(path: str | Path) -> int:
+    """Bytes of the largest tensor a node of the graph produces for one video (every symbolic axis
+    = 1): what decides whether a call's working set stays in the CPU's caches."""
+    model = _with_unit_axes(onnx.load(str(path)))
+    produced = {name for node in model.graph.node for name in node.output}
+    largest = 0
+    for value in [*model.graph.value_info, *model.graph.output]:
+        tensor = value.type.tensor_type
+        dims = tensor.shape.dim
+        if value.name in produced and tensor.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+            largest = max(largest, math.prod(d.dim_value for d in dims) * itemsize)
+    return largest

@@ -1,0 +1,102 @@
+"""What cache-sized graph calls buy on the CPU: the adaptive loop (both modes) and the dense graph,
+each with the backend's default `call_cache_mib` and with it off, timed in turns in one process.
+
+    python benchmarks/cache_sized_calls.py --out benchmarks/results/cache-sized-calls-demo.json
+    python benchmarks/cache_sized_calls.py EXPORT_DIR --batch 32 --rounds 10
+
+On the CPU a graph call is cut into parts whose largest tensor stays near `call_cache_mib` (8 MiB)
+so that a layer's output is still cached when the next layer reads it (runtime/backends/base.py).
+Each round runs every method once, in a new random order (seeded); `speedup` is the median over
+rounds of (time off ÷ time on) per method, so that a change of the machine's load between rounds
+cancels out. `realisation` is computed per round for both settings, as
+`benchmarks/paired_realisation.py` does. Without EXPORT_DIR: the built-in demo's export; the
+videos are `adafocus-bench`'s, the thresholds the export's calibrated default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from adafocus.bench import bench_videos
+from adafocus.builtin import demo_export
+from adafocus.export.graphs import DENSE, GRAPH_NAMES
+from adafocus.export.manifest import open_export
+from adafocus.files import dumps, write_json
+from adafocus.machine import cpu_record, package_versions
+from adafocus.runtime.backends import make_backend
+from adafocus.runtime.runtime import Runtime
+
+SETTINGS = {"on": "default", "off": None}  # call_cache_mib
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export", nargs="?", help="export directory (default: the built-in demo's)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds (each runs every method once)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="of the methods' order in each round")
+    parser.add_argument("--out", default=None, help="write the figures here as JSON")
+    args = parser.parse_args()
+
+    export = open_export(args.export) if args.export else demo_export()
+    videos = bench_videos(export, args.batch).numpy()
+    arrivals = list(bench_videos(export, 4 * args.batch, seed=1).numpy())  # streaming: separate arrays
+
+    methods, counts, rows, gflops = {}, {}, {}, {}
+    for setting, limit in SETTINGS.items():
+        runtime = Runtime.load(export.path, "onnxruntime", threads=args.threads, call_cache_mib=limit)
+        dense = make_backend(export, "onnxruntime", threads=args.threads, graphs=(DENSE,), call_cache_mib=limit)
+        rows[setting] = {g: runtime.backend.rows_per_call(g) for g in GRAPH_NAMES} | {DENSE: dense.rows_per_call(DENSE)}
+        gflops["adaptive"] = float(runtime.predict(videos).gflops.mean())
+        methods[f"adaptive/{setting}"] = lambda r=runtime: r.predict(videos)
+        methods[f"streaming/{setting}"] = lambda r=runtime: sum(1 for _ in r.stream(iter(arrivals), args.batch))
+        methods[f"dense/{setting}"] = lambda d=dense: d.run(DENSE, {"videos": videos})
+        counts |= {f"adaptive/{setting}": args.batch, f"streaming/{setting}": 4 * args.batch}
+        counts[f"dense/{setting}"] = args.batch
+    gflops["dense"] = export.dense_gflops
+    for run in methods.values():
+        for _ in range(2):  # ONNX Runtime allocates a new shape's planned memory on its second run
+            run()
+
+    order = random.Random(args.seed)
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    for r in range(args.rounds):
+        for name in order.sample(list(methods), len(methods)):
+            started = time.perf_counter()
+            methods[name]()
+            seconds[name].append(time.perf_counter() - started)
+        print(f"round {r + 1}/{args.rounds}", flush=True)
+
+    def per_round(f, *names):
+        return statistics.median(f(*times) for times in zip(*(seconds[n] for n in names)))
+
+    cost = gflops["dense"] / gflops["adaptive"]
+    report = {
+        "export": str(export.path),
+        "preset": export.preset.name,
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "rows_per_call": rows,
+        "videos_per_s": {name: counts[name] / statistics.median(s) for name, s in seconds.items()},
+        "speedup": {
+            m: per_round(lambda off, on: off / on, f"{m}/off", f"{m}/on") for m in ("adaptive", "streaming", "dense")
+        },
+        "realisation": {s: per_round(lambda a, d: (d / a) / cost, f"adaptive/{s}", f"dense/{s}") for s in SETTINGS},
+        "gflops_per_video": gflops,
+        "seconds": seconds,
+        "machine": cpu_record(),
+        "versions": package_versions(),
+    }
+    print(dumps({k: v for k, v in report.items() if k in ("rows_per_call", "videos_per_s", "speedup", "realisation")}))
+    if args.out:
+        write_json(args.out, report)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
