@@ -72,16 +72,24 @@ def run(
     device: str | None = None,
     reference: bool = True,
     max_call_gflops: float | None | str = "default",
+    call_workers: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """The whole benchmark of `export` on each of `backends`: one report, strict JSON.
-    `max_call_gflops`: the backends' bound on one graph call ("default": theirs; None: no bound)."""
+    `max_call_gflops`: the backends' bound on one graph call ("default": theirs; None: no bound);
+    `call_workers`: ONNX Runtime's parts of a call run at once on the CPU (None: its default)."""
+    others = [b for b in backends if b != "onnxruntime"]
+    if call_workers is not None and others:
+        raise AdaFocusError(
+            f"call_workers is ONNX Runtime's setting, not {' or '.join(others)}'s (they run a call's parts in turn)",
+            "benchmark those backends without it",
+        )
     chosen, how = choose_thresholds(export, thresholds, budget, batch, device or "cpu")
     log(f"preset {export.preset.name}, batch {batch}, {repeats} runs after {warmup} warm-up")
     log(f"thresholds {', '.join(f'{t:.4g}' for t in chosen)} ({how})")
     videos = bench_videos(export, batch)
     options = {"repeats": repeats, "warmup": warmup, "threads": threads, "precision": precision, "device": device}
-    options["max_call_gflops"] = max_call_gflops
+    options |= {"max_call_gflops": max_call_gflops, "call_workers": call_workers}
     return {
         "preset": export.preset.name,
         "export": str(export.path),
@@ -142,6 +150,7 @@ def bench_backend(
     precision: str | None = None,
     device: str | None = None,
     max_call_gflops: float | None | str = "default",
+    call_workers: int | None = None,
     reference: bool,
     log: Callable[[str], None],
 ) -> dict:
@@ -150,6 +159,8 @@ def bench_backend(
     if not export.has_graph(DENSE):
         raise AdaFocusError(f"{export.path} has no dense baseline graph", "re-export it with this adafocus-deploy")
     options = {"threads": threads} if backend == "onnxruntime" and threads else {}
+    if call_workers is not None:
+        options["call_workers"] = call_workers
     if max_call_gflops != "default":
         options["max_call_gflops"] = max_call_gflops
     runtime = Runtime.load(export.path, backend, device, precision=precision, **options)
@@ -187,6 +198,7 @@ def bench_backend(
         "methods": methods,
         "max_call_gflops": described["max_call_gflops"],
         "call_cache_mib": described["call_cache_mib"],
+        "call_workers": described["call_workers"],
         "peak_rss_mib": _peak_rss_mib(),
         "peak_rss_mib_by_stage": peak,
     }

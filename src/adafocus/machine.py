@@ -64,6 +64,13 @@ def u8s8_may_saturate() -> bool:
     return is_x86() and not has_vnni()
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity: a container's or taskset's share, not the host's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cpu_record() -> dict:
     """This CPU as a manifest or report records it."""
     return {

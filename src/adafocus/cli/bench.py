@@ -63,6 +63,13 @@ RESULTS_DIR = "adafocus-results"  # where reports go by default: untracked, git-
     "[default: 150 on the CPU, none on a GPU].",
 )
 @click.option(
+    "--call-workers",
+    type=click.IntRange(1),
+    default=None,
+    help="ONNX Runtime on the CPU: the parts of a split graph call run at once, each in a single-threaded "
+    "session [default: --threads or the usable cores; 1: in turn, in one multi-threaded session].",
+)
+@click.option(
     "--out",
     type=click.Path(),
     default=RESULTS_DIR,
@@ -85,6 +92,7 @@ def bench(
     device,
     no_reference,
     max_call_gflops,
+    call_workers,
     out,
 ):
     """Videos/s of adaptive inference vs the dense baseline and the PyTorch-eager reference loop,
@@ -124,6 +132,7 @@ def bench(
         device=device,
         reference=not no_reference,
         max_call_gflops="default" if max_call_gflops is None else max_call_gflops,
+        call_workers=call_workers,
         log=lambda line: click.echo(line, err=True),
     )
     json_file, png_file = b.write(report, out)

@@ -141,7 +141,7 @@ class Runtime:
     ) -> Runtime:
         """Open (and verify) the export in `export_dir` on a registered backend (`device` None: the
         backend's default). `preset` refuses another preset's export; `options` go to the backend
-        (precision=, threads=, io_binding=)."""
+        (precision=, threads=, io_binding=, call_workers=, max_call_gflops=, call_cache_mib=)."""
         export = open_export(export_dir)
         if preset is not None and get_preset(preset).name != export.preset.name:
             raise AdaFocusError(

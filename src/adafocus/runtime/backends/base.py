@@ -36,7 +36,7 @@ CPU_CALL_GFLOPS = 150.0
 # On the CPU a call is also cut into parts whose largest tensor stays near this many MiB, so that one
 # layer's output is still in the caches when the next layer reads it: a layer of a whole batch of 128
 # writes tens of MB, more than any cache, and MobileNetV2's early layers are bound by that traffic.
-# Measured on the demo (AMD EPYC, 32 MiB L3; benchmarks/cache_sized_calls.py): its glance (0.75 MiB
+# Measured on the demo (AMD EPYC, 32 MiB L3; benchmarks/paired_settings.py call_cache_mib): its glance (0.75 MiB
 # a video) and dense graph (2 MiB) run fastest at 4-16 videos a call; the adaptive loop at batch 128
 # became 1.13x as fast (median of five paired runs, 1.05-1.14), the dense graph 1.09x. Applied only
 # where two rows fit: no cache holds a row of Something-Something's big graphs, which keep the bound
@@ -82,6 +82,7 @@ class Backend:
         self.settings: dict[str, Any] = {"device": device, "precision": precision}
         self.max_call_gflops: float | None = CPU_CALL_GFLOPS if kind == "cpu" else None
         self.call_cache_mib: float | None = CPU_CALL_CACHE_MIB if kind == "cpu" else None
+        self.call_workers = 1  # parts of a split call that run at once (backends that can set more)
         self._activation_bytes: dict[str, int] = {}  # graph -> its largest tensor per row, read once
 
     @property
@@ -100,13 +101,20 @@ class Backend:
         batched = [t.name for t in spec.inputs if t.shape and t.shape[0] == BATCH]  # not the crop's pool
         rows = int(feeds[batched[0]].shape[0]) if batched else 0
         limit = self.rows_per_call(graph)
-        if limit is None or rows <= limit:
+        count = 1 if limit is None else -(-rows // limit)  # parts
+        workers = self.call_workers
+        if workers > 1 and spec.gflops > 0 and rows >= workers:
+            count = -(-max(count, workers) // workers) * workers  # every worker busy to the end
+        if count == 1:
             return self._run(graph, feeds)
-        parts = [
-            self._run(graph, {k: v[start : start + limit] if k in batched else v for k, v in feeds.items()})
-            for start in range(0, rows, limit)
-        ]
+        size = -(-rows // count)  # even parts: 128 rows in two make 64 + 64, not 120 + 8
+        cut = [{k: v[s : s + size] if k in batched else v for k, v in feeds.items()} for s in range(0, rows, size)]
+        parts = self._run_parts(graph, cut)
         return {name: self.arrays.concat([part[name] for part in parts]) for name in spec.output_names}
+
+    def _run_parts(self, graph: str, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The parts of one split call, in order; a backend with `call_workers` > 1 runs them at once."""
+        return [self._run(graph, part) for part in parts]
 
     def rows_per_call(self, graph: str) -> int | None:
         """How many rows one call of `graph` may take under `max_call_gflops` and `call_cache_mib`
@@ -116,8 +124,8 @@ class Backend:
         if per_row <= 0:
             return None
         limits = []
-        if self.max_call_gflops is not None:
-            limits.append(max(1, int(self.max_call_gflops // per_row)))
+        if self.max_call_gflops is not None:  # shared by the parts that run at once
+            limits.append(max(1, int(self.max_call_gflops / self.call_workers // per_row)))
         if self.call_cache_mib is not None:
             if graph not in self._activation_bytes:
                 self._activation_bytes[graph] = largest_activation_bytes(self.export.graph_path(graph))
@@ -140,6 +148,7 @@ class Backend:
             "precision": self.precision,
             "max_call_gflops": self.max_call_gflops,
             "call_cache_mib": self.call_cache_mib,
+            "call_workers": self.call_workers,
         }
 
     def _check_feeds(self, graph: str, feeds: dict[str, Any]) -> None:

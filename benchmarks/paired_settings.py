@@ -1,16 +1,18 @@
-"""What cache-sized graph calls buy on the CPU: the adaptive loop (both modes) and the dense graph,
-each with the backend's default `call_cache_mib` and with it off, timed in turns in one process.
+"""What a backend setting buys on the CPU: the adaptive loop (both modes) and the dense graph, each
+with ONNX Runtime's default for the setting and with it off, timed in turns in one process.
 
-    python benchmarks/cache_sized_calls.py --out benchmarks/results/cache-sized-calls-demo.json
-    python benchmarks/cache_sized_calls.py EXPORT_DIR --batch 32 --rounds 10
+    python benchmarks/paired_settings.py call_workers --out benchmarks/results/parallel-parts-demo.json
+    python benchmarks/paired_settings.py call_cache_mib EXPORT_DIR --batch 32 --rounds 10
 
-On the CPU a graph call is cut into parts whose largest tensor stays near `call_cache_mib` (8 MiB)
-so that a layer's output is still cached when the next layer reads it (runtime/backends/base.py).
-Each round runs every method once, in a new random order (seeded); `speedup` is the median over
-rounds of (time off ÷ time on) per method, so that a change of the machine's load between rounds
-cancels out. `realisation` is computed per round for both settings, as
-`benchmarks/paired_realisation.py` does. Without EXPORT_DIR: the built-in demo's export; the
-videos are `adafocus-bench`'s, the thresholds the export's calibrated default.
+The settings (runtime/backends/base.py, onnxruntime.py): `call_cache_mib` cuts a graph call into
+parts whose largest tensor stays near 8 MiB, so that a layer's output is still cached when the next
+layer reads it (off: None); `call_workers` runs those parts at once, one per core in single-threaded
+sessions (off: 1, the parts in turn in one multi-threaded session). Each round runs every method
+once, in a new random order (seeded); `speedup` is the median over rounds of (time off ÷ time on)
+per method, so that a change of the machine's load between rounds cancels out. `realisation` is
+computed per round for both, as `benchmarks/paired_realisation.py` does. Without EXPORT_DIR: the
+built-in demo's export; the videos are `adafocus-bench`'s, the thresholds the export's calibrated
+default.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from adafocus.machine import cpu_record, package_versions
 from adafocus.runtime.backends import make_backend
 from adafocus.runtime.runtime import Runtime
 
-SETTINGS = {"on": "default", "off": None}  # call_cache_mib
+OFF = {"call_cache_mib": None, "call_workers": 1}  # each setting's value when it is off
+SETTINGS = ("on", "off")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("setting", choices=sorted(OFF), help="the backend setting compared")
     parser.add_argument("export", nargs="?", help="export directory (default: the built-in demo's)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (each runs every method once)")
@@ -47,9 +51,10 @@ def main() -> None:
     arrivals = list(bench_videos(export, 4 * args.batch, seed=1).numpy())  # streaming: separate arrays
 
     methods, counts, rows, gflops = {}, {}, {}, {}
-    for setting, limit in SETTINGS.items():
-        runtime = Runtime.load(export.path, "onnxruntime", threads=args.threads, call_cache_mib=limit)
-        dense = make_backend(export, "onnxruntime", threads=args.threads, graphs=(DENSE,), call_cache_mib=limit)
+    for setting in SETTINGS:
+        chosen = {args.setting: OFF[args.setting]} if setting == "off" else {}
+        runtime = Runtime.load(export.path, "onnxruntime", threads=args.threads, **chosen)
+        dense = make_backend(export, "onnxruntime", threads=args.threads, graphs=(DENSE,), **chosen)
         rows[setting] = {g: runtime.backend.rows_per_call(g) for g in GRAPH_NAMES} | {DENSE: dense.rows_per_call(DENSE)}
         gflops["adaptive"] = float(runtime.predict(videos).gflops.mean())
         methods[f"adaptive/{setting}"] = lambda r=runtime: r.predict(videos)
@@ -78,6 +83,7 @@ def main() -> None:
     report = {
         "export": str(export.path),
         "preset": export.preset.name,
+        "setting": args.setting,
         "batch": args.batch,
         "rounds": args.rounds,
         "threads": args.threads,
