@@ -101,7 +101,8 @@ class _RecordingBackend(OnnxRuntimeBackend):
     """The fp32 ONNX Runtime backend, keeping a copy of every feed of the graphs in `graphs`."""
 
     def __init__(self, export: Export, graphs: Iterable[str], threads: int | None = None):
-        super().__init__(export, "cpu", threads=threads)
+        # parts in turn (call_workers=1): every feed passes through _run, in the loop's order
+        super().__init__(export, "cpu", threads=threads, call_workers=1)
         self.recorded: dict[str, list[dict[str, np.ndarray]]] = {g: [] for g in graphs}
 
     def _run(self, graph: str, feeds: dict) -> dict:
