@@ -58,8 +58,9 @@ class OnnxRuntimeBackend(Backend):
     32x32 map for ten videos is one layer) that wait is a large share of the work, and without
     spinning (SPINNING, below) each wait also wakes a sleeping thread. Parts side by side share
     nothing until the call's end. On the demo at batch 128 (2-core AMD EPYC, paired in one process:
-    benchmarks/paired_settings.py call_workers) the adaptive loop ran 1.23x as fast, streaming
-    1.11x, the dense graph 1.10x; the same results to the tolerance of a row's place in a call."""
+    benchmarks/paired_settings.py call_workers; five runs) the adaptive loop ran 1.11-1.41x as fast
+    (median 1.16), streaming 0.96-1.31x, the dense graph 1.01-1.17x; on Something-Something V1 at
+    batch 16 1.11x, 1.07x, 1.06x. The same results to the tolerance of a row's place in a call."""
 
     name = "onnxruntime"
     devices = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "int8"), "tensorrt": ("fp32", "fp16", "int8")}
