@@ -31,13 +31,11 @@ export's own calibrated default.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 
 import numpy as np
 
-from adafocus.bench import bench_videos
+from adafocus.bench import bench_videos, timed_in_turns
 from adafocus.builtin import demo_export
 from adafocus.export.manifest import open_export
 from adafocus.files import dumps, write_json
@@ -78,18 +76,8 @@ def main() -> None:
     methods["dense"] = lambda: dense.run("dense", {"videos": videos})
     counts["dense"] = args.batch
     gflops["dense"] = first.dense_gflops
-    for run in methods.values():
-        for _ in range(2):  # ONNX Runtime allocates a new shape's planned memory on its second run
-            run()
-
-    order = random.Random(args.seed)
-    seconds: dict[str, list[float]] = {name: [] for name in methods}
-    for r in range(args.rounds):
-        for name in order.sample(list(methods), len(methods)):
-            started = time.perf_counter()
-            methods[name]()
-            seconds[name].append(time.perf_counter() - started)
-        print(f"round {r + 1}/{args.rounds}", flush=True)
+    # two warm-ups: ONNX Runtime allocates a new shape's planned memory on its second run
+    seconds = timed_in_turns(methods, args.rounds, args.seed, warmup=2, log=lambda line: print(line, flush=True))
 
     per_s = {name: counts[name] / statistics.median(s) for name, s in seconds.items()}
     report = {

@@ -18,11 +18,9 @@ default.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 
-from adafocus.bench import bench_videos
+from adafocus.bench import bench_videos, timed_in_turns
 from adafocus.builtin import demo_export
 from adafocus.export.graphs import DENSE, GRAPH_NAMES
 from adafocus.export.manifest import open_export
@@ -63,18 +61,8 @@ def main() -> None:
         counts |= {f"adaptive/{setting}": args.batch, f"streaming/{setting}": 4 * args.batch}
         counts[f"dense/{setting}"] = args.batch
     gflops["dense"] = export.dense_gflops
-    for run in methods.values():
-        for _ in range(2):  # ONNX Runtime allocates a new shape's planned memory on its second run
-            run()
-
-    order = random.Random(args.seed)
-    seconds: dict[str, list[float]] = {name: [] for name in methods}
-    for r in range(args.rounds):
-        for name in order.sample(list(methods), len(methods)):
-            started = time.perf_counter()
-            methods[name]()
-            seconds[name].append(time.perf_counter() - started)
-        print(f"round {r + 1}/{args.rounds}", flush=True)
+    # two warm-ups: ONNX Runtime allocates a new shape's planned memory on its second run
+    seconds = timed_in_turns(methods, args.rounds, args.seed, warmup=2, log=lambda line: print(line, flush=True))
 
     def per_round(f, *names):
         return statistics.median(f(*times) for times in zip(*(seconds[n] for n in names)))

@@ -15,6 +15,14 @@ from adafocus.runtime.backends import make_backend
 from adafocus.runtime.backends.base import CPU_CALL_CACHE_MIB, CPU_CALL_GFLOPS
 
 
+def assert_same_results(a, b):
+    """Same exits and cube starts, logits within 1e-5; the thresholds let videos out at several steps."""
+    np.testing.assert_array_equal(a.exit_step, b.exit_step)
+    np.testing.assert_array_equal(a.cube_starts, b.cube_starts)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-5)
+    assert len(set(a.exit_step.tolist())) >= 2
+
+
 @pytest.mark.parametrize(
     "backend", [{"backend": "onnxruntime", "call_workers": 1}, {"backend": "pytorch"}], ids=["onnxruntime", "pytorch"]
 )
@@ -35,10 +43,7 @@ def test_split_calls_give_the_same_results(exported, backend):
     split.backend._run = lambda graph, feeds: calls.append(graph) or run(graph, feeds)
     a, b = whole.predict(videos), split.predict(videos)
     assert calls.count("glance") == 24  # one video a call
-    np.testing.assert_array_equal(a.exit_step, b.exit_step)
-    np.testing.assert_array_equal(a.cube_starts, b.cube_starts)
-    np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-5)
-    assert len(set(a.exit_step.tolist())) >= 2
+    assert_same_results(a, b)
     streamed = {r.index: r for r in split.stream(iter(videos), batch_size=8)}
     np.testing.assert_array_equal([streamed[i].exit_step for i in range(24)], a.exit_step)
 
@@ -56,10 +61,7 @@ def test_cache_sized_calls_give_the_same_results(exported):
     cached.backend._run = lambda graph, feeds: calls.append(graph) or run(graph, feeds)
     a, b = whole.predict(videos), cached.predict(videos)
     assert calls.count("glance") == 3  # 24 videos at 10 a call
-    np.testing.assert_array_equal(a.exit_step, b.exit_step)
-    np.testing.assert_array_equal(a.cube_starts, b.cube_starts)
-    np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-5)
-    assert len(set(a.exit_step.tolist())) >= 2
+    assert_same_results(a, b)
 
 
 def test_the_cpu_defaults_bound_calls_and_a_bad_limit_is_refused(exported):
@@ -77,10 +79,8 @@ def test_the_cpu_defaults_bound_calls_and_a_bad_limit_is_refused(exported):
     assert rows == {"glance": 10, "local": 64, "classifier": 8192, "crop": None}
     assert make_backend(exported("demo"), "onnxruntime", graphs=("dense",)).rows_per_call("dense") == 4
     # parts that run at once share the work bound: two workers, half the rows each
-    backend.call_cache_mib = None
     two = Runtime.load(exported("demo").path, call_workers=2, call_cache_mib=None).backend
     assert two.rows_per_call("glance") == int(CPU_CALL_GFLOPS / 2 // backend.specs["glance"].gflops)
-    backend.call_cache_mib = CPU_CALL_CACHE_MIB
     # a graph of which not two rows fit is left to the work bound (no cache would hold a part)
     backend.call_cache_mib = 1.0
     assert backend.rows_per_call("glance") == int(CPU_CALL_GFLOPS // backend.specs["glance"].gflops)
@@ -115,10 +115,7 @@ def test_parts_run_at_once_give_the_same_results(exported):
     # 24 videos at most 10 a part make 3 parts, rounded up to a multiple of the workers: 3 parts of 8
     assert sorted(rows for _, _, rows in glance) == [8, 8, 8]
     assert all(name.startswith("adafocus-part") for _, name, _ in parts)
-    np.testing.assert_array_equal(a.exit_step, b.exit_step)
-    np.testing.assert_array_equal(a.cube_starts, b.cube_starts)
-    np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-5)
-    assert len(set(a.exit_step.tolist())) >= 2
+    assert_same_results(a, b)
     streamed = {r.index: r for r in parallel.stream(iter(videos), batch_size=8)}
     np.testing.assert_array_equal([streamed[i].exit_step for i in range(24)], a.exit_step)
     np.testing.assert_allclose([streamed[i].logits for i in range(24)], a.logits, rtol=0, atol=1e-5)

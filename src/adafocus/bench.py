@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import random
 import resource
 import statistics
 import time
@@ -245,6 +246,31 @@ def _eager_method(export: Export, videos, thresholds, precision: str, repeats: i
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed_in_turns(
+    methods: dict[str, Callable[[], object]],
+    rounds: int,
+    seed: int,
+    warmup: int = 2,
+    log: Callable[[str], None] = print,
+) -> dict[str, list[float]]:
+    """Seconds of each method per round, for paired comparisons (benchmarks/paired_*.py): `warmup`
+    untimed runs of each, then `rounds` rounds that run every method once in a new random order
+    (seeded), so that a change of the machine's load falls on all methods of a round alike and
+    per-round ratios see through it."""
+    for run in methods.values():
+        for _ in range(warmup):
+            run()
+    order = random.Random(seed)
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    for r in range(rounds):
+        for name in order.sample(list(methods), len(methods)):
+            started = time.perf_counter()
+            methods[name]()
+            seconds[name].append(time.perf_counter() - started)
+        log(f"round {r + 1}/{rounds}")
+    return seconds
 
 
 def _timed(fn: Callable[[], object], repeats: int, warmup: int, sync: Callable[[], None]) -> list[float]:
