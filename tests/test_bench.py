@@ -42,3 +42,17 @@ def test_bench_solves_thresholds_for_a_budget_without_a_calibrated_table(exporte
 def test_bench_refuses_wrong_thresholds(exported):
     result = CliRunner().invoke(cli.bench, [str(exported("demo").path), "--thresholds", "1,2"])
     assert result.exit_code == 2 and "needs 5 values" in result.output
+
+
+def test_cpu_flags_are_read_from_the_cpu_as_the_kernels_see_it():
+    """CPUID, not /proc/cpuinfo (an emulator passes the host's file through): the flags agree with the
+    kernels PyTorch picked on this CPU."""
+    import torch
+
+    from adafocus.machine import cpu_record
+
+    record = cpu_record()
+    assert record["flags_from"] == "cpuid"  # the pinned torch asks the CPU
+    kernels = torch.backends.cpu.get_cpu_capability()
+    assert ("avx512f" in record["flags"]) == (kernels == "AVX512"), (kernels, record["flags"])
+    assert ("avx2" in record["flags"]) == (kernels in ("AVX2", "AVX512")), (kernels, record["flags"])

@@ -15,8 +15,21 @@ import os
 import platform
 from pathlib import Path
 
-# the flags that matter for the kernels ONNX Runtime and Inductor pick (names as in /proc/cpuinfo)
-RELEVANT_FLAGS = ("sse4_1", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
+import torch
+
+# the flags that matter for the kernels ONNX Runtime and Inductor pick: named as in /proc/cpuinfo
+# (what manifests and reports record), each with its name in torch.cpu.get_capabilities()
+RELEVANT_FLAGS = {
+    "sse4_1": "sse4_1",
+    "avx2": "avx2",
+    "fma": "fma3",
+    "avx512f": "avx512_f",
+    "avx512bw": "avx512_bw",
+    "avx512_vnni": "avx512_vnni",
+    "avx_vnni": "avx_vnni",
+    "amx_int8": "amx_int8",
+    "amx_tile": "amx_tile",
+}
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
@@ -38,6 +51,26 @@ def _cpuinfo() -> tuple[str | None, frozenset[str] | None]:
     return name, flags
 
 
+@functools.cache
+def _features() -> tuple[list[str] | None, str | None]:
+    """(the RELEVANT_FLAGS this CPU has, where they were read).
+
+    First choice: the CPUID instruction, through `torch.cpu.get_capabilities()` (torch 2.14 has it),
+    because that is what the kernels of ONNX Runtime and PyTorch read when they pick their code.
+    /proc/cpuinfo is the kernel's view, which is the same on a real machine or a VM but not under a
+    user-mode emulator: `qemu-x86_64 -cpu EPYC-Rome` runs AVX2 kernels (no AVX-512, no VNNI) while
+    the file it passes through still lists the host's avx512_vnni. /proc/cpuinfo is read only where
+    this torch cannot ask the CPU, and the record says so."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None and is_x86():
+        capabilities = get_capabilities()
+        return [f for f, name in RELEVANT_FLAGS.items() if capabilities.get(name)], "cpuid"
+    flags = _cpuinfo()[1]
+    if flags is None:
+        return None, None
+    return [f for f in RELEVANT_FLAGS if f in flags], "/proc/cpuinfo"
+
+
 def cpu_name() -> str:
     return _cpuinfo()[0] or platform.processor() or platform.machine()
 
@@ -47,9 +80,8 @@ def is_x86() -> bool:
 
 
 def cpu_flags() -> list[str] | None:
-    """The RELEVANT_FLAGS this CPU has, or None when they cannot be read (no /proc/cpuinfo)."""
-    flags = _cpuinfo()[1]
-    return None if flags is None else [f for f in RELEVANT_FLAGS if f in flags]
+    """The RELEVANT_FLAGS this CPU has, or None when they cannot be read."""
+    return _features()[0]
 
 
 def has_vnni() -> bool | None:
@@ -77,6 +109,7 @@ def cpu_record() -> dict:
         "cpu": cpu_name(),
         "machine": platform.machine(),
         "flags": cpu_flags(),
+        "flags_from": _features()[1],
         "vnni": has_vnni(),
         "cores": os.cpu_count(),
     }
