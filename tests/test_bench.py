@@ -1,8 +1,9 @@
 import pytest
+import torch
 from click.testing import CliRunner
 
 from adafocus import cli
-from adafocus.machine import cpu_flags
+from adafocus.machine import cpu_flags, cpu_record
 from conftest import strict_loads
 
 
@@ -47,10 +48,6 @@ def test_bench_refuses_wrong_thresholds(exported):
 def test_cpu_flags_are_read_from_the_cpu_as_the_kernels_see_it():
     """CPUID, not /proc/cpuinfo (an emulator passes the host's file through): the flags agree with the
     kernels PyTorch picked on this CPU."""
-    import torch
-
-    from adafocus.machine import cpu_record
-
     record = cpu_record()
     assert record["flags_from"] == "cpuid"  # the pinned torch asks the CPU
     kernels = torch.backends.cpu.get_cpu_capability()
