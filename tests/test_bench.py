@@ -17,7 +17,7 @@ def test_bench_reports_every_method_and_the_realisation(exported, tmp_path):
     assert report["machine"]["cpu"] and report["machine"]["onnxruntime"]
     assert report["machine"]["flags"] == cpu_flags()  # the CPU kind, not only its model name
     (b,) = report["backends"]
-    assert set(b["videos_per_s"]) == {"adaptive", "adaptive_stream", "dense", "torch_eager"}
+    assert set(b["videos_per_s"]) == {"adaptive", "adaptive_stream", "adaptive_stream_batches", "dense", "torch_eager"}
     v, g = b["videos_per_s"], b["gflops_per_video"]
     assert b["realisation"] == pytest.approx((v["adaptive"] / v["dense"]) / (g["dense"] / g["adaptive"]))
     assert b["speedup_vs_torch_eager"] == pytest.approx(v["adaptive"] / v["torch_eager"])

@@ -48,5 +48,11 @@ def test_adafocus_bench_with_no_arguments_leaves_the_checkout_clean(tmp_path):
     assert report["preset"] == "demo" and report["thresholds_from"] == "the export's default (calibrated) thresholds"
     assert report_file.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     (backend,) = report["backends"]
-    assert set(backend["videos_per_s"]) == {"adaptive", "adaptive_stream", "dense", "torch_eager"}
+    assert set(backend["videos_per_s"]) == {
+        "adaptive",
+        "adaptive_stream",
+        "adaptive_stream_batches",
+        "dense",
+        "torch_eager",
+    }
     assert "calibrating exit thresholds" in done.stderr  # the built-in export was made on first use

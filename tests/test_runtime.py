@@ -11,6 +11,7 @@ from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import update_manifest
 from adafocus.model import adaptive_inference, build_model, entropy, get_preset, load_checkpoint
 from adafocus.runtime import Runtime
+from adafocus.runtime.arrivals import Arrivals
 from adafocus.weights import builtin_checkpoint
 
 PROB_TOL = 1e-4
@@ -117,7 +118,8 @@ def test_paper_presets_reproduce_the_reference(exported, name, backend):
     assert_same(streamed.__getitem__, reference, 7)
 
 
-def test_stream_reports_a_bad_video_and_goes_on(exported, demo_data):
+@pytest.mark.parametrize("pool", [4, 16])  # single videos as views (4), gathered into a chunk (16)
+def test_stream_reports_a_bad_video_and_goes_on(exported, demo_data, pool):
     model, videos, thresholds = demo_data
     videos = list(videos[:6])
     reference = adaptive_inference(model, torch.stack(videos), thresholds)
@@ -126,12 +128,84 @@ def test_stream_reports_a_bad_video_and_goes_on(exported, demo_data):
     inputs = videos[:2] + [bad, videos[2][:3]] + videos[2:]
     runtime = Runtime.load(exported("demo").path)
     runtime.set_thresholds(thresholds)
-    results = {r.index: r for r in runtime.stream(iter(inputs), batch_size=4)}
+    results = {r.index: r for r in runtime.stream(iter(inputs), batch_size=pool)}
     assert "NaN" in results[2].error and "video 2" in results[2].error
     assert "shape" in results[3].error
     good = [i for i in range(len(inputs)) if i not in (2, 3)]
     assert all(results[i].ok for i in good)
     assert_same(lambda i: results[good[i]], reference, 6)
+
+
+def test_stream_takes_batches_and_single_videos(exported, demo_data):
+    """A DataLoader's batches, a single video and a batch of one mixed: `index` counts every video in
+    input order, and each gets the reference's result."""
+    model, videos, thresholds = demo_data
+    videos = videos[:60]
+    reference = adaptive_inference(model, videos, thresholds)
+    items = [videos[0:5], videos[5], videos[6:46], videos[46:47], videos[47:60].numpy()]
+    runtime = Runtime.load(exported("demo").path)
+    runtime.set_thresholds(thresholds)
+    streamed = {r.index: r for r in runtime.stream(iter(items), batch_size=16)}
+    assert sorted(streamed) == list(range(60))
+    assert_same(streamed.__getitem__, reference, 60)
+
+
+@pytest.mark.parametrize("pool", [4, 64])  # the batch of 12 as views (4), gathered (64)
+def test_stream_reports_bad_videos_of_a_batch_and_goes_on(exported, demo_data, pool):
+    model, videos, thresholds = demo_data
+    videos = videos[:12]
+    with_nan = videos.clone()
+    with_nan[3, 0, 0, 0, 0] = float("nan")
+    with_nan[9, 1, 2, 3, 4] = float("inf")
+    wrong_shape = videos[:2, :, :, :32]
+    runtime = Runtime.load(exported("demo").path)
+    runtime.set_thresholds(thresholds)
+    results = {r.index: r for r in runtime.stream(iter([with_nan, wrong_shape]), batch_size=pool)}
+    assert sorted(results) == list(range(14))
+    assert "video 3 holds NaN or inf" in results[3].error and "video 9 holds NaN or inf" in results[9].error
+    assert "the batch of videos 12..13 has shape" in results[12].error and "shape" in results[13].error
+    good = [i for i in range(12) if i not in (3, 9)]
+    assert all(results[i].ok for i in good)
+    assert_same(lambda i: results[good[i]], adaptive_inference(model, videos[good], thresholds), len(good))
+
+
+def test_stream_reads_a_batch_before_asking_for_the_next(exported, demo_data):
+    """An iterator that refills one buffer for every batch (as a decoder's pinned buffer may) gets
+    the same results as fresh batches: each batch is admitted before the next is asked for."""
+    model, videos, thresholds = demo_data
+    videos = videos[:40]
+    reference = adaptive_inference(model, videos, thresholds)
+    buffer = torch.empty(10, *videos.shape[1:])
+
+    def refilled():
+        for start in range(0, 40, 10):
+            buffer.copy_(videos[start : start + 10])
+            yield buffer
+
+    runtime = Runtime.load(exported("demo").path)
+    runtime.set_thresholds(thresholds)
+    streamed = {r.index: r for r in runtime.stream(refilled(), batch_size=16)}
+    assert_same(streamed.__getitem__, reference, 40)
+
+
+def test_stream_admits_a_large_enough_batch_without_a_copy(exported):
+    """Arrivals: a batch of at least a quarter of the pool is a view of the caller's memory, its last
+    rows too; single videos and smaller batches are gathered into the staging batch."""
+    runtime = Runtime.load(exported("demo").path)
+    preset, arrays = runtime.preset, runtime.backend.arrays
+    batch = np.random.default_rng(0).random((18, *preset.video_shape), dtype=np.float32)
+    arrivals = Arrivals([batch, batch[0], batch[:2], batch[:4]], arrays, preset, capacity=16)
+    ids, videos, failed = arrivals(16)  # 16 rows of the batch
+    assert ids.tolist() == list(range(16)) and not failed
+    assert np.shares_memory(videos, batch)
+    ids, videos, _ = arrivals(16)  # its last 2 rows, on their own
+    assert ids.tolist() == [16, 17] and np.shares_memory(videos, batch)
+    ids, videos, _ = arrivals(16)  # a single video and a batch of 2: gathered, up to the next batch of 4
+    assert ids.tolist() == [18, 19, 20] and not np.shares_memory(videos, batch)
+    np.testing.assert_array_equal(videos, np.concatenate([batch[:1], batch[:2]]))
+    ids, videos, _ = arrivals(16)
+    assert ids.tolist() == [21, 22, 23, 24] and np.shares_memory(videos, batch)
+    assert arrivals(16) is None
 
 
 def test_bad_batches_get_one_clear_error(exported):

@@ -15,8 +15,15 @@ from adafocus.model.presets import Preset
 
 def check_videos(videos, preset: Preset, name: str = "videos") -> None:
     """One clear error for a batch (B, T, 3, H, W) this preset cannot take: shape, dtype, NaN/inf.
-    numpy arrays and torch tensors (on any device) alike; the finiteness check is one cheap pass, and
-    only a failing batch is searched for the culprits."""
+    numpy arrays and torch tensors (on any device) alike."""
+    check_video_layout(videos, preset, name)
+    bad = nonfinite_rows(videos)
+    if bad:
+        raise AdaFocusError(f"{name} hold NaN or inf values (videos {bad})", "check the decoder and normalisation")
+
+
+def check_video_layout(videos, preset: Preset, name: str = "videos") -> None:
+    """The shape and dtype half of `check_videos`: what can be told without reading the frames."""
     shape = tuple(videos.shape) if hasattr(videos, "shape") else None
     expected = "(B, " + ", ".join(map(str, preset.video_shape)) + ")"
     if shape is None or len(shape) != 5 or shape[1:] != preset.video_shape:
@@ -26,11 +33,15 @@ def check_videos(videos, preset: Preset, name: str = "videos") -> None:
         )
     if str(videos.dtype).removeprefix("torch.") != "float32":
         raise AdaFocusError(f"{name} has dtype {videos.dtype}, expected float32", "normalise frames to float32")
+
+
+def nonfinite_rows(videos) -> list[int]:
+    """The rows of a float32 batch holding NaN or inf: one cheap pass (a sum) for a good batch, and
+    only a failing one is searched for the culprits (an overflowing sum of finite values is none)."""
     tensor = videos if isinstance(videos, torch.Tensor) else torch.from_numpy(np.asarray(videos))
-    if not bool(torch.isfinite(tensor.sum())):
-        bad = (~torch.isfinite(tensor.flatten(1)).all(1)).nonzero().flatten().tolist()
-        if bad:  # an overflowing sum of finite values is not an error
-            raise AdaFocusError(f"{name} hold NaN or inf values (videos {bad})", "check the decoder and normalisation")
+    if bool(torch.isfinite(tensor.sum())):
+        return []
+    return (~torch.isfinite(tensor.flatten(1)).all(1)).nonzero().flatten().tolist()
 
 
 def check_thresholds(thresholds: Sequence[float | None], preset: Preset) -> list[float]:

@@ -9,10 +9,11 @@ passes their step's threshold (or that used all K cubes) leave, and the rest are
   the running videos' cubes from it.
 - Streaming mode: a pool of `capacity` slots is refilled from an iterator whenever a quarter of it is
   free, so the local encoder keeps a full batch while videos come and go (continuous batching).
-  Arrivals come in a reused staging batch, so their K cubes are cut as they are admitted (the plan
-  is fixed after the policy) into their slots of a pool of cubes, and each turn takes its cubes
-  from there: the pool holds cubes, not videos (the demo: 4 x 48 KB instead of 1.5 MB), and an
-  arriving video is copied once (into the staging batch), not twice. Cutting up front costs crops
+  Arrivals come as views of the caller's batches or in a reused staging batch (runtime/arrivals.py),
+  which are not kept: their K cubes are cut as they are admitted (the plan is fixed after the
+  policy) into their slots of a pool of cubes, and each turn takes its cubes from there. The pool
+  holds cubes, not videos (the demo: 4 x 48 KB instead of 1.5 MB), and an arriving video is copied
+  at most once (into the staging batch), not twice. Cutting up front costs crops
   for steps a video never reaches; in per-batch mode, where nothing must be copied, it was 5 %
   slower (paired), so that mode cuts per turn. Both give the same cubes.
 
@@ -126,6 +127,11 @@ class _Running:
         self.steps = self.steps + 1
 
 
+def refill_size(capacity: int) -> int:
+    """Streaming mode refills the pool whenever this many of its `capacity` slots are free."""
+    return max(1, capacity // 4)
+
+
 def cube_loop(
     backend: Backend,
     source: Source,
@@ -146,7 +152,7 @@ def cube_loop(
     cubes = arrays.empty_pool(capacity * max_cubes, cube_shape) if capacity else None
     batch = None  # per-batch mode: the caller's videos, which the turns crop from
     free = list(range(capacity or 0))
-    refill_at = max(1, (capacity or 1) // 4)
+    refill_at = refill_size(capacity or 1)
     running = _Running.empty(max_cubes)
     exhausted = False
 

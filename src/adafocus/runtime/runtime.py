@@ -2,7 +2,7 @@
 
 runtime = Runtime.load("exports/demo", backend="onnxruntime")   # a path: adafocus.builtin has the demo
 result = runtime.predict(videos)            # (B, T, 3, H, W) float32, numpy or torch
-for video in runtime.stream(iterable):      # continuous batching, one result per video
+for video in runtime.stream(iterable):      # videos or batches in, one result per video out
     ...
 runtime.set_budget(0.08)                    # GFLOPs per video, from the calibrated table
 """
@@ -21,6 +21,7 @@ from adafocus.errors import AdaFocusError, InternalError
 from adafocus.export.manifest import Export, open_export
 from adafocus.model.checks import check_thresholds, check_videos
 from adafocus.model.presets import get_preset
+from adafocus.runtime.arrivals import Arrivals
 from adafocus.runtime.backends import Backend, make_backend
 from adafocus.runtime.loop import Failed, LoopStats, StageTimer, cube_loop
 
@@ -244,9 +245,11 @@ class Runtime:
         return recorder.entropy, recorder.logits
 
     def stream(self, videos: Iterable, batch_size: int = 128) -> Iterator[VideoResult]:
-        """Streaming mode: one (T, 3, H, W) video at a time in, one VideoResult per video out, in
-        completion order (`index` = position in the input). A bad video yields a result with `error`
-        and the others go on."""
+        """Streaming mode: videos in, one at a time (T, 3, H, W) or in batches (n, T, 3, H, W) as a
+        DataLoader yields them, through a pool of `batch_size` slots; one VideoResult per video out,
+        in completion order (`index` = the video's position in the input, counting every video of
+        every batch). A bad video yields a result with `error` and the others go on. Batches are
+        admitted without a copy where they can be (runtime/arrivals.py)."""
         if batch_size < 1:
             raise AdaFocusError(f"batch_size must be >= 1, got {batch_size}")
         limit = self.backend.max_batch
@@ -255,33 +258,7 @@ class Runtime:
                 f"batch_size {batch_size} is past the largest batch of the TensorRT engines ({limit})",
                 f"use batch_size <= {limit}, or re-export with a larger --batch-range",
             )
-        arrays = self.backend.arrays
-        items = enumerate(videos)
-        exhausted = False
-        # arrivals are copied into one reused buffer: fresh allocations of this size are slow to touch
-        staging = arrays.empty_pool(batch_size, self.preset.video_shape)
-
-        def source(room: int):
-            nonlocal exhausted
-            if exhausted:
-                return None
-            ids, failed = [], []
-            for index, video in items:
-                try:
-                    self.check_videos(video[None], name=f"video {index}")
-                except AdaFocusError as e:
-                    failed.append(Failed(index, str(e)))
-                    continue
-                arrays.put(staging, np.asarray([len(ids)]), arrays.videos(video[None]))
-                ids.append(index)
-                if len(ids) == room:
-                    break
-            else:
-                exhausted = True
-            if not ids and not failed:
-                return None
-            return np.asarray(ids, np.int64), staging[: len(ids)], failed
-
+        source = Arrivals(videos, self.backend.arrays, self.preset, batch_size)
         for done in self._run(source, capacity=batch_size, timer=self._timer(self.stats), stats=None):
             if isinstance(done, Failed):
                 yield VideoResult(done.index, None, -1, None, None, 0.0, error=done.error)
