@@ -75,6 +75,10 @@ def test_aoti_backend_reproduces_the_reference_in_both_modes(aoti_export, demo_d
     streamed = {r.index: r for r in runtime.stream(iter(videos), batch_size=max(batch // 2, 1))}
     assert sorted(streamed) == list(range(batch))
     assert_same(streamed.__getitem__, reference, batch)
+    batches = torch.split(videos, max(batch // 3, 1))  # a DataLoader's batches: admitted as views
+    streamed = {r.index: r for r in runtime.stream(iter(batches), batch_size=max(batch // 2, 1))}
+    assert sorted(streamed) == list(range(batch))
+    assert_same(streamed.__getitem__, reference, batch)
     if batch == 128:
         assert sum(1 for c in np.bincount(reference.exit_step.numpy()) if c) >= 3
 

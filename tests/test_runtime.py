@@ -99,6 +99,10 @@ def test_demo_backends_reproduce_the_reference_in_both_modes(exported, demo_data
     streamed = {r.index: r for r in runtime.stream(iter(on_device), batch_size=max(batch // 2, 1))}
     assert sorted(streamed) == list(range(batch))
     assert_same(streamed.__getitem__, reference, batch)
+    batches = torch.split(on_device, max(batch // 3, 1))  # as a DataLoader yields them: views, no copy
+    streamed = {r.index: r for r in runtime.stream(iter(batches), batch_size=max(batch // 2, 1))}
+    assert sorted(streamed) == list(range(batch))
+    assert_same(streamed.__getitem__, reference, batch)
     if batch == 128:  # the thresholds really spread the exits
         assert sum(1 for c in np.bincount(reference.exit_step.numpy()) if c) >= 3
 
