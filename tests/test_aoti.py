@@ -121,9 +121,10 @@ def test_aoti_cuda_fp32_reproduces_the_reference_in_both_modes(aoti_cuda_export,
     runtime = Runtime.load(aoti_cuda_export.path, "aoti", "cuda", precision="fp32")
     runtime.set_thresholds(thresholds)
     assert_same(runtime.predict(videos.cuda()).video, reference, batch)
-    streamed = {r.index: r for r in runtime.stream(iter(videos.cuda()), batch_size=max(batch // 2, 1))}
-    assert sorted(streamed) == list(range(batch))
-    assert_same(streamed.__getitem__, reference, batch)
+    for items in (videos.cuda(), torch.split(videos.cuda(), max(batch // 3, 1))):  # videos, then batches
+        streamed = {r.index: r for r in runtime.stream(iter(items), batch_size=max(batch // 2, 1))}
+        assert sorted(streamed) == list(range(batch))
+        assert_same(streamed.__getitem__, reference, batch)
 
 
 @needs_cuda
