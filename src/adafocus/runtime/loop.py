@@ -79,7 +79,7 @@ class StageTimer:
         return out
 
 
-Chunk = tuple[np.ndarray, object, list[Failed]]  # video indices, their videos (backend array), bad inputs
+Chunk = tuple[np.ndarray, object, list[Failed]]  # video indices, their videos (backend array or None), bad inputs
 Source = Callable[[int], Chunk | None]  # asked for at most n videos; None when exhausted
 
 
