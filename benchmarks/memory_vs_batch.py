@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--max-call-gflops", type=float, default=150.0, help="0: no bound")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    recorded = json.loads((RESULTS / "bench-sthsth-v1-t12-onnxruntime.json").read_text())
+    recorded = json.loads((RESULTS / "bench-sthsth-v1-t12-onnxruntime.json").read_text(encoding="utf-8"))
     thresholds = recorded["thresholds"]
     from adafocus.builtin import random_export
     from adafocus.files import write_json

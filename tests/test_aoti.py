@@ -139,10 +139,10 @@ def test_aoti_cuda_fp16_agrees_with_the_fp32_reference(aoti_cuda_export, demo_da
 
 def _resealed(source: Path, target: Path, change) -> Path:
     shutil.copytree(source, target)
-    manifest = json.loads((target / MANIFEST).read_text())
+    manifest = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
     change(manifest)
     manifest["manifest_sha256"] = content_hash(manifest)
-    (target / MANIFEST).write_text(json.dumps(manifest))
+    (target / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     return target
 
 
@@ -253,13 +253,13 @@ def test_the_cpp_runner_verifies_the_export(runner, aoti_export, tmp_path):
     np.save(tmp_path / "videos.npy", np.zeros((2, *aoti_export.preset.video_shape), np.float32))
     tampered = tmp_path / "tampered"
     shutil.copytree(aoti_export.path, tampered)
-    (tampered / "stray.txt").write_text("not part of the export")
+    (tampered / "stray.txt").write_text("not part of the export", encoding="utf-8")
     done = run_cpp(runner, tampered, tmp_path / "videos.npy")
     assert done.returncode == 1 and "stray.txt, not part of this export" in done.stderr
     (tampered / "stray.txt").unlink()
-    manifest = json.loads((tampered / MANIFEST).read_text())
+    manifest = json.loads((tampered / MANIFEST).read_text(encoding="utf-8"))
     manifest["thresholds"] = [0.1] * 5  # changed by hand, not resealed
-    (tampered / MANIFEST).write_text(json.dumps(manifest))
+    (tampered / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     done = run_cpp(runner, tampered, tmp_path / "videos.npy")
     assert done.returncode == 1 and "content hash does not match" in done.stderr
     wrong = tmp_path / "wrong.npy"
@@ -278,7 +278,7 @@ def test_the_cpp_canonical_json_is_pythons(runner, tmp_path):
         "z": {"b": 1, "a": [True, False, None]},
     }
     path = tmp_path / "value.json"
-    path.write_text(json.dumps(value))
+    path.write_text(json.dumps(value), encoding="utf-8")
     done = run_cpp(runner, "--print-canonical", path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -12,7 +12,7 @@ def test_bench_reports_every_method_and_the_realisation(exported, tmp_path):
     args = [str(exported("demo").path), "--batch", "8", "--repeats", "2", "--warmup", "0", "--out", str(out)]
     result = CliRunner().invoke(cli.bench, [*args, "--thresholds", "1.6,1.6,1.6,1.6,1.6"])
     assert result.exit_code == 0, result.output
-    report = strict_loads(out.read_text())
+    report = strict_loads(out.read_text(encoding="utf-8"))
     assert out.with_suffix(".png").stat().st_size > 0
     assert report["machine"]["cpu"] and report["machine"]["onnxruntime"]
     assert report["machine"]["flags"] == cpu_flags()  # the CPU kind, not only its model name
@@ -34,7 +34,7 @@ def test_bench_solves_thresholds_for_a_budget_without_a_calibrated_table(exporte
     args = [str(export.path), "--batch", "16", "--repeats", "1", "--warmup", "0", "--no-reference"]
     result = CliRunner().invoke(cli.bench, [*args, "--budget", str(budget), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    report = strict_loads(out.read_text())
+    report = strict_loads(out.read_text(encoding="utf-8"))
     assert report["thresholds_from"].startswith(f"solved for budget {budget}")
     assert "torch_eager" not in report["backends"][0]["videos_per_s"]
     assert report["backends"][0]["exits_per_step"][-1] < 16  # some videos left early

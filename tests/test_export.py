@@ -105,7 +105,7 @@ def test_a_changed_byte_in_any_graph_is_detected(demo_copy, name):
 
 def test_a_changed_manifest_value_is_detected(demo_copy):
     path = demo_copy / MANIFEST
-    path.write_text(path.read_text().replace('"max_cubes": 4', '"max_cubes": 3', 1))
+    path.write_text(path.read_text(encoding="utf-8").replace('"max_cubes": 4', '"max_cubes": 3', 1), encoding="utf-8")
     with pytest.raises(AdaFocusError, match="changed after it was written"):
         open_export(demo_copy)
 

@@ -61,10 +61,12 @@ def test_every_list_format_names_the_same_videos_and_labels(own_videos, exported
 
 def test_label_problems_are_one_error_before_anything_is_decoded(own_videos, exported, tmp_path, decodes):
     classes = exported("demo").class_names
-    (tmp_path / "bad.csv").write_text("path,label\nval/val-000000.mkv,glyph-3\nval/val-000001.mkv,cat\n")
+    (tmp_path / "bad.csv").write_text(
+        "path,label\nval/val-000000.mkv,glyph-3\nval/val-000001.mkv,cat\n", encoding="utf-8"
+    )
     with pytest.raises(AdaFocusError, match=r"(?s)line 3: 'cat'.*nothing was decoded"):
         read_labelled(tmp_path / "bad.csv", classes, root=own_videos["root"])
-    (tmp_path / "bad.txt").write_text(f"# a comment\n{own_videos['val'].parent}/val-000000.mkv 10\n")
+    (tmp_path / "bad.txt").write_text(f"# a comment\n{own_videos['val'].parent}/val-000000.mkv 10\n", encoding="utf-8")
     with pytest.raises(AdaFocusError, match=r"(?s)line 2: '10'.*indices 0\.\.9"):
         read_labelled(tmp_path / "bad.txt", classes)
     tree = tmp_path / "tree"
@@ -80,16 +82,16 @@ def test_broken_files_are_named_and_left_out_and_max_bad_refuses(own_videos, dem
     truncated = tmp_path / "cut.mkv"
     truncated.write_bytes((folder / "val-000000.mkv").read_bytes()[:300])
     text = tmp_path / "notes.mp4"
-    text.write_text("not a video\n")
+    text.write_text("not a video\n", encoding="utf-8")
     good = [f"{folder}/val-{i:06d}.mkv {i % 10}" for i in range(1, 39)]
     lines = [f"{truncated} 0", f"{text} 1", *good]
     listing = tmp_path / "list.txt"
-    listing.write_text("\n".join([*lines, f"{folder}/val-000039.mkv glyph-3"]) + "\n")
+    listing.write_text("\n".join([*lines, f"{folder}/val-000039.mkv glyph-3"]) + "\n", encoding="utf-8")
     result = CliRunner().invoke(calibrate, [str(demo_copy), "--data", str(listing)])
     assert result.exit_code != 0 and "line 41: 'glyph-3'" in result.output  # 1-based, after nothing decoded
     assert decodes == []
 
-    listing.write_text("\n".join(lines) + "\n")
+    listing.write_text("\n".join(lines) + "\n", encoding="utf-8")
     result = CliRunner().invoke(calibrate, [str(demo_copy), "--data", str(listing), "--json", "--max-bad", "0.1"])
     assert result.exit_code == 0, result.output
     report = strict_loads(result.stdout)
@@ -165,7 +167,10 @@ def test_the_cache_spares_decoding_and_is_refused_when_the_export_changes(own_vi
     args = [str(demo_copy), "--data", str(own_videos["val"]), "--cache", str(cache), "--json"]
     first = CliRunner().invoke(calibrate, args)
     assert first.exit_code == 0, first.output
-    assert len(decodes) == OWN_VIDEOS and json.loads(cache.read_text())["format"] == "adafocus-step-outputs/1"
+    assert (
+        len(decodes) == OWN_VIDEOS
+        and json.loads(cache.read_text(encoding="utf-8"))["format"] == "adafocus-step-outputs/1"
+    )
     second = CliRunner().invoke(calibrate, [*args, "--max-drop", "0.05"])
     assert second.exit_code == 0, second.output
     assert len(decodes) == OWN_VIDEOS and "from " + str(cache) + " (nothing decoded)" in second.stderr

@@ -44,7 +44,7 @@ def test_adafocus_bench_with_no_arguments_leaves_the_checkout_clean(tmp_path):
         assert _git_status() == status
     report_file = REPO / "adafocus-results" / "bench-demo-onnxruntime.json"
     assert f"wrote {report_file.relative_to(REPO)}" in done.stdout
-    report = strict_loads(report_file.read_text())
+    report = strict_loads(report_file.read_text(encoding="utf-8"))
     assert report["preset"] == "demo" and report["thresholds_from"] == "the export's default (calibrated) thresholds"
     assert report_file.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     (backend,) = report["backends"]

@@ -27,7 +27,11 @@ def synth_files(own_videos):
 
 def test_synth_writes_lossless_files_and_a_labels_list(synth_files):
     task = SyntheticTask(get_preset("demo"), seed=0)
-    lines = [line.split() for line in (synth_files / "labels.txt").read_text().splitlines() if not line.startswith("#")]
+    lines = [
+        line.split()
+        for line in (synth_files / "labels.txt").read_text(encoding="utf-8").splitlines()
+        if not line.startswith("#")
+    ]
     assert len(lines) == VIDEOS
     for name, label in lines[:5]:
         raw, info = task.raw_video("val", int(name.split("-")[1].split(".")[0]))

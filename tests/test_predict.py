@@ -45,7 +45,7 @@ def broken(data_dir, tmp_path_factory) -> dict[str, Path]:
     data = (data_dir / "bikes.mp4").read_bytes()
     (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
     (folder / "empty.mp4").write_bytes(b"")
-    (folder / "text.mp4").write_text("this is not a video\n")
+    (folder / "text.mp4").write_text("this is not a video\n", encoding="utf-8")
     return {name: folder / name for name in BROKEN}
 
 
@@ -56,7 +56,7 @@ def invoke(args):
 
 
 def read_lines(path: Path) -> list[dict]:
-    return [strict_loads(line) for line in path.read_text().splitlines()]
+    return [strict_loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -175,14 +175,16 @@ def test_directory_and_list_file_expand(data_dir, tmp_path):
     (folder / "sub" / ".hidden").mkdir(parents=True)
     for name in ["b.mp4", "a.MKV", "sub/c.webm", "sub/.d.mp4", "sub/.hidden/e.mp4"]:
         shutil.copyfile(data_dir / "carphone_pristine.mp4", folder / name)
-    (folder / "notes.txt").write_text("not a video list: it is inside a folder\n")
+    (folder / "notes.txt").write_text("not a video list: it is inside a folder\n", encoding="utf-8")
     expected_dir = [str(folder / "a.MKV"), str(folder / "b.mp4"), str(folder / "sub" / "c.webm")]
     assert expand_paths([folder]) == expected_dir
 
     lists = tmp_path / "lists"
     lists.mkdir()
     listing = lists / "videos.list"
-    listing.write_text(f"# a comment\n\n../videos/b.mp4\n  {data_dir / 'bikes.mp4'}  \n# ../videos/a.MKV\n")
+    listing.write_text(
+        f"# a comment\n\n../videos/b.mp4\n  {data_dir / 'bikes.mp4'}  \n# ../videos/a.MKV\n", encoding="utf-8"
+    )
     expected_list = [os.path.join(str(lists), "../videos/b.mp4"), str(data_dir / "bikes.mp4")]
     assert expand_paths([listing]) == expected_list
     # a video named twice (through the list and the folder) is done once
@@ -193,9 +195,9 @@ def test_cli_runs_a_directory_and_a_list_file(data_dir, export_dir, tmp_path):
     folder = tmp_path / "videos"
     (folder / "sub").mkdir(parents=True)
     shutil.copyfile(data_dir / "carphone_pristine.mp4", folder / "sub" / "phone.mov")
-    (folder / "readme.md").write_text("skipped: not a video extension\n")
+    (folder / "readme.md").write_text("skipped: not a video extension\n", encoding="utf-8")
     listing = tmp_path / "todo.txt"
-    listing.write_text("# relative to this file\nvideos/sub/phone.mov\nmissing.mp4\n")
+    listing.write_text("# relative to this file\nvideos/sub/phone.mov\nmissing.mp4\n", encoding="utf-8")
     result = invoke([folder, listing, "--export", export_dir])
     assert result.exit_code == 0, result.output
     lines = [strict_loads(line) for line in result.stdout.splitlines()]
@@ -222,8 +224,8 @@ def test_resume_skips_paths_already_in_the_file(data_dir, broken, export_dir, tm
     assert "0 ok, 0 failed, 3 skipped" in again.stderr
 
     # drop carphone's line and leave a cut-off line at the end, as a crash while writing would
-    kept = [line for line in out.read_text().splitlines() if "carphone" not in line]
-    out.write_text("\n".join(kept) + '\n{"path": "' + str(data_dir / "carphone"))
+    kept = [line for line in out.read_text(encoding="utf-8").splitlines() if "carphone" not in line]
+    out.write_text("\n".join(kept) + '\n{"path": "' + str(data_dir / "carphone"), encoding="utf-8")
     last = invoke([*args, "--resume"])
     assert last.exit_code == 0, last.output
     lines = read_lines(out)  # every line parses: the partial one was removed

@@ -159,10 +159,10 @@ def test_thresholds_compare_in_float32(exported):
 def resealed(source: Path, target: Path, change) -> Path:
     """A copy of an export whose manifest is changed and resealed with a correct hash (a newer writer)."""
     shutil.copytree(source, target)
-    manifest = json.loads((target / MANIFEST).read_text())
+    manifest = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
     change(manifest)
     manifest["manifest_sha256"] = content_hash(manifest)
-    (target / MANIFEST).write_text(json.dumps(manifest))
+    (target / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     return target
 
 
@@ -188,6 +188,6 @@ def test_the_export_ships_its_json_schema(exported):
     import jsonschema
 
     export = exported("demo")
-    schema = json.loads((export.path / "manifest.schema.json").read_text())
+    schema = json.loads((export.path / "manifest.schema.json").read_text(encoding="utf-8"))
     assert "manifest.schema.json" in export.manifest["files"]
     jsonschema.Draft202012Validator(schema).validate(export.manifest)

@@ -36,7 +36,7 @@ def corpus(data_dir, tmp_path_factory) -> Path:
         write_video(folder / f"grey-{frames}.mp4", frames, size=(96, 80))
     data = (data_dir / "bikes.mp4").read_bytes()
     (folder / "truncated.mp4").write_bytes(data[: len(data) // 3])
-    (folder / "notes.mp4").write_text("not a video\n")
+    (folder / "notes.mp4").write_text("not a video\n", encoding="utf-8")
     return folder
 
 
@@ -92,12 +92,12 @@ def test_resume_continues_an_interrupted_ray_run(ray_cluster, corpus, exported, 
     out = tmp_path / "results.jsonl"
     code, _, _ = run([corpus, "--export", export, "--engine", "ray", "--out", out])
     assert code == 0
-    lines = out.read_text().splitlines()
+    lines = out.read_text(encoding="utf-8").splitlines()
     # as a run killed after three results leaves it: three lines and half of a fourth
-    out.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])
+    out.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2], encoding="utf-8")
     code, _, stderr = run([corpus, "--export", export, "--engine", "ray", "--out", out, "--resume"])
     assert code == 0, stderr
-    again = [json.loads(line) for line in out.read_text().splitlines()]
+    again = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert sorted(line["path"] for line in again) == sorted(json.loads(line)["path"] for line in lines)
     assert "3 skipped" in stderr and "removed an unfinished last line" in stderr
 

@@ -26,7 +26,7 @@ def test_strict_loads_refuses_what_python_would_accept():
 
 @pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda p: p.name)
 def test_recorded_results_are_strict_json(path):
-    strict_loads(path.read_text())
+    strict_loads(path.read_text(encoding="utf-8"))
 
 
 def test_presets_and_flops_json_are_strict():
@@ -40,7 +40,7 @@ def test_presets_and_flops_json_are_strict():
 
 def test_manifests_are_strict_json(exported):
     for name in ("demo", "sthsth-v1-t8"):
-        strict_loads((exported(name).path / "manifest.json").read_text())
+        strict_loads((exported(name).path / "manifest.json").read_text(encoding="utf-8"))
 
 
 def test_writers_refuse_non_finite_numbers_and_say_where(tmp_path):

@@ -213,7 +213,7 @@ def test_directory(tmp_path):
 
 def test_text_named_mp4(tmp_path):
     fake = tmp_path / "notes.mp4"
-    fake.write_text("this is not a video\n" * 50)
+    fake.write_text("this is not a video\n" * 50, encoding="utf-8")
     err = _expect_error(fake, 8, 128, match="not a video")
     assert isinstance(err.__cause__, av.error.FFmpegError), "the av error is chained, not shown raw"
 

@@ -22,7 +22,7 @@ from adafocus.calibration.calibrate import calibrate_export
 from adafocus.data.synthetic import TASK_ID, SyntheticTask, TaskVideos
 from adafocus.errors import AdaFocusError
 from adafocus.export.exporter import export_model
-from adafocus.export.manifest import Export, open_export, sha256_file
+from adafocus.export.manifest import Export, ManifestEncodingError, open_export, sha256_file
 from adafocus.files import cache_root
 from adafocus.model import AdaFocusV3, Preset, build_model, get_preset, load_checkpoint
 from adafocus.model.batchnorm import measure_batchnorm
@@ -51,6 +51,8 @@ def demo_export(log=_stderr) -> Export:
         try:
             export = open_export(target)
             return export if export.budgets else _calibrate(export, log)
+        except ManifestEncodingError:  # not damage: deleting the cache would not help
+            raise
         except AdaFocusError as e:  # a damaged cache entry is rebuilt, and said so
             log(f"re-exporting the built-in demo model: the cached export is unusable ({e.what})")
     log(f"exporting and calibrating the built-in demo model once, to {target}")
@@ -88,6 +90,8 @@ def random_export(preset_name: str, seed: int = 0, log=_stderr) -> Export:
     if target.exists():
         try:
             return open_export(target)
+        except ManifestEncodingError:
+            raise
         except AdaFocusError as e:
             log(f"re-exporting {preset.name}: the cached export is unusable ({e.what})")
     log(f"measuring BatchNorm statistics of random {preset.name} weights on generated videos")

@@ -37,7 +37,7 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 def _cpuinfo() -> tuple[str | None, frozenset[str] | None]:
     """(model name, flags) from /proc/cpuinfo; None where this system has no such file."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return None, None
     name, flags = None, None

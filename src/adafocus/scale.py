@@ -122,7 +122,7 @@ class Classifier:
                 record = {"path": str(path), "error": str(batch["error"][i])}
             lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False))
         if self.exit_marker and not os.path.exists(self.exit_marker):
-            open(self.exit_marker, "w").close()
+            open(self.exit_marker, "w", encoding="utf-8").close()
             os._exit(1)  # an actor that dies mid-run: Ray restarts it and retries this batch
         seconds = time.perf_counter() - started
         return {

@@ -218,5 +218,5 @@ def write_split(task: SyntheticTask, split: str, count: int, out, *, start: int 
         write_lossless(out / name, pixels)
         lines.append(f"{name} {info.label}")
     labels = out / "labels.txt"
-    labels.write_text("\n".join(lines) + "\n")
+    labels.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return labels

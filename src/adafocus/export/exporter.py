@@ -113,7 +113,7 @@ def export_model(
         # the PyTorch backend of the runtime runs these weights, so the directory is self-contained
         save_checkpoint(work / PYTORCH_FILE, model, list(class_names), meta={"weights": weights})
         # and a reader in any language finds the manifest's JSON Schema beside it (sealed like the rest)
-        (work / SCHEMA_FILE).write_text(json.dumps(schema(), indent=2) + "\n")
+        (work / SCHEMA_FILE).write_text(json.dumps(schema(), indent=2) + "\n", encoding="utf-8")
         engines = _build_engines(specs, graphs, work, precisions, batch_range, opset, exporter, log) if trt else {}
         manifest = _manifest(model, class_names, weights, graphs, validation, engines, cases)
         write_manifest(work, manifest)

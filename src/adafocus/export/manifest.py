@@ -34,6 +34,11 @@ SCHEMA_FILE = "manifest.schema.json"  # shipped in the package and copied into e
 _REEXPORT = "re-run adafocus-export into a fresh directory (or restore the directory from its source)"
 
 
+class ManifestEncodingError(AdaFocusError):
+    """A manifest whose bytes are not UTF-8: not a damaged export to rebuild, but a file another tool
+    wrote (or a reader that forgot the encoding); callers must not delete anything over it."""
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -50,7 +55,7 @@ def content_hash(manifest: dict) -> str:
 
 @functools.cache
 def schema() -> dict:
-    return json.loads((resources.files(__package__) / SCHEMA_FILE).read_text())
+    return json.loads((resources.files(__package__) / SCHEMA_FILE).read_text(encoding="utf-8"))
 
 
 def check_schema(manifest: dict, where: str = MANIFEST) -> None:
@@ -241,9 +246,16 @@ def open_export(directory: str | os.PathLike) -> Export:
         )
     if not path.is_file():
         raise AdaFocusError(f"{directory} has no {MANIFEST}: it is not an adafocus export", "run adafocus-export")
+    try:  # UTF-8 whatever the locale: a C-locale process (Triton's Python stub) would read ASCII
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestEncodingError(
+            f"{path} is not UTF-8 text ({e}): manifests are always written as UTF-8",
+            "restore the directory from its source; nothing was changed or deleted",
+        ) from None
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
         raise AdaFocusError(f"{path} is not valid JSON ({e})", _REEXPORT) from None
     check_versions(manifest, path)
     check_schema(manifest, str(path))
