@@ -120,12 +120,18 @@ def own_videos(tmp_path_factory) -> dict[str, Path]:
     class_names = load_checkpoint(builtin_checkpoint()).class_names
     (root / "lists").mkdir()
     for split in ("val", "test"):
-        rows = [line.split() for line in (root / split / "labels.txt").read_text().splitlines() if line[0] != "#"]
-        with open(root / "lists" / f"{split}.csv", "w", newline="") as f:
+        rows = [
+            line.split()
+            for line in (root / split / "labels.txt").read_text(encoding="utf-8").splitlines()
+            if line[0] != "#"
+        ]
+        with open(root / "lists" / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "label"])
             writer.writerows([f"{split}/{name}", class_names[int(label)]] for name, label in rows)
-    for name, label in (line.split() for line in (root / "val" / "labels.txt").read_text().splitlines()[1:]):
+    for name, label in (
+        line.split() for line in (root / "val" / "labels.txt").read_text(encoding="utf-8").splitlines()[1:]
+    ):
         folder = root / "tree" / class_names[int(label)]
         folder.mkdir(parents=True, exist_ok=True)
         os.link(root / "val" / name, folder / name)
@@ -145,3 +151,26 @@ def demo_copy(exported, tmp_path) -> Path:
     import shutil
 
     return Path(shutil.copytree(exported("demo").path, tmp_path / "demo"))
+
+
+@pytest.fixture(scope="session")
+def calibrated_demo(exported, tmp_path_factory):
+    """A copy of the demo export calibrated on 256 + 256 synthetic videos: budgets to serve with."""
+    import shutil
+
+    from adafocus.calibration.calibrate import calibrate_export
+    from adafocus.data.synthetic import SyntheticTask, TaskVideos
+
+    path = Path(shutil.copytree(exported("demo").path, tmp_path_factory.mktemp("calibrated") / "demo"))
+    task = SyntheticTask(exported("demo").preset, seed=0)
+    result = calibrate_export(path, TaskVideos(task, "val", 256), TaskVideos(task, "test", 256), progress=False)
+    return result.export
+
+
+def near_thresholds(runtime, videos, thresholds, tol: float = 1e-4) -> np.ndarray:
+    """Which videos have, at some step, an entropy within `tol` of that step's threshold (theirs:
+    `thresholds` is (K+1,) or (B, K+1)): there a 1e-6 difference between batch compositions may flip
+    the exit, so comparisons leave them out (and count them)."""
+    entropy, _ = runtime.step_outputs(np.asarray(videos))
+    limits = np.broadcast_to(np.asarray(thresholds, np.float64), entropy.shape)
+    return (np.abs(entropy - limits) <= tol).any(axis=1)

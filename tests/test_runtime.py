@@ -107,6 +107,29 @@ def test_demo_backends_reproduce_the_reference_in_both_modes(exported, demo_data
         assert sum(1 for c in np.bincount(reference.exit_step.numpy()) if c) >= 3
 
 
+@pytest.mark.parametrize("backend", BACKENDS[:3])
+def test_each_video_may_carry_its_own_thresholds(exported, demo_data, backend):
+    """Per-row thresholds (what serving does with per-request budgets): one call equals the reference
+    run on each group of rows with that group's thresholds, in both modes."""
+    model, videos, spread = demo_data
+    never = [-math.inf] * model.preset.num_exits
+    rows = [spread if i % 3 else never for i in range(64)]
+    runtime = Runtime.load(exported("demo").path, **backend)
+    result = runtime.predict(videos[:64], thresholds=rows)
+    by_row = dict(enumerate(rows))
+    streamed = {
+        r.index: r for r in runtime.stream(iter(videos[:64]), 16, row_thresholds=lambda ids: [by_row[i] for i in ids])
+    }
+    for thresholds in (spread, never):
+        group = [i for i in range(64) if rows[i] is thresholds]
+        reference = adaptive_inference(model, videos[group], thresholds)
+        assert_same(lambda j, group=group: result.video(group[j]), reference, len(group))
+        assert_same(lambda j, group=group: streamed[group[j]], reference, len(group))
+    assert runtime.stats.mixed_threshold_turns > 0
+    with pytest.raises(AdaFocusError, match="thresholds of shape"):
+        runtime.predict(videos[:4], thresholds=rows[:3])
+
+
 @pytest.mark.parametrize("name", ["sthsth-v1-t8", "activitynet-p96"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_paper_presets_reproduce_the_reference(exported, name, backend):

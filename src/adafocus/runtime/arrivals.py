@@ -9,6 +9,10 @@ of them (what a DataLoader yields), turned into the cube loop's chunks of at mos
 - Single videos, and smaller batches, are copied into one reused staging batch (fresh allocations
   of this size are slow to touch), so that the glance still sees a full chunk.
 
+An item may also be `NOT_YET` (what a server's queue yields when no request is waiting): the
+chunk then holds what was read so far, or is `NOT_YET` itself, and the loop runs a turn without
+waiting for more.
+
 Either way the loop reads a chunk only while admitting it (its cubes are cut then), so nothing is
 kept. An item is read until its last video is admitted, and the next one is asked for only after:
 an iterator may refill the same buffer for its next batch.
@@ -30,7 +34,7 @@ import numpy as np
 from adafocus.errors import AdaFocusError
 from adafocus.model.checks import check_video_layout, nonfinite_rows
 from adafocus.model.presets import Preset
-from adafocus.runtime.loop import Chunk, Failed, refill_size
+from adafocus.runtime.loop import NOT_YET, Chunk, Failed, refill_size
 
 _END = object()
 
@@ -60,9 +64,11 @@ class Arrivals:
         self._pending: deque[_Piece] = deque()
         self._next_index = 0
         self._exhausted = False
+        self._waiting = False  # the items said NOT_YET during this call: ask again only in the next
 
-    def __call__(self, room: int) -> Chunk | None:
+    def __call__(self, room: int) -> Chunk | object | None:
         failed: list[Failed] = []
+        self._waiting = False
         first = self._peek(failed)
         if first is not None and not first.gathered:
             take = min(room, len(first))
@@ -81,17 +87,20 @@ class Arrivals:
             good = np.setdiff1d(np.arange(len(ids)), bad)
             ids, staged = [ids[row] for row in good], self._arrays.take(staged, good) if len(good) else None
         if not ids and not failed:
-            return None
+            return NOT_YET if self._waiting else None
         return np.asarray(ids, np.int64), staged, failed
 
     def _peek(self, failed: list[Failed]) -> _Piece | None:
         """The first pending piece, reading items (and noting their bad videos) until there is one."""
         while not self._pending:
-            if self._exhausted:
+            if self._exhausted or self._waiting:
                 return None
             item = next(self._items, _END)
             if item is _END:
                 self._exhausted = True
+                return None
+            if item is NOT_YET:
+                self._waiting = True
                 return None
             self._read(item, failed)
         return self._pending[0]

@@ -17,6 +17,14 @@ passes their step's threshold (or that used all K cubes) leave, and the rest are
   for steps a video never reaches; in per-batch mode, where nothing must be copied, it was 5 %
   slower (paired), so that mode cuts per turn. Both give the same cubes.
 
+- Serving (adafocus.serve) is streaming mode whose source may answer "nothing right now"
+  (`NOT_YET`): the loop then runs one turn for the videos it has instead of waiting for a full
+  pool, and asks again after it.
+
+Exit thresholds are per row: every video carries its own K+1 thresholds from admission to exit
+(`row_thresholds`, or the same `thresholds` for all), so videos of different budgets share every
+graph call. Only the comparison with each row's entropy differs.
+
 Because every graph is row-independent, a video's result does not depend on its neighbours (up to
 float summation order, ~1e-6), so the two modes agree per video.
 
@@ -59,6 +67,9 @@ class LoopStats:
     exits: list[int]
     videos: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    in_pool: int = 0  # videos running after the latest turn
+    turns: int = 0  # cube steps run (graph calls of the local network)
+    mixed_threshold_turns: int = 0  # of those, turns whose rows did not all carry the same thresholds
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
@@ -80,7 +91,16 @@ class StageTimer:
 
 
 Chunk = tuple[np.ndarray, object, list[Failed]]  # video indices, their videos (backend array or None), bad inputs
-Source = Callable[[int], Chunk | None]  # asked for at most n videos; None when exhausted
+
+
+class _NotYet:
+    def __repr__(self) -> str:
+        return "NOT_YET"
+
+
+NOT_YET = _NotYet()  # a source's "nothing right now, but not exhausted": the loop runs what it has
+Source = Callable[[int], "Chunk | _NotYet | None"]  # asked for at most n videos; None when exhausted
+RowThresholds = Callable[[np.ndarray], np.ndarray]  # video indices (n,) -> their thresholds (n, K+1)
 
 
 @dataclass
@@ -92,23 +112,26 @@ class _Running:
     steps: np.ndarray  # the cube each runs next (1..K)
     starts: np.ndarray  # (n, K, 3) the policy's plan
     centres: np.ndarray  # (n, K, 3)
+    thresholds: np.ndarray  # (n, K + 1) float32, each video's own
     local_state: object = None  # (n, hidden) on the device
     global_state: object = None
 
     @classmethod
     def empty(cls, k_max: int) -> _Running:
         none = np.empty(0, np.int64)
-        return cls(none, none, none, np.empty((0, k_max, 3), np.int64), np.empty((0, k_max, 3), np.float32))
+        starts, centres = np.empty((0, k_max, 3), np.int64), np.empty((0, k_max, 3), np.float32)
+        return cls(none, none, none, starts, centres, np.empty((0, k_max + 1), np.float32))
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def join(self, arrays, ids, slots, starts, centres, global_state) -> None:
+    def join(self, arrays, ids, slots, starts, centres, thresholds, global_state) -> None:
         self.ids = np.concatenate([self.ids, ids])
         self.slots = np.concatenate([self.slots, slots])
         self.steps = np.concatenate([self.steps, np.ones(len(ids), np.int64)])
         self.starts = np.concatenate([self.starts, starts])
         self.centres = np.concatenate([self.centres, centres])
+        self.thresholds = np.concatenate([self.thresholds, thresholds])
         local_state = arrays.zeros(len(ids), int(global_state.shape[1]))  # no cube seen yet
         if self.global_state is None:
             self.local_state, self.global_state = local_state, global_state
@@ -120,7 +143,7 @@ class _Running:
         """Compaction: only `rows` go on (all of them when rows is None), one step further."""
         if rows is not None:
             self.ids, self.slots, self.steps = self.ids[rows], self.slots[rows], self.steps[rows]
-            self.starts, self.centres = self.starts[rows], self.centres[rows]
+            self.starts, self.centres, self.thresholds = self.starts[rows], self.centres[rows], self.thresholds[rows]
             next_local_state = arrays.take(next_local_state, rows)
             self.global_state = arrays.take(self.global_state, rows)
         self.local_state = next_local_state
@@ -142,10 +165,18 @@ def cube_loop(
     cube_shape: tuple[int, ...],
     stats: LoopStats,
     timer: StageTimer | None = None,
+    row_thresholds: RowThresholds | None = None,
 ) -> Iterator[Finished | Failed]:
     """Run videos from `source` to their exits. capacity None = per-batch mode (one chunk, no copy).
-    cube_shape: one cube, (T', 3, h', w')."""
-    thresholds = np.asarray(thresholds, dtype=np.float32)  # compare as float32, like the reference
+    cube_shape: one cube, (T', 3, h', w'). Each video exits by `row_thresholds(its index)` when
+    given, else by `thresholds`; both K+1 entropies, compared as float32 like the reference."""
+    default = np.asarray(thresholds, dtype=np.float32)
+
+    def thresholds_of(ids: np.ndarray) -> np.ndarray:
+        if row_thresholds is None:
+            return np.broadcast_to(default, (len(ids), len(default)))
+        return np.asarray(row_thresholds(ids), dtype=np.float32).reshape(len(ids), len(default))
+
     run = backend.run if timer is None else timer.run
     arrays = backend.arrays
     # streaming: slot s holds cubes s*K .. s*K+K-1 (flat, so that one take gathers a turn's cubes)
@@ -161,7 +192,7 @@ def cube_loop(
             chunk = source(len(free) if capacity else 0)
             if chunk is None:
                 exhausted = True
-            else:
+            elif chunk is not NOT_YET:
                 new_ids, videos, failed = chunk
                 yield from failed
                 if len(new_ids):
@@ -170,12 +201,14 @@ def cube_loop(
                         del free[: len(new_ids)]
                     else:
                         batch, slots = videos, np.arange(len(new_ids))
-                    yield from _admit(run, arrays, videos, new_ids, slots, thresholds, running, free, cubes, stats)
+                    row_thr = thresholds_of(new_ids)
+                    yield from _admit(run, arrays, videos, new_ids, slots, row_thr, running, free, cubes, stats)
         if len(running) == 0:
+            stats.in_pool = 0
             if exhausted:
                 return
             continue
-        yield from _cube_step(run, arrays, batch, cubes, thresholds, max_cubes, running, free, stats)
+        yield from _cube_step(run, arrays, batch, cubes, max_cubes, running, free, stats)
 
 
 def _admit(
@@ -185,7 +218,7 @@ def _admit(
     others' cubes (cut into their slots of `cubes` when there is a pool of cubes) and they join the
     running set."""
     glance = run("glance", {"videos": videos})
-    go_on = arrays.to_host(glance["entropy"]) > thresholds[0]
+    go_on = arrays.to_host(glance["entropy"]) > thresholds[:, 0]
     k_max = running.starts.shape[1]
     no_cubes = np.zeros((len(ids), k_max, 3))
     at_glance = np.zeros(len(ids), np.int64)
@@ -207,13 +240,12 @@ def _admit(
             slots[rows],
             starts,
             arrays.to_host(plan["centres"]),
+            thresholds[rows],
             arrays.take(glance["global_state"], rows),
         )
 
 
-def _cube_step(
-    run, arrays, batch, cubes, thresholds, k_max: int, running: _Running, free: list, stats
-) -> Iterator[Finished]:
+def _cube_step(run, arrays, batch, cubes, k_max: int, running: _Running, free: list, stats) -> Iterator[Finished]:
     """One cube for every running video, whatever its step (cut from `batch`, or taken from the
     pool of `cubes` cut at admission); those that are done leave."""
     if cubes is None:
@@ -232,12 +264,15 @@ def _cube_step(
             "step": arrays.from_host(running.steps),
         },
     )
-    done = (arrays.to_host(out["entropy"]) <= thresholds[running.steps]) | (running.steps == k_max)
-    leaving = np.flatnonzero(done)
     r = running
+    stats.turns += 1
+    stats.mixed_threshold_turns += bool((r.thresholds != r.thresholds[0]).any())
+    done = (arrays.to_host(out["entropy"]) <= r.thresholds[np.arange(len(r)), r.steps]) | (r.steps == k_max)
+    leaving = np.flatnonzero(done)
     yield from _leave(arrays, out["logits"], leaving, r.ids, r.steps, r.centres, r.starts, stats)
     free.extend(running.slots[done].tolist())
     running.keep(arrays, np.flatnonzero(~done) if len(leaving) else None, out["next_local_state"])
+    stats.in_pool = len(running)
 
 
 def _leave(arrays, logits, rows, ids, steps, centres, starts, stats) -> Iterator[Finished]:

@@ -2,6 +2,7 @@
 
 runtime = Runtime.load("exports/demo", backend="onnxruntime")   # a path: adafocus.builtin has the demo
 result = runtime.predict(videos)            # (B, T, 3, H, W) float32, numpy or torch
+result = runtime.predict(videos, thresholds=per_video)  # (B, K+1): each video its own exit thresholds
 for video in runtime.stream(iterable):      # videos or batches in, one result per video out
     ...
 runtime.set_budget(0.08)                    # GFLOPs per video, from the calibrated table
@@ -23,7 +24,7 @@ from adafocus.model.checks import check_thresholds, check_videos
 from adafocus.model.presets import get_preset
 from adafocus.runtime.arrivals import Arrivals
 from adafocus.runtime.backends import Backend, make_backend
-from adafocus.runtime.loop import Failed, LoopStats, StageTimer, cube_loop
+from adafocus.runtime.loop import Failed, LoopStats, RowThresholds, StageTimer, cube_loop
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -167,9 +168,26 @@ class Runtime:
         """One clear error, before any work, for a batch this export cannot take."""
         check_videos(videos, self.preset, name)
 
-    def predict(self, videos) -> BatchResult:
-        """Per-batch mode: the batch is the pool; videos leave as they exit."""
-        return self._predict_checked(videos, self._timer(self.stats))
+    def predict(self, videos, thresholds=None) -> BatchResult:
+        """Per-batch mode: the batch is the pool; videos leave as they exit. `thresholds`: None for
+        the runtime's own, K+1 for all videos, or (B, K+1) for each video its own (None or -inf:
+        never exit there)."""
+        if thresholds is None:
+            return self._predict_checked(videos, self._timer(self.stats))
+        per_video = self.per_video_thresholds(thresholds, len(videos))
+        return self._predict_checked(videos, self._timer(self.stats), row_thresholds=per_video.__getitem__)
+
+    def per_video_thresholds(self, thresholds, videos: int) -> np.ndarray:
+        """(videos, K+1) float64 from K+1 thresholds for all or one row of K+1 per video, checked."""
+        rows = np.asarray(thresholds, dtype=object)
+        if rows.ndim == 1:
+            return np.tile(np.asarray(check_thresholds(list(rows), self.preset), np.float64), (videos, 1))
+        if rows.ndim != 2 or rows.shape[0] != videos:
+            raise AdaFocusError(
+                f"thresholds of shape {rows.shape} for {videos} videos",
+                f"give {self.preset.num_exits} thresholds for all videos, or one row of them per video",
+            )
+        return np.asarray([check_thresholds(list(row), self.preset) for row in rows], np.float64)
 
     def profile_predict(self, videos) -> tuple[BatchResult, dict]:
         """`predict` with every stage timed, on its own counters: the result and `profile_report`'s
@@ -178,15 +196,22 @@ class Runtime:
         result = self._predict_checked(videos, StageTimer(self.backend, stats), stats)
         return result, _report(stats)
 
-    def _predict_checked(self, videos, timer: StageTimer | None, stats: LoopStats | None = None) -> BatchResult:
+    def _predict_checked(
+        self, videos, timer: StageTimer | None, stats: LoopStats | None = None, row_thresholds=None
+    ) -> BatchResult:
         self.check_videos(videos)
         limit = self.backend.max_batch  # TensorRT: the engines' profile ends there
         if limit and videos.shape[0] > limit:
-            parts = [self._predict(videos[i : i + limit], timer, stats) for i in range(0, videos.shape[0], limit)]
+            parts = []
+            for i in range(0, videos.shape[0], limit):
+                part_thresholds = None if row_thresholds is None else (lambda ids, i=i: row_thresholds(ids + i))
+                parts.append(self._predict(videos[i : i + limit], timer, stats, part_thresholds))
             return BatchResult(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(BatchResult)))
-        return self._predict(videos, timer, stats)
+        return self._predict(videos, timer, stats, row_thresholds)
 
-    def _predict(self, videos, timer: StageTimer | None, stats: LoopStats | None) -> BatchResult:
+    def _predict(
+        self, videos, timer: StageTimer | None, stats: LoopStats | None, row_thresholds: RowThresholds | None = None
+    ) -> BatchResult:
         n, k_max, classes = videos.shape[0], self.preset.max_cubes, self.preset.num_classes
         batch = self.backend.videos(videos)
         served = False
@@ -206,7 +231,7 @@ class Runtime:
             np.zeros(n, np.float64),
         )
         finished = 0
-        for done in self._run(source, capacity=None, timer=timer, stats=stats):
+        for done in self._run(source, capacity=None, timer=timer, stats=stats, row_thresholds=row_thresholds):
             i = done.index
             result.logits[i], result.exit_step[i] = done.logits, done.exit_step
             result.centres[i], result.cube_starts[i] = done.centres, done.cube_starts
@@ -244,12 +269,18 @@ class Runtime:
             raise InternalError(f"the loop without exits left steps unrecorded ({recorder.seen.sum(axis=0)} of {n})")
         return recorder.entropy, recorder.logits
 
-    def stream(self, videos: Iterable, batch_size: int = 128) -> Iterator[VideoResult]:
+    def stream(
+        self, videos: Iterable, batch_size: int = 128, *, row_thresholds: RowThresholds | None = None
+    ) -> Iterator[VideoResult]:
         """Streaming mode: videos in, one at a time (T, 3, H, W) or in batches (n, T, 3, H, W) as a
         DataLoader yields them, through a pool of `batch_size` slots; one VideoResult per video out,
         in completion order (`index` = the video's position in the input, counting every video of
         every batch). A bad video yields a result with `error` and the others go on. Batches are
-        admitted without a copy where they can be (runtime/arrivals.py)."""
+        admitted without a copy where they can be (runtime/arrivals.py).
+
+        The input may yield `adafocus.runtime.loop.NOT_YET` (nothing right now): the pool runs on
+        with what it has. `row_thresholds(indices)` -> (n, K+1), asked as the videos are admitted,
+        gives each its own exit thresholds (default: the runtime's)."""
         if batch_size < 1:
             raise AdaFocusError(f"batch_size must be >= 1, got {batch_size}")
         limit = self.backend.max_batch
@@ -259,7 +290,8 @@ class Runtime:
                 f"use batch_size <= {limit}, or re-export with a larger --batch-range",
             )
         source = Arrivals(videos, self.backend.arrays, self.preset, batch_size)
-        for done in self._run(source, capacity=batch_size, timer=self._timer(self.stats), stats=None):
+        timer = self._timer(self.stats)
+        for done in self._run(source, capacity=batch_size, timer=timer, stats=None, row_thresholds=row_thresholds):
             if isinstance(done, Failed):
                 yield VideoResult(done.index, None, -1, None, None, 0.0, error=done.error)
             else:
@@ -269,7 +301,15 @@ class Runtime:
     def _timer(self, stats: LoopStats) -> StageTimer | None:
         return StageTimer(self.backend, stats) if self.profile else None
 
-    def _run(self, source, *, capacity: int | None, timer: StageTimer | None, stats: LoopStats | None):
+    def _run(
+        self,
+        source,
+        *,
+        capacity: int | None,
+        timer: StageTimer | None,
+        stats: LoopStats | None,
+        row_thresholds: RowThresholds | None = None,
+    ):
         stats = stats or self.stats
         started = time.perf_counter()
         yield from cube_loop(
@@ -281,6 +321,7 @@ class Runtime:
             capacity=capacity,
             stats=stats,
             timer=timer,
+            row_thresholds=row_thresholds,
         )
         if timer is not None:
             self.backend.synchronize()

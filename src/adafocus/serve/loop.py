@@ -1,0 +1,285 @@
+"""The serving loop: the runtime's one cube loop facing a stream of independent requests.
+
+    loop = ServingLoop(Runtime.load(export_dir), batch_size=32, latency_slo_ms=200)
+    future = loop.submit(video, budget_gflops=0.06)   # (T, 3, S, S) float32; returns at once
+    served = future.result()                          # Served: the VideoResult, budget, timings
+    loop.close()                                      # answers everything accepted, then stops
+
+One thread owns the `Runtime` and runs `Runtime.stream` over the admission queue: whenever a quarter
+of its pool is free it admits what is waiting (no waiting for a full batch: when nothing is queued
+the queue says `NOT_YET` and the pool runs on with what it has), and each video is answered the
+moment it exits, whatever its neighbours still need. With nothing queued and nothing running, the
+thread sleeps until a request arrives (`max_queue_delay_ms`: then waits that long for company).
+
+Each request carries its operating point (`serve.budgets`): its own budget, else the server's, else
+the export's thresholds; with a latency target the point of a video is lowered, at admission, as far
+as the backlog needs. Requests are refused at once, with `Overloaded` (retryable), when the queue is
+full (`max_queue`) or when even the cheapest point cannot make the target; with a clear error for a
+bad video or budget; with `Unavailable` once the loop is closing. Every accepted request gets
+exactly one answer: a result, a result with `error` (a video with NaN values), or an exception on its
+future if the loop itself fails.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from adafocus.errors import AdaFocusError, InternalError
+from adafocus.model.checks import check_video_layout
+from adafocus.runtime import Runtime, VideoResult
+from adafocus.runtime.loop import NOT_YET
+from adafocus.serve.budgets import Budgets, LatencyTarget, OperatingPoint
+
+MEASURE_S = 0.05  # the latency target learns from busy periods at least this long (shorter ones are noise)
+
+
+class Overloaded(AdaFocusError):
+    """Refused for now: the queue is full or the latency target cannot be met. Retry later."""
+
+
+class Unavailable(AdaFocusError):
+    """Refused: the loop is shutting down or has stopped."""
+
+
+@dataclass
+class Served:
+    """One answered request: the runtime's result (or its `error`), the calibrated cost of the
+    operating point it got (`budget_gflops`, NaN for thresholds outside the calibrated front), and
+    seconds spent queued and in the pool."""
+
+    result: VideoResult
+    budget_gflops: float
+    queued_s: float
+    in_pool_s: float
+
+
+@dataclass
+class _Request:
+    video: np.ndarray
+    point: OperatingPoint
+    future: Future
+    submitted: float
+    admitted: float = 0.0
+
+
+@dataclass
+class LoopCounters:
+    """What the loop has done, for metrics: monotonic counters and the state right now."""
+
+    answered: int = 0
+    failed: int = 0  # answered with an error (bad video)
+    refused: dict[str, int] = field(default_factory=lambda: {"overloaded": 0, "bad_request": 0, "unavailable": 0})
+    gflops_served: float = 0.0  # the exit costs of the videos answered
+    queued: int = 0
+    in_pool: int = 0
+    budget_in_force: float = math.nan  # GFLOPs per video of the default point after the latency cap
+    exits: list[int] = field(default_factory=list)
+
+
+class ServingLoop:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        batch_size: int = 32,
+        budget: float | None = None,
+        latency_slo_ms: float | None = None,
+        max_queue: int = 1024,
+        max_queue_delay_ms: float = 0.0,
+    ):
+        if batch_size < 1 or max_queue < 1 or max_queue_delay_ms < 0:
+            raise AdaFocusError(
+                f"batch_size {batch_size}, max_queue {max_queue}, max_queue_delay_ms {max_queue_delay_ms}",
+                "batch_size and max_queue must be >= 1, max_queue_delay_ms >= 0",
+            )
+        self.runtime = runtime
+        self.batch_size = batch_size
+        self.max_queue = max_queue
+        self.max_queue_delay_s = max_queue_delay_ms / 1000
+        self.budgets = Budgets(runtime.export, runtime.thresholds, budget)
+        self.target = None if latency_slo_ms is None else LatencyTarget(self.budgets.front, latency_slo_ms / 1000)
+        self._cap: float | None = None
+        self._cond = threading.Condition()
+        self._queue: deque[_Request] = deque()
+        self._admitted: dict[int, _Request] = {}  # stream index -> request, until answered
+        self._next_index = 0
+        self._closing = False
+        self._stopped: BaseException | None = None
+        self._counters = LoopCounters(exits=[0] * runtime.preset.num_exits)
+        self._busy_since: float | None = None  # for the latency target: busy seconds not yet learned from
+        self._busy_s = 0.0
+        self._window: tuple[float, list[float]] = (0.0, [])  # answered GFLOPs and pool seconds since then
+        self._thread = threading.Thread(target=self._serve, name="adafocus-serving-loop", daemon=True)
+        self._thread.start()
+
+    # the callers' side ---------------------------------------------------------------------------
+    def submit(
+        self, video, *, budget_gflops: float | None = None, on_done: Callable[[Future], None] | None = None
+    ) -> Future:
+        """Queue one video (T, 3, S, S) float32, normalised; returns a Future of `Served`. Raises at
+        once, before any work: AdaFocusError for a bad video or budget, Overloaded, Unavailable."""
+        try:
+            video = np.asarray(video)
+            check_video_layout(video[None], self.runtime.preset, "video")
+            point = self.budgets.resolve(budget_gflops)
+        except AdaFocusError:
+            self._count_refusal("bad_request")
+            raise
+        future: Future = Future()
+        if on_done is not None:
+            future.add_done_callback(on_done)
+        with self._cond:
+            if self._closing or self._stopped is not None:
+                self._counters.refused["unavailable"] += 1
+                why = "shutting down" if self._stopped is None else f"stopped ({self._stopped})"
+                raise Unavailable(f"the serving loop is {why}", "send the request to another replica")
+            queued = len(self._queue)
+            if queued >= self.max_queue:
+                self._counters.refused["overloaded"] += 1
+                raise Overloaded(f"overloaded: {queued} requests are queued (max_queue)", "retry later")
+            if self.target is not None and not self.target.accepts(queued):
+                self._counters.refused["overloaded"] += 1
+                raise Overloaded(
+                    f"overloaded: {queued} queued requests would keep this one past the "
+                    f"{self.target.target_s * 1000:g} ms latency target even at the cheapest budget",
+                    "retry later",
+                )
+            self._queue.append(_Request(video, point, future, time.perf_counter()))
+            self._cond.notify()
+        return future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new requests, answer every accepted one, stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise InternalError(f"the serving loop did not finish within {timeout} s")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def counters(self) -> LoopCounters:
+        """A copy of the counters, with the queue, the pool and the budget in force as they are now."""
+        with self._cond:
+            c = self._counters
+            budget = self.budgets.capped(self.budgets.default, self._cap).gflops
+            return LoopCounters(
+                c.answered,
+                c.failed,
+                dict(c.refused),
+                c.gflops_served,
+                len(self._queue),
+                self.runtime.stats.in_pool,
+                budget,
+                list(self.runtime.stats.exits),
+            )
+
+    def _count_refusal(self, why: str) -> None:
+        with self._cond:
+            self._counters.refused[why] += 1
+
+    # the loop's side -----------------------------------------------------------------------------
+    def _serve(self) -> None:
+        error: BaseException | None = None
+        try:
+            stream = self.runtime.stream(self._arrivals(), self.batch_size, row_thresholds=self._thresholds_of)
+            for result in stream:
+                self._answer(result)
+        except BaseException as e:  # answer everyone, whatever went wrong
+            error = e
+        with self._cond:
+            orphans = list(self._admitted.values()) + list(self._queue)
+            if orphans and error is None:
+                error = InternalError(f"the serving loop ended with {len(orphans)} requests unanswered")
+            self._stopped = error or Unavailable("closed")
+            self._admitted.clear()
+            self._queue.clear()
+        for request in orphans:
+            request.future.set_exception(error)
+
+    def _arrivals(self):
+        """The queue as streaming mode's input: a request's video, NOT_YET when nothing is waiting but
+        videos are running, and the end once closing with nothing left. Blocks only when idle."""
+        while True:
+            with self._cond:
+                if not self._queue and not self._admitted:
+                    if self._closing:
+                        return
+                    self._idle()
+                    continue
+                if not self._queue:
+                    request = None
+                else:
+                    request = self._queue.popleft()
+                    index, self._next_index = self._next_index, self._next_index + 1
+                    self._admitted[index] = request
+            yield NOT_YET if request is None else request.video
+
+    def _idle(self) -> None:
+        """Nothing to run: account the busy period that ended, sleep until a request arrives (then,
+        with max_queue_delay_ms, give others that long to join it). Called holding the lock."""
+        self._end_busy_period()
+        while not self._queue and not self._closing:
+            self._cond.wait()
+        deadline = time.perf_counter() + self.max_queue_delay_s
+        while len(self._queue) < self.batch_size and not self._closing and (left := deadline - time.perf_counter()) > 0:
+            self._cond.wait(left)
+        self._busy_since = time.perf_counter()
+
+    def _thresholds_of(self, indices: np.ndarray) -> np.ndarray:
+        """Each admitted video's thresholds: its point, lowered as far as the latency target needs."""
+        now = time.perf_counter()
+        with self._cond:
+            if self.target is not None:
+                self._measure(now)
+                self._cap = self.target.cap(len(self._queue))
+            requests = [self._admitted[int(i)] for i in indices]
+        for request in requests:
+            request.point = self.budgets.capped(request.point, self._cap)
+            request.admitted = now
+        return np.stack([r.point.thresholds for r in requests])
+
+    def _answer(self, result: VideoResult) -> None:
+        now = time.perf_counter()
+        with self._cond:
+            request = self._admitted.pop(result.index)
+            c = self._counters
+            c.answered += 1
+            if result.error is None:
+                c.gflops_served += result.gflops
+                cost, pool_s = self._window
+                self._window = (cost + request.point.gflops, [*pool_s, now - request.admitted])
+            else:
+                c.failed += 1
+        admitted = request.admitted or now  # a video refused at admission was never given a point
+        request.future.set_result(Served(result, request.point.gflops, admitted - request.submitted, now - admitted))
+
+    def _measure(self, now: float) -> None:
+        """Hand the latency target what the loop did since it last learned, once that is a busy
+        stretch of at least MEASURE_S (idle time is not counted). Holding the lock."""
+        self._account_busy(now)
+        cost, pool_s = self._window
+        if cost > 0 and self._busy_s >= MEASURE_S:
+            self.target.measured(self._busy_s, cost, pool_s)
+            self._busy_s, self._window = 0.0, (0.0, [])
+
+    def _account_busy(self, now: float) -> None:
+        if self._busy_since is not None:
+            self._busy_s += now - self._busy_since
+        self._busy_since = now
+
+    def _end_busy_period(self) -> None:
+        if self.target is not None:
+            self._measure(time.perf_counter())
+        self._busy_since = None

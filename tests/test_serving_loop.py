@@ -1,0 +1,163 @@
+"""The serving loop without Triton: concurrent submitters, per-request budgets, bad input, refusals,
+shutdown and failure, each against `Runtime.predict` on the same export (adafocus.serve.loop)."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from adafocus.data.synthetic import SyntheticTask
+from adafocus.errors import AdaFocusError
+from adafocus.runtime import Runtime
+from adafocus.serve.budgets import Budgets, LatencyTarget
+from adafocus.serve.loop import Overloaded, ServingLoop, Unavailable
+from conftest import near_thresholds
+
+PROB_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def videos(calibrated_demo):
+    return SyntheticTask(calibrated_demo.preset, seed=0).batch("test", range(96))[0].numpy()
+
+
+def assert_matches(served, reference, rows, skip):
+    """Served results equal `reference` (a BatchResult) at `rows`, except where `skip` says a video
+    sits on a threshold; returns how many were compared."""
+    compared = 0
+    for got, row in zip(served, rows):
+        assert got.result.ok, got.result.error
+        if skip[row]:
+            continue
+        assert got.result.exit_step == reference.exit_step[row], row
+        assert got.result.prediction == reference.prediction[row], row
+        np.testing.assert_allclose(got.result.probs, reference.probs[row], atol=PROB_TOL, rtol=0)
+        used = got.result.exit_step
+        np.testing.assert_array_equal(got.result.cube_starts[:used], reference.cube_starts[row, :used])
+        compared += 1
+    return compared
+
+
+def test_concurrent_submitters_get_what_predict_gives(calibrated_demo, videos):
+    runtime = Runtime.load(calibrated_demo.path)
+    reference = runtime.predict(videos)
+    skip = near_thresholds(runtime, videos, runtime.thresholds)
+    loop = ServingLoop(Runtime.load(calibrated_demo.path), batch_size=16)
+    submitters, futures, submitter_of = 4, {}, {}
+    start = threading.Barrier(submitters)
+
+    def submit(first):  # a client sending every 4th video, a little apart, as independent requests come
+        start.wait()
+        for row in range(first, len(videos), submitters):
+            futures[row] = loop.submit(videos[row])
+            submitter_of[row] = first
+            time.sleep(0.001)
+
+    with ThreadPoolExecutor(submitters) as pool:
+        list(pool.map(submit, range(submitters)))
+    served = [futures[row].result(timeout=60) for row in range(len(videos))]
+    loop.close(timeout=30)
+    assert assert_matches(served, reference, range(len(videos)), skip) >= 0.9 * len(videos)
+    # admissions interleaved: in the order the loop admitted them, the submitting thread changes often
+    admitted = sorted(range(len(videos)), key=lambda row: served[row].result.index)
+    threads = [submitter_of[row] for row in admitted]
+    assert len(set(threads)) > 1
+    assert sum(a != b for a, b in zip(threads, threads[1:])) >= len(set(threads))
+    assert loop.runtime.stats.turns < sum(s.result.exit_step for s in served)  # videos shared turns
+
+
+def test_budgets_of_one_batch_equal_separate_predicts(calibrated_demo, videos):
+    runtime = Runtime.load(calibrated_demo.path)
+    budgets = Budgets(calibrated_demo, runtime.thresholds)
+    cheap, dear = budgets.front[len(budgets.front) // 4], budgets.front[-1]
+    asked = [cheap.gflops if row % 3 == 0 else (dear.gflops if row % 3 == 1 else None) for row in range(len(videos))]
+    points = [budgets.resolve(b) for b in asked]
+    thresholds = np.stack([p.thresholds for p in points])
+    skip = near_thresholds(runtime, videos, thresholds)
+    loop = ServingLoop(Runtime.load(calibrated_demo.path), batch_size=32, max_queue_delay_ms=2000)
+    futures = [loop.submit(videos[row], budget_gflops=asked[row]) for row in range(len(videos))]
+    served = [f.result(timeout=60) for f in futures]
+    loop.close(timeout=30)
+    for point in {cheap.gflops, dear.gflops, budgets.default.gflops}:  # each group predicted on its own
+        rows = [row for row in range(len(videos)) if points[row].gflops == point]
+        reference = runtime.predict(videos[rows], thresholds=thresholds[rows[0]])
+        local_skip = skip[rows]
+        assert assert_matches([served[r] for r in rows], reference, range(len(rows)), local_skip) >= 0.8 * len(rows)
+        assert all(served[r].budget_gflops == point for r in rows)
+    assert loop.runtime.stats.mixed_threshold_turns > 0  # rows of different budgets shared graph calls
+    # the same answers from one per-batch predict with a row of thresholds per video
+    per_row = runtime.predict(videos, thresholds=thresholds)
+    assert assert_matches(served, per_row, range(len(videos)), skip) >= 0.9 * len(videos)
+
+
+def test_bad_requests_are_refused_or_answered_alone(calibrated_demo, videos):
+    loop = ServingLoop(Runtime.load(calibrated_demo.path), batch_size=8, max_queue_delay_ms=500)
+    cheapest = Budgets(calibrated_demo, loop.runtime.thresholds).cheapest.gflops
+    with pytest.raises(AdaFocusError, match=rf"(?s)cheapest is {cheapest:.4f}.*ask for at least"):
+        loop.submit(videos[0], budget_gflops=cheapest / 2)
+    with pytest.raises(AdaFocusError, match=r"(?s)shape \(1, 4, 3, 128, 128\).*takes \(B, 8, 3, 128, 128\)"):
+        loop.submit(videos[0][:4])
+    with pytest.raises(AdaFocusError, match="dtype float64"):
+        loop.submit(videos[0].astype(np.float64))
+    bad = videos[1].copy()
+    bad[3, 1, 5, 7] = np.inf
+    futures = [loop.submit(v) for v in (videos[0], bad, videos[2])]
+    served = [f.result(timeout=60) for f in futures]
+    assert served[0].result.ok and served[2].result.ok
+    assert "NaN or inf" in served[1].result.error
+    counters = loop.counters()
+    assert counters.refused["bad_request"] == 3 and counters.failed == 1 and counters.answered == 3
+    loop.close(timeout=30)
+
+
+def test_a_full_queue_refuses_and_close_answers_what_it_accepted(calibrated_demo, videos):
+    # a long max_queue_delay keeps the idle loop waiting for company, so the queue fills
+    loop = ServingLoop(Runtime.load(calibrated_demo.path), batch_size=64, max_queue=8, max_queue_delay_ms=3000)
+    accepted = [loop.submit(videos[row]) for row in range(8)]
+    with pytest.raises(Overloaded, match=r"(?s)overloaded: 8 requests are queued.*retry later"):
+        loop.submit(videos[8])
+    loop.close(timeout=30)  # closing ends the wait: everything accepted is answered
+    assert all(f.result(timeout=0).result.ok for f in accepted)
+    with pytest.raises(Unavailable):
+        loop.submit(videos[0])
+    assert loop.counters().refused == {"overloaded": 1, "bad_request": 0, "unavailable": 1}
+
+
+def test_a_failing_loop_answers_every_request_with_its_error(calibrated_demo, videos):
+    runtime = Runtime.load(calibrated_demo.path)
+    loop = ServingLoop(runtime, batch_size=8, max_queue_delay_ms=1000)
+    for sessions in (runtime.backend.sessions, runtime.backend.part_sessions):  # the local network's engine
+        if "local" in sessions:  # is gone: its first call fails, in the loop's thread
+            sessions["local"] = None
+    futures = [loop.submit(videos[row]) for row in range(16)]
+    outcomes = []
+    for f in futures:
+        try:
+            outcomes.append(f.result(timeout=60).result.exit_step == 0)
+        except Exception as e:  # noqa: BLE001 - what the loop's failure was, to be checked below
+            outcomes.append(type(e).__name__)
+    assert "AttributeError" in outcomes  # the videos that needed a cube got the failure
+    assert all(o is True or o == "AttributeError" for o in outcomes)
+    loop.close(timeout=30)
+    with pytest.raises(Unavailable, match="stopped"):
+        loop.submit(videos[0])
+
+
+def test_the_latency_target_lowers_the_budget_with_the_backlog(calibrated_demo):
+    front = Budgets(calibrated_demo, Runtime.load(calibrated_demo.path).thresholds).front
+    target = LatencyTarget(front, 0.100, headroom=0.5)
+    assert target.cap(1000) == front[-1].gflops  # nothing measured yet: no reason to lower anything
+    target.measured(busy_s=1.0, answered_gflops=10.0, service_s=[0.010])  # 0.1 s per GFLOP, 10 ms in the pool
+    # behind q requests at g GFLOPs: q * g * 0.1 + 0.010 s; the dearest point within 50 ms is kept
+    for queued in (0, 2, 5, 20):
+        expected = max([p.gflops for p in front if queued * p.gflops * 0.1 + 0.010 <= 0.050] or [front[0].gflops])
+        assert target.cap(queued) == expected
+    assert target.cap(0) == front[-1].gflops
+    assert target.cap(10_000) == front[0].gflops
+    limit = int((0.100 - 0.010) / (front[0].gflops * 0.1))  # the most that can wait at the cheapest point
+    assert target.accepts(limit - 1) and not target.accepts(limit + 1)
+    capped = Budgets(calibrated_demo, front[-1].thresholds)
+    assert capped.capped(front[-1], front[1].gflops).gflops == front[1].gflops
+    assert capped.capped(front[1], front[-1].gflops).gflops == front[1].gflops  # a cap never raises a budget
