@@ -11,11 +11,12 @@ from adafocus.cli.calibrate import calibrate
 from adafocus.cli.common import CONTEXT, Group, backend_choice, device_choice
 from adafocus.cli.export import export
 from adafocus.cli.predict import predict
+from adafocus.cli.serve import serve
 from adafocus.cli.sets import LIST_FORMATS, FileSets, report_left_out, set_options
 from adafocus.errors import AdaFocusError
 from adafocus.files import dumps
 
-__all__ = ["bench", "calibrate", "export", "main", "predict"]
+__all__ = ["bench", "calibrate", "export", "main", "predict", "serve"]
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -396,5 +397,5 @@ def synth(split, videos, out, preset, seed, start) -> None:
     click.echo(f"wrote {videos} videos and {labels}")
 
 
-for command in (export, bench, calibrate, predict):
+for command in (export, bench, calibrate, predict, serve):
     main.add_command(command)

@@ -90,6 +90,16 @@ from adafocus.files import dumps
 @click.option(
     "--decoders", type=click.IntRange(1), default=1, show_default=True, help="With --engine ray: decoder tasks."
 )
+@click.option(
+    "--server",
+    default=None,
+    metavar="HOST:PORT",
+    help="Send the videos to a running `adafocus serve` (its gRPC port, model adafocus) instead of running the "
+    "model here: files go as VIDEO_FILE, --in-flight at a time, --budget as each request's budget_gflops.",
+)
+@click.option(
+    "--in-flight", type=click.IntRange(1), default=8, show_default=True, help="With --server: requests at once."
+)
 @click.pass_context
 def predict(
     ctx,
@@ -110,6 +120,8 @@ def predict(
     gpus_per_actor,
     cpus_per_actor,
     decoders,
+    server,
+    in_flight,
 ):
     """Classify videos: one JSON line per input video.
 
@@ -143,6 +155,14 @@ def predict(
         from adafocus.scale import require_ray
 
         require_ray()  # the install hint before any work
+    if server is not None:
+        local_only = {"--export": export_dir, "--thresholds": thresholds, "--show": show_dir}
+        given = [name for name, value in local_only.items() if value is not None] + ["--engine ray"] * (engine == "ray")
+        if given:
+            raise click.UsageError(
+                f"--server runs the model on the server: not with {', '.join(given)} "
+                "(the server serves its own export; --budget goes with each request)"
+            )
     videos = expand_paths(paths)
     if not videos:
         raise AdaFocusError(
@@ -151,16 +171,21 @@ def predict(
         )
     done = recorded_paths(out, log=lambda line: click.echo(line, err=True)) if resume else set()
     todo = [v for v in videos if path_key(v) not in done]
-    export_dir = export_dir or str(demo_export().path)
+    stats = None
     options = {"batch_size": batch_size, "top_k": top_k, "thresholds": thresholds, "budget": budget}
-    if engine == "local":
-        records, stats = _local(todo, export_dir, backend, workers, show_dir, **options), None
+    if server is not None:
+        from adafocus.serve.triton_client import predict_on_server
+
+        records = predict_on_server(todo, server, top_k=top_k, budget=budget, in_flight=in_flight)
+    elif engine == "local":
+        records = _local(todo, export_dir or str(demo_export().path), backend, workers, show_dir, **options)
     else:
         from adafocus.scale import ScaleStats, predict_dataset
 
         stats = ScaleStats()
         ray_options = {"address": address, "actors": actors, "gpus_per_actor": gpus_per_actor, "decoders": decoders}
         ray_options["cpus_per_actor"] = cpus_per_actor
+        export_dir = export_dir or str(demo_export().path)
         records = predict_dataset(todo, export_dir, backend=backend, stats=stats, **ray_options, **options)
     ok = _write(records, out, resume, len(todo))
     summary = f"{ok} ok, {len(todo) - ok} failed"

@@ -82,6 +82,8 @@ class LoopCounters:
     in_pool: int = 0
     budget_in_force: float = math.nan  # GFLOPs per video of the default point after the latency cap
     exits: list[int] = field(default_factory=list)
+    turns: int = 0  # cube steps the loop ran
+    mixed_budget_turns: int = 0  # of those, steps whose videos did not all exit by the same thresholds
 
 
 class ServingLoop:
@@ -183,6 +185,8 @@ class ServingLoop:
                 self.runtime.stats.in_pool,
                 budget,
                 list(self.runtime.stats.exits),
+                self.runtime.stats.turns,
+                self.runtime.stats.mixed_threshold_turns,
             )
 
     def _count_refusal(self, why: str) -> None:

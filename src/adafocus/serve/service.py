@@ -1,0 +1,321 @@
+"""What one served model instance does with a request, Triton aside: the options a repository's
+config carries (`ServeOptions`), the inputs it takes and checks, the outputs it answers, and the
+three ways of serving a model (`MODES`):
+
+- "continuous" (model `adafocus`): every video goes through the `ServingLoop`, answered when it exits;
+- "per_batch" (model `adafocus_per_batch`): what Triton's dynamic batcher groups is one
+  `Runtime.predict` call (each video at its own budget), every answer when the batch is done;
+- "dense" (model `adafocus_dense`): the export's dense baseline graph per Triton batch.
+
+The Triton model (`triton_model`) only turns Triton requests into calls of `Service` and its answers
+or errors into Triton responses, so everything here is tested without a server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from adafocus.data.video import to_model_input
+from adafocus.errors import AdaFocusError
+from adafocus.model.checks import check_video_layout, nonfinite_rows
+from adafocus.runtime import Runtime
+from adafocus.runtime.backends import make_backend
+from adafocus.runtime.loop import LoopStats
+from adafocus.serve.budgets import Budgets
+from adafocus.serve.decoders import DecoderPool
+from adafocus.serve.loop import Overloaded, ServingLoop, Unavailable
+
+MODES = ("continuous", "per_batch", "dense")
+INPUTS = ("FRAMES", "VIDEO", "VIDEO_FILE")  # exactly one per request
+# what a request may ask for as parameters (Triton request parameters, KServe v2 "parameters")
+BUDGET_PARAMETER = "budget_gflops"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How a model instance runs its export. Stored as the model's config parameters (JSON values)."""
+
+    export: str  # the export directory: absolute, or relative to the model's folder in the repository
+    backend: str = "onnxruntime"
+    device: str | None = None
+    precision: str | None = None
+    threads: int | None = None
+    batch_size: int = 32  # the serving loop's pool; the largest Triton batch of the per-batch models
+    budget: float | None = None  # GFLOPs per video for requests that name none
+    latency_slo_ms: float | None = None
+    max_queue: int = 256
+    max_queue_delay_ms: float = 0.0
+    max_file_mib: float = 64.0
+    decoders: int = 2  # processes decoding VIDEO_FILE inputs
+
+    def to_parameters(self) -> dict[str, str]:
+        return {f.name: json.dumps(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> ServeOptions:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: json.loads(v) for k, v in parameters.items() if k in known})
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def failure_kind(error: BaseException) -> str:
+    """How a failed request is answered: "unavailable" (retry later: overloaded or shutting down, HTTP
+    503), "bad_request" (the request must change, 400) or "internal" (a fault of ours, 500)."""
+    if isinstance(error, Overloaded | Unavailable):
+        return "unavailable"
+    if isinstance(error, AdaFocusError):
+        return "bad_request"
+    return "internal"
+
+
+class _Layout(NamedTuple):  # what check_video_layout reads of a batch
+    shape: tuple
+    dtype: str
+
+
+Outcome = dict[str, np.ndarray] | BaseException  # a video's outputs, or why it has none
+
+
+class Service:
+    """One model instance: a warmed-up `Runtime` of the export (or its dense graph), the serving loop
+    in "continuous" mode, and the decoder processes for VIDEO_FILE."""
+
+    def __init__(self, options: ServeOptions, mode: str, *, model_dir: str | os.PathLike | None = None, log=print):
+        if mode not in MODES:
+            raise AdaFocusError(f"unknown serving mode {mode!r}", f"use one of {', '.join(MODES)}")
+        self.options, self.mode = options, mode
+        export_dir = Path(options.export)
+        if not export_dir.is_absolute() and model_dir is not None:
+            export_dir = Path(model_dir) / export_dir
+        settings = {"precision": options.precision}
+        if options.threads:
+            settings["threads"] = options.threads
+        self.runtime = Runtime.load(export_dir, options.backend, options.device, **settings)
+        self.preset = self.runtime.preset
+        self.loop: ServingLoop | None = None
+        self.dense = None
+        if options.budget is not None:
+            self.runtime.set_budget(options.budget)
+        self.budgets = Budgets(self.runtime.export, self.runtime.thresholds)
+        self.max_file_bytes = int(options.max_file_mib * 2**20)
+        log(f"[{mode}] warming up {options.backend} at batch {options.batch_size}")
+        self._warm_up()
+        if mode == "continuous":
+            self.loop = ServingLoop(
+                self.runtime,
+                batch_size=options.batch_size,
+                latency_slo_ms=options.latency_slo_ms,
+                max_queue=options.max_queue,
+                max_queue_delay_ms=options.max_queue_delay_ms,
+            )
+        self.decoders = DecoderPool(self.preset, options.decoders) if options.decoders else None
+
+    def _warm_up(self) -> None:
+        """Every graph at the batch sizes it will see, twice (ONNX Runtime allocates a new shape's
+        memory on its second run), before Triton reports the model ready."""
+        videos = np.zeros((self.options.batch_size, *self.preset.video_shape), np.float32)
+        if self.mode == "dense":
+            self.dense = make_backend(
+                self.runtime.export,
+                self.options.backend,
+                self.options.device,
+                precision=self.options.precision,
+                graphs=("dense",),
+                **({"threads": self.options.threads} if self.options.threads else {}),
+            )
+        for _ in range(2):
+            if self.dense is not None:
+                self.dense.run("dense", {"videos": self.dense.videos(videos)})
+            else:
+                self.runtime.predict(videos, thresholds=[None] * self.preset.num_exits)  # every cube
+        self.runtime.stats = LoopStats([0] * self.preset.num_exits)  # metrics count served videos only
+
+    # requests ------------------------------------------------------------------------------------
+    def budget_of(self, parameters: dict) -> float | None:
+        """A request's `budget_gflops` parameter, checked against the calibrated front now."""
+        value = parameters.get(BUDGET_PARAMETER)
+        if value is None:
+            return None
+        try:
+            budget = float(value)
+        except (TypeError, ValueError):
+            raise AdaFocusError(f"{BUDGET_PARAMETER} {value!r} is not a number", "send GFLOPs per video") from None
+        self.budgets.resolve(budget)  # an unknown budget is refused before any work
+        return budget
+
+    def video_of(self, inputs: dict[str, np.ndarray]) -> np.ndarray | Future:
+        """One request's video: the normalised (T, 3, S, S) float32 frames, or a Future of the decoded
+        file. Every problem is an AdaFocusError naming the input, raised before any work."""
+        given = [name for name in INPUTS if inputs.get(name) is not None]
+        if len(given) != 1:
+            raise AdaFocusError(
+                f"a request carries {' and '.join(given) or 'none'} of {', '.join(INPUTS)}",
+                "send exactly one: FRAMES (uint8 pixels), VIDEO (normalised float32) or VIDEO_FILE (a file's bytes)",
+            )
+        name, value = given[0], np.asarray(inputs[given[0]])
+        if name == "VIDEO_FILE":
+            data = value.reshape(-1)[0] if value.size == 1 else None
+            if not isinstance(data, bytes | np.bytes_):
+                raise AdaFocusError(f"VIDEO_FILE holds {value.size} elements", "send one file's bytes, shape [1]")
+            if len(data) > self.max_file_bytes:
+                raise AdaFocusError(
+                    f"VIDEO_FILE of {len(data) / 2**20:.1f} MiB is over this server's limit of "
+                    f"{self.options.max_file_mib:g} MiB",
+                    "send a smaller file, or start the server with a larger --max-file-mib",
+                )
+            if self.decoders is None:
+                raise AdaFocusError("this server decodes no VIDEO_FILE (0 decoders)", "send FRAMES or VIDEO")
+            return self.decoders.submit(bytes(data))
+        expected = "uint8" if name == "FRAMES" else "float32"
+        if value.dtype != np.dtype(expected):
+            raise AdaFocusError(f"{name} has dtype {value.dtype}, expected {expected}", f"send {name} as {expected}")
+        check_video_layout(_Layout((1, *value.shape), "float32"), self.preset, name)  # the dtype is checked above
+        video = to_model_input(value).numpy() if name == "FRAMES" else value
+        if nonfinite_rows(video[None]):
+            raise AdaFocusError(f"{name} holds NaN or inf values", "check the decoder and normalisation")
+        return video
+
+    def submit(self, inputs: dict, parameters: dict, on_done: Callable[[Outcome], None]) -> None:
+        """Continuous mode: start serving one request; `on_done` gets its outputs or its error, exactly
+        once (from another thread, or before this returns when the request is refused)."""
+        try:
+            budget = self.budget_of(parameters)
+            video = self.video_of(inputs)
+        except Exception as e:  # noqa: BLE001 - refused before any work: answered now
+            on_done(e)
+            return
+        if isinstance(video, Future):
+            video.add_done_callback(lambda decoded: self._submit_decoded(decoded, budget, on_done))
+        else:
+            self._submit_video(video, budget, None, on_done)
+
+    def _submit_decoded(self, decoded: Future, budget, on_done) -> None:
+        if decoded.exception() is not None:
+            on_done(decoded.exception())
+            return
+        clip = decoded.result()
+        self._submit_video(clip.frames, budget, clip.indices, on_done)
+
+    def _submit_video(self, video, budget, frame_indices, on_done) -> None:
+        def answer(future: Future) -> None:
+            try:
+                on_done(self._outputs(future.result(), frame_indices))
+            except Exception as e:  # noqa: BLE001 - the loop's failure, or a video it refused
+                on_done(e)
+
+        try:
+            self.loop.submit(video, budget_gflops=budget, on_done=answer)
+        except Exception as e:  # noqa: BLE001 - refused: overloaded, shutting down
+            on_done(e)
+
+    def run_batch(self, requests: list[tuple[dict, dict]]) -> list[Outcome]:
+        """Per-batch and dense modes: one graph run for every good video of a Triton batch; each
+        request (inputs, parameters) gets its outputs or its own error."""
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        videos, budgets, indices, rows = [], [], [], []
+        pending = []
+        for i, (inputs, parameters) in enumerate(requests):
+            try:
+                budget = self.budget_of(parameters)
+                pending.append((i, budget, self.video_of(inputs)))
+            except Exception as e:  # noqa: BLE001 - this request's own error
+                outcomes[i] = e
+        for i, budget, video in pending:
+            frame_indices = None
+            if isinstance(video, Future):
+                try:
+                    clip = video.result()
+                except Exception as e:  # noqa: BLE001 - a file that does not decode
+                    outcomes[i] = e
+                    continue
+                video, frame_indices = clip.frames, clip.indices
+            rows.append(i)
+            videos.append(video)
+            budgets.append(budget)
+            indices.append(frame_indices)
+        if rows:
+            try:
+                answers = self._predict(np.stack(videos), budgets, indices)
+            except Exception as e:  # noqa: BLE001 - the engine failed: every request of the batch says so
+                answers = [e] * len(rows)
+            for i, answer in zip(rows, answers):
+                outcomes[i] = answer
+        return outcomes
+
+    def _predict(self, videos: np.ndarray, budgets: list, indices: list) -> list[Outcome]:
+        if self.dense is not None:
+            out = self.dense.run("dense", {"videos": self.dense.videos(videos)})
+            logits = self.dense.arrays.to_host(out["logits"])
+            gflops = float(self.runtime.export.dense_gflops)
+            return [_dense_outputs(row, gflops, i) for row, i in zip(logits, indices)]
+        points = [self.budgets.resolve(b) for b in budgets]
+        result = self.runtime.predict(videos, thresholds=np.stack([p.thresholds for p in points]))
+        return [self._outputs_of(result.video(r), p.gflops, i) for r, (p, i) in enumerate(zip(points, indices))]
+
+    def _outputs(self, served, frame_indices) -> dict[str, np.ndarray]:
+        if served.result.error is not None:
+            raise AdaFocusError(served.result.error)
+        return self._outputs_of(served.result, served.budget_gflops, frame_indices)
+
+    def _outputs_of(self, result, budget_gflops: float, frame_indices) -> dict[str, np.ndarray]:
+        outputs = {
+            "CLASS_INDEX": np.array([result.prediction], np.int64),
+            "PROBABILITIES": result.probs.astype(np.float32),
+            "EXIT_STEP": np.array([result.exit_step], np.int32),
+            "GFLOPS": np.array([result.gflops], np.float32),
+            "CUBE_STARTS": result.cube_starts.astype(np.int32),
+            "CUBE_CENTRES": result.centres.astype(np.float32),
+            "BUDGET_GFLOPS": np.array([budget_gflops], np.float32),
+        }
+        if frame_indices is not None:
+            outputs["FRAME_INDICES"] = np.asarray(frame_indices, np.int32)
+        return outputs
+
+    # state ---------------------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        """Counters for the server's metrics endpoint (adafocus_* families, docs/serving.md)."""
+        if self.loop is None:
+            return {"exits": list(self.runtime.stats.exits)}
+        c = self.loop.counters()
+        return {
+            "exits": c.exits,
+            "answered": c.answered,
+            "failed": c.failed,
+            "refused": c.refused,
+            "gflops_served": c.gflops_served,
+            "queue_length": c.queued,
+            "pool_occupancy": c.in_pool,
+            "budget_gflops": c.budget_in_force if math.isfinite(c.budget_in_force) else -1.0,
+            "turns": c.turns,
+            "mixed_budget_turns": c.mixed_budget_turns,
+        }
+
+    def close(self) -> None:
+        """Answer what was accepted (files being decoded go on to the loop), then stop."""
+        if self.decoders is not None:
+            self.decoders.close()
+        if self.loop is not None:
+            self.loop.close()
+
+
+def _dense_outputs(logits: np.ndarray, gflops: float, frame_indices) -> dict[str, np.ndarray]:
+    z = np.exp(logits.astype(np.float64) - logits.max())
+    outputs = {
+        "CLASS_INDEX": np.array([int(np.argmax(logits))], np.int64),
+        "PROBABILITIES": (z / z.sum()).astype(np.float32),
+        "GFLOPS": np.array([gflops], np.float32),
+    }
+    if frame_indices is not None:
+        outputs["FRAME_INDICES"] = np.asarray(frame_indices, np.int32)
+    return outputs
