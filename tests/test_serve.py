@@ -79,8 +79,9 @@ def start_server(export_path, folder: Path, *options: str) -> Served:
     log = folder / f"serve-{http}.log"
     args = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", "1"]
     command = [sys.executable, "-m", "adafocus", "serve", str(export_path), *args, *options]
+    env = {**os.environ, "ADAFOCUS_CACHE": str(folder / "cache")}  # what a failed run keeps stays in tmp
     with open(log, "wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     served = Served(process, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", log)
     deadline = time.monotonic() + 240
     while True:

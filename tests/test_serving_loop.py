@@ -103,12 +103,13 @@ def test_bad_requests_are_refused_or_answered_alone(calibrated_demo, videos):
         loop.submit(videos[0].astype(np.float64))
     bad = videos[1].copy()
     bad[3, 1, 5, 7] = np.inf
-    futures = [loop.submit(v) for v in (videos[0], bad, videos[2])]
-    served = [f.result(timeout=60) for f in futures]
-    assert served[0].result.ok and served[2].result.ok
-    assert "NaN or inf" in served[1].result.error
+    first = loop.submit(videos[0])
+    with pytest.raises(AdaFocusError, match="(?s)the upload holds NaN or inf values.*normalisation"):
+        loop.submit(bad, name="the upload")
+    served = [f.result(timeout=60) for f in (first, loop.submit(videos[2]))]
+    assert all(s.result.ok for s in served)
     counters = loop.counters()
-    assert counters.refused["bad_request"] == 3 and counters.failed == 1 and counters.answered == 3
+    assert counters.refused["bad_request"] == 4 and counters.failed == 0 and counters.answered == 2
     loop.close(timeout=30)
 
 
@@ -149,15 +150,17 @@ def test_the_latency_target_lowers_the_budget_with_the_backlog(calibrated_demo):
     front = Budgets(calibrated_demo, Runtime.load(calibrated_demo.path).thresholds).front
     target = LatencyTarget(front, 0.100, headroom=0.5)
     assert target.cap(1000) == front[-1].gflops  # nothing measured yet: no reason to lower anything
-    target.measured(busy_s=1.0, answered_gflops=10.0, service_s=[0.010])  # 0.1 s per GFLOP, 10 ms in the pool
-    # behind q requests at g GFLOPs: q * g * 0.1 + 0.010 s; the dearest point within 50 ms is kept
-    for queued in (0, 2, 5, 20):
-        expected = max([p.gflops for p in front if queued * p.gflops * 0.1 + 0.010 <= 0.050] or [front[0].gflops])
-        assert target.cap(queued) == expected
+    target.measured(busy_s=1.0, answered_gflops=10.0)  # 0.1 s per GFLOP
+    target.unloaded(0.010)  # a video alone spends 10 ms in the pool
+    # behind `ahead` videos at g GFLOPs: (ahead + 1) * g * 0.1 + 0.010 s; the dearest point within 50 ms is kept
+    for ahead in (0, 2, 5, 20):
+        fits = [p.gflops for p in front if (ahead + 1) * p.gflops * 0.1 + 0.010 <= 0.050]
+        assert target.cap(ahead) == max(fits or [front[0].gflops])
     assert target.cap(0) == front[-1].gflops
     assert target.cap(10_000) == front[0].gflops
-    limit = int((0.100 - 0.010) / (front[0].gflops * 0.1))  # the most that can wait at the cheapest point
+    limit = int((0.100 - 0.010) / (front[0].gflops * 0.1)) - 1  # the most that can be ahead at the cheapest point
     assert target.accepts(limit - 1) and not target.accepts(limit + 1)
+    assert target.accepts(0)  # an idle server always takes a request: no lock-out after a burst
     capped = Budgets(calibrated_demo, front[-1].thresholds)
     assert capped.capped(front[-1], front[1].gflops).gflops == front[1].gflops
     assert capped.capped(front[1], front[-1].gflops).gflops == front[1].gflops  # a cap never raises a budget

@@ -60,6 +60,14 @@ LOOPBACK = "127.0.0.1"
     help="An idle serving loop waits this long for more requests before it starts (0: start at once).",
 )
 @click.option(
+    "--admit-wait-ms",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="A busy serving loop admits waiting requests once the oldest has waited this long (0: at its next turn; "
+    "inf: only when its pool has drained). Holding arrivals back can lower latency on CPUs (docs/serving.md).",
+)
+@click.option(
     "--per-batch-delay-us",
     type=click.IntRange(0),
     default=0,

@@ -22,6 +22,13 @@ def check_videos(videos, preset: Preset, name: str = "videos") -> None:
         raise AdaFocusError(f"{name} hold NaN or inf values (videos {bad})", "check the decoder and normalisation")
 
 
+def check_video(video, preset: Preset, name: str = "video") -> None:
+    """`check_videos` for one video (T, 3, H, W), as a server receives them."""
+    check_video_layout(video[None], preset, name)
+    if nonfinite_rows(video[None]):
+        raise AdaFocusError(f"{name} holds NaN or inf values", "check the decoder and normalisation")
+
+
 def check_video_layout(videos, preset: Preset, name: str = "videos") -> None:
     """The shape and dtype half of `check_videos`: what can be told without reading the frames."""
     shape = tuple(videos.shape) if hasattr(videos, "shape") else None
@@ -38,10 +45,15 @@ def check_video_layout(videos, preset: Preset, name: str = "videos") -> None:
 def nonfinite_rows(videos) -> list[int]:
     """The rows of a float32 batch holding NaN or inf: one cheap pass (a sum) for a good batch, and
     only a failing one is searched for the culprits (an overflowing sum of finite values is none)."""
-    tensor = videos if isinstance(videos, torch.Tensor) else torch.from_numpy(np.asarray(videos))
-    if bool(torch.isfinite(tensor.sum())):
+    if not isinstance(videos, torch.Tensor):  # numpy's sum: one thread, and no OpenMP threads left
+        array = np.asarray(videos)  # spinning beside the engine's (torch's sum slowed a server's loop)
+        with np.errstate(over="ignore", invalid="ignore"):  # a sum of large finite values may overflow
+            if np.isfinite(array.sum()):
+                return []
+        return np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(1)).tolist()
+    if bool(torch.isfinite(videos.sum())):
         return []
-    return (~torch.isfinite(tensor.flatten(1)).all(1)).nonzero().flatten().tolist()
+    return (~torch.isfinite(videos.flatten(1)).all(1)).nonzero().flatten().tolist()
 
 
 def check_thresholds(thresholds: Sequence[float | None], preset: Preset) -> list[float]:

@@ -19,8 +19,9 @@ an iterator may refill the same buffer for its next batch.
 
 Every video is checked before its chunk is admitted: its shape and dtype when it is read, its
 values (NaN, inf) with a large batch when that is read, or in one pass over the staged chunk for
-gathered videos. A bad one becomes a `Failed` with the error, and the others go on (a batch's good
-rows are still views).
+gathered videos (unless the caller says it checked them already: the serving loop checks each
+request as it is submitted, in the submitter's thread). A bad one becomes a `Failed` with the error,
+and the others go on (a batch's good rows are still views).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Arrivals:
     """The loop's `Source` over an iterable of videos and batches; `index` counts every video of
     every item in input order."""
 
-    def __init__(self, items: Iterable, arrays, preset: Preset, capacity: int):
+    def __init__(self, items: Iterable, arrays, preset: Preset, capacity: int, *, values_checked: bool = False):
         self._items = iter(items)
         self._arrays, self._preset = arrays, preset
         self._refill = refill_size(capacity)
@@ -65,6 +66,7 @@ class Arrivals:
         self._next_index = 0
         self._exhausted = False
         self._waiting = False  # the items said NOT_YET during this call: ask again only in the next
+        self._check_values = not values_checked  # the caller checked every video's values already
 
     def __call__(self, room: int) -> Chunk | object | None:
         failed: list[Failed] = []
@@ -81,7 +83,7 @@ class Arrivals:
             self._staging[len(ids) : len(ids) + take] = self._pop(take)
             ids.extend(range(piece.first, piece.first + take))
         staged = self._staging[: len(ids)] if ids else None
-        bad = nonfinite_rows(staged) if ids else []
+        bad = nonfinite_rows(staged) if ids and self._check_values else []
         if bad:  # rare: the chunk goes on without them (a copy)
             failed.extend(_nonfinite(ids[row]) for row in bad)
             good = np.setdiff1d(np.arange(len(ids)), bad)
@@ -131,7 +133,7 @@ class Arrivals:
         if n < self._refill:  # gathered: its values are checked with the rest of its chunk, in one pass
             self._pending.append(_Piece(first, videos, gathered=True))
             return
-        bad = nonfinite_rows(videos)
+        bad = nonfinite_rows(videos) if self._check_values else []
         failed.extend(_nonfinite(first + row) for row in bad)
         start = 0
         for row in [*bad, n]:  # the good runs between bad rows stay views

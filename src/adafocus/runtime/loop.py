@@ -202,7 +202,9 @@ def cube_loop(
                     else:
                         batch, slots = videos, np.arange(len(new_ids))
                     row_thr = thresholds_of(new_ids)
-                    yield from _admit(run, arrays, videos, new_ids, slots, row_thr, running, free, cubes, stats)
+                    yield from _admit(
+                        run, arrays, videos, new_ids, slots, row_thr, running, free, cubes, stats, backend.max_batch
+                    )
         if len(running) == 0:
             stats.in_pool = 0
             if exhausted:
@@ -212,7 +214,7 @@ def cube_loop(
 
 
 def _admit(
-    run, arrays, videos, ids, slots, thresholds, running: _Running, free: list, cubes, stats
+    run, arrays, videos, ids, slots, thresholds, running: _Running, free: list, cubes, stats, max_rows=None
 ) -> Iterator[Finished]:
     """Glance at newly admitted videos: the confident ones leave at step 0, the policy plans the
     others' cubes (cut into their slots of `cubes` when there is a pool of cubes) and they join the
@@ -228,12 +230,16 @@ def _admit(
     if len(rows):
         plan = run("policy", {"maps": arrays.take(glance["maps"], rows)})
         starts = arrays.to_host(plan["cube_starts"])
-        if cubes is not None:
-            video_rows = arrays.from_host(rows)
-            for k in range(k_max):  # one call per step: a call never has more rows than the batch
-                step_starts = arrays.from_host(np.ascontiguousarray(starts[:, k]))
-                cut = run("crop", {"pool": videos, "rows": video_rows, "starts": step_starts})["cubes"]
-                arrays.put(cubes, slots[rows] * k_max + k, cut)
+        if cubes is not None:  # all K cubes of every admitted video, in calls of at most `max_rows` rows
+            flat_rows = np.repeat(rows, k_max)  # video-major, like the pool: slot s holds s*K .. s*K+K-1
+            flat_slots = (slots[rows][:, None] * k_max + np.arange(k_max)).reshape(-1)
+            flat_starts = starts.reshape(-1, 3)
+            step = max_rows or len(flat_rows)
+            for at in range(0, len(flat_rows), step):
+                part = slice(at, at + step)
+                feeds = {"pool": videos, "rows": arrays.from_host(flat_rows[part])}
+                feeds["starts"] = arrays.from_host(np.ascontiguousarray(flat_starts[part]))
+                arrays.put(cubes, flat_slots[part], run("crop", feeds)["cubes"])
         running.join(
             arrays,
             ids[rows],

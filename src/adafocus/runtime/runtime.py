@@ -270,7 +270,12 @@ class Runtime:
         return recorder.entropy, recorder.logits
 
     def stream(
-        self, videos: Iterable, batch_size: int = 128, *, row_thresholds: RowThresholds | None = None
+        self,
+        videos: Iterable,
+        batch_size: int = 128,
+        *,
+        row_thresholds: RowThresholds | None = None,
+        values_checked: bool = False,
     ) -> Iterator[VideoResult]:
         """Streaming mode: videos in, one at a time (T, 3, H, W) or in batches (n, T, 3, H, W) as a
         DataLoader yields them, through a pool of `batch_size` slots; one VideoResult per video out,
@@ -280,7 +285,8 @@ class Runtime:
 
         The input may yield `adafocus.runtime.loop.NOT_YET` (nothing right now): the pool runs on
         with what it has. `row_thresholds(indices)` -> (n, K+1), asked as the videos are admitted,
-        gives each its own exit thresholds (default: the runtime's)."""
+        gives each its own exit thresholds (default: the runtime's). `values_checked`: the caller has
+        checked every video for NaN/inf already (their shapes are checked all the same)."""
         if batch_size < 1:
             raise AdaFocusError(f"batch_size must be >= 1, got {batch_size}")
         limit = self.backend.max_batch
@@ -289,7 +295,7 @@ class Runtime:
                 f"batch_size {batch_size} is past the largest batch of the TensorRT engines ({limit})",
                 f"use batch_size <= {limit}, or re-export with a larger --batch-range",
             )
-        source = Arrivals(videos, self.backend.arrays, self.preset, batch_size)
+        source = Arrivals(videos, self.backend.arrays, self.preset, batch_size, values_checked=values_checked)
         timer = self._timer(self.stats)
         for done in self._run(source, capacity=batch_size, timer=timer, stats=None, row_thresholds=row_thresholds):
             if isinstance(done, Failed):

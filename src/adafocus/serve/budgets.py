@@ -79,13 +79,15 @@ class LatencyTarget:
     """Holds a latency target by spending less: a cap on the GFLOPs of newly admitted videos, and
     whether a new request can be accepted at all.
 
-    A request that arrives now waits for the `queued` requests before it, then spends `service`
-    seconds in the pool. The wait is predicted from the loop's measured cost of a GFLOP of served
-    work (`seconds_per_gflop`, busy time over the calibrated cost of what it answered, a moving
-    average) and the front point's mean cost; the time in the pool from a moving average of what
-    recent videos spent there. The cap is the dearest front point whose predicted latency stays
+    By Little's law a request that arrives behind `queued` waiting and `in_pool` running videos is
+    answered after about (queued + in_pool + 1) x g x seconds_per_gflop, at a front point costing g
+    GFLOPs per video, plus the `floor` an unloaded video takes anyway (its glance and cube steps one
+    after another). `seconds_per_gflop` is measured: the loop's busy time over the calibrated cost of
+    what it answered (a moving average); the floor is the moving average of the time in the pool of
+    videos admitted into an empty loop. The cap is the dearest front point whose prediction stays
     within `headroom` of the target, recomputed at every admission; past the cheapest point, new
-    requests are refused (overloaded) rather than queued into a certain miss.
+    requests are refused (overloaded) rather than queued into a certain miss. An idle server always
+    accepts: its prediction is the floor alone, so a burst cannot lock it out.
     """
 
     def __init__(self, front: list[OperatingPoint], target_s: float, *, headroom: float = 0.6):
@@ -98,33 +100,34 @@ class LatencyTarget:
             raise AdaFocusError(f"latency target {target_s * 1000:g} ms is not positive", "give milliseconds > 0")
         self.front, self.target_s, self.headroom = front, target_s, headroom
         self.seconds_per_gflop: float | None = None
-        self.service_s: float | None = None
+        self.floor_s = 0.0
 
-    def measured(self, busy_s: float, answered_gflops: float, service_s: list[float]) -> None:
-        """What the loop did since the last call: `busy_s` seconds of work answering videos whose
-        points cost `answered_gflops` in all; `service_s`, their seconds in the pool."""
+    def measured(self, busy_s: float, answered_gflops: float) -> None:
+        """`busy_s` seconds of the loop's work answered videos whose points cost `answered_gflops`."""
         if answered_gflops > 0 and busy_s > 0:
             self.seconds_per_gflop = _average(self.seconds_per_gflop, busy_s / answered_gflops)
-        for seconds in service_s:
-            self.service_s = _average(self.service_s, seconds, weight=0.05)
 
-    def predicted_s(self, queued: int, gflops: float) -> float:
-        """The latency of a request that arrives behind `queued` others at a point of `gflops`."""
+    def unloaded(self, seconds: float) -> None:
+        """The time in the pool of a video admitted when nothing else was queued or running."""
+        self.floor_s = _average(self.floor_s or None, seconds, weight=0.1)
+
+    def predicted_s(self, ahead: int, gflops: float) -> float:
+        """The latency of a request with `ahead` videos before it, all at a point of `gflops`."""
         if self.seconds_per_gflop is None:
-            return 0.0
-        return queued * gflops * self.seconds_per_gflop + (self.service_s or 0.0)
+            return self.floor_s
+        return (ahead + 1) * gflops * self.seconds_per_gflop + self.floor_s
 
-    def cap(self, queued: int) -> float:
-        """GFLOPs per video for the videos admitted now, with `queued` requests waiting behind them."""
+    def cap(self, ahead: int) -> float:
+        """GFLOPs per video for the videos admitted now, with `ahead` videos queued or running."""
         for point in reversed(self.front):
-            if self.predicted_s(queued, point.gflops) <= self.headroom * self.target_s:
+            if self.predicted_s(ahead, point.gflops) <= self.headroom * self.target_s:
                 return point.gflops
         return self.front[0].gflops
 
-    def accepts(self, queued: int) -> bool:
-        """Whether a request arriving behind `queued` others can still make the target at the
+    def accepts(self, ahead: int) -> bool:
+        """Whether a request arriving behind `ahead` videos can still make the target at the
         cheapest point."""
-        return self.predicted_s(queued + 1, self.front[0].gflops) <= self.target_s
+        return self.predicted_s(ahead, self.front[0].gflops) <= self.target_s
 
 
 def _average(old: float | None, new: float, weight: float = 0.2) -> float:

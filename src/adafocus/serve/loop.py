@@ -5,19 +5,28 @@
     served = future.result()                          # Served: the VideoResult, budget, timings
     loop.close()                                      # answers everything accepted, then stops
 
-One thread owns the `Runtime` and runs `Runtime.stream` over the admission queue: whenever a quarter
-of its pool is free it admits what is waiting (no waiting for a full batch: when nothing is queued
-the queue says `NOT_YET` and the pool runs on with what it has), and each video is answered the
-moment it exits, whatever its neighbours still need. With nothing queued and nothing running, the
-thread sleeps until a request arrives (`max_queue_delay_ms`: then waits that long for company).
+One thread owns the `Runtime` and runs `Runtime.stream` over the admission queue, and each video is
+answered the moment it exits, whatever its neighbours still need. Between turns, whenever a quarter
+of its pool is free, the loop asks the queue for videos: an idle loop takes what is waiting at once
+(`max_queue_delay_ms`: after giving others that long to join), a busy one takes them once the oldest
+has waited `admit_wait_ms` (0: at the next turn; inf: only when the pool has drained). When nothing
+is to be admitted the queue says `NOT_YET` and the pool runs on with what it has; with nothing queued
+and nothing running the thread sleeps until a request arrives.
 
-Each request carries its operating point (`serve.budgets`): its own budget, else the server's, else
+Why a busy pool may hold arrivals back: on a CPU a graph call costs about the same per row whatever
+the batch, so a video admitted into a running pool adds its glance (the dearest graph of the demo,
+1.1 ms a video) to the turns of every video already running. Measured in one process (demo, 2
+threads, Poisson arrivals at 100-280 requests/s): admitting at every turn had a 1.1-1.4x higher
+mean latency than a worker running each queued group to the end, admitting when drained was level
+with it (benchmarks/serve_load.py measures both through Triton).
+
+Each video is checked (shape, dtype, NaN/inf) as it is submitted, in the submitter's thread, not by
+the loop. Each request carries its operating point (`serve.budgets`): its own budget, else the server's, else
 the export's thresholds; with a latency target the point of a video is lowered, at admission, as far
 as the backlog needs. Requests are refused at once, with `Overloaded` (retryable), when the queue is
 full (`max_queue`) or when even the cheapest point cannot make the target; with a clear error for a
 bad video or budget; with `Unavailable` once the loop is closing. Every accepted request gets
-exactly one answer: a result, a result with `error` (a video with NaN values), or an exception on its
-future if the loop itself fails.
+exactly one answer: a result, or an exception on its future if the loop itself fails.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from adafocus.errors import AdaFocusError, InternalError
-from adafocus.model.checks import check_video_layout
+from adafocus.model.checks import check_video
 from adafocus.runtime import Runtime, VideoResult
 from adafocus.runtime.loop import NOT_YET
 from adafocus.serve.budgets import Budgets, LatencyTarget, OperatingPoint
@@ -68,6 +77,7 @@ class _Request:
     future: Future
     submitted: float
     admitted: float = 0.0
+    unloaded: bool = False  # admitted when nothing else was queued or running
 
 
 @dataclass
@@ -96,16 +106,19 @@ class ServingLoop:
         latency_slo_ms: float | None = None,
         max_queue: int = 1024,
         max_queue_delay_ms: float = 0.0,
+        admit_wait_ms: float = 0.0,
     ):
-        if batch_size < 1 or max_queue < 1 or max_queue_delay_ms < 0:
+        if batch_size < 1 or max_queue < 1 or max_queue_delay_ms < 0 or admit_wait_ms < 0:
             raise AdaFocusError(
-                f"batch_size {batch_size}, max_queue {max_queue}, max_queue_delay_ms {max_queue_delay_ms}",
-                "batch_size and max_queue must be >= 1, max_queue_delay_ms >= 0",
+                f"batch_size {batch_size}, max_queue {max_queue}, max_queue_delay_ms {max_queue_delay_ms}, "
+                f"admit_wait_ms {admit_wait_ms}",
+                "batch_size and max_queue must be >= 1, the delays >= 0 (admit_wait_ms may be inf)",
             )
         self.runtime = runtime
         self.batch_size = batch_size
         self.max_queue = max_queue
         self.max_queue_delay_s = max_queue_delay_ms / 1000
+        self.admit_wait_s = admit_wait_ms / 1000
         self.budgets = Budgets(runtime.export, runtime.thresholds, budget)
         self.target = None if latency_slo_ms is None else LatencyTarget(self.budgets.front, latency_slo_ms / 1000)
         self._cap: float | None = None
@@ -118,19 +131,25 @@ class ServingLoop:
         self._counters = LoopCounters(exits=[0] * runtime.preset.num_exits)
         self._busy_since: float | None = None  # for the latency target: busy seconds not yet learned from
         self._busy_s = 0.0
-        self._window: tuple[float, list[float]] = (0.0, [])  # answered GFLOPs and pool seconds since then
+        self._window = 0.0  # the calibrated GFLOPs of the videos answered since the target last learned
         self._thread = threading.Thread(target=self._serve, name="adafocus-serving-loop", daemon=True)
         self._thread.start()
 
     # the callers' side ---------------------------------------------------------------------------
     def submit(
-        self, video, *, budget_gflops: float | None = None, on_done: Callable[[Future], None] | None = None
+        self,
+        video,
+        *,
+        budget_gflops: float | None = None,
+        on_done: Callable[[Future], None] | None = None,
+        name: str = "video",
     ) -> Future:
         """Queue one video (T, 3, S, S) float32, normalised; returns a Future of `Served`. Raises at
-        once, before any work: AdaFocusError for a bad video or budget, Overloaded, Unavailable."""
+        once, before any work: AdaFocusError for a bad video (called `name` in the message) or budget,
+        Overloaded, Unavailable."""
         try:
             video = np.asarray(video)
-            check_video_layout(video[None], self.runtime.preset, "video")
+            check_video(video, self.runtime.preset, name)  # here, in the submitter's thread
             point = self.budgets.resolve(budget_gflops)
         except AdaFocusError:
             self._count_refusal("bad_request")
@@ -147,7 +166,7 @@ class ServingLoop:
             if queued >= self.max_queue:
                 self._counters.refused["overloaded"] += 1
                 raise Overloaded(f"overloaded: {queued} requests are queued (max_queue)", "retry later")
-            if self.target is not None and not self.target.accepts(queued):
+            if self.target is not None and not self.target.accepts(queued + len(self._admitted)):
                 self._counters.refused["overloaded"] += 1
                 raise Overloaded(
                     f"overloaded: {queued} queued requests would keep this one past the "
@@ -197,7 +216,9 @@ class ServingLoop:
     def _serve(self) -> None:
         error: BaseException | None = None
         try:
-            stream = self.runtime.stream(self._arrivals(), self.batch_size, row_thresholds=self._thresholds_of)
+            stream = self.runtime.stream(
+                self._arrivals(), self.batch_size, row_thresholds=self._thresholds_of, values_checked=True
+            )
             for result in stream:
                 self._answer(result)
         except BaseException as e:  # answer everyone, whatever went wrong
@@ -215,6 +236,7 @@ class ServingLoop:
     def _arrivals(self):
         """The queue as streaming mode's input: a request's video, NOT_YET when nothing is waiting but
         videos are running, and the end once closing with nothing left. Blocks only when idle."""
+        admitting = False
         while True:
             with self._cond:
                 if not self._queue and not self._admitted:
@@ -222,8 +244,11 @@ class ServingLoop:
                         return
                     self._idle()
                     continue
-                if not self._queue:
-                    request = None
+                waited = time.perf_counter() - self._queue[0].submitted if self._queue else 0.0
+                # once open, admission takes everything queued (up to the room the loop asked for)
+                admitting = admitting or not self._admitted or waited >= self.admit_wait_s
+                if not self._queue or not admitting:
+                    request, admitting = None, False
                 else:
                     request = self._queue.popleft()
                     index, self._next_index = self._next_index, self._next_index + 1
@@ -247,11 +272,12 @@ class ServingLoop:
         with self._cond:
             if self.target is not None:
                 self._measure(now)
-                self._cap = self.target.cap(len(self._queue))
+                self._cap = self.target.cap(len(self._queue) + len(self._admitted) - len(indices))
+            unloaded = len(self._admitted) == len(indices) == 1 and not self._queue
             requests = [self._admitted[int(i)] for i in indices]
         for request in requests:
             request.point = self.budgets.capped(request.point, self._cap)
-            request.admitted = now
+            request.admitted, request.unloaded = now, unloaded
         return np.stack([r.point.thresholds for r in requests])
 
     def _answer(self, result: VideoResult) -> None:
@@ -262,8 +288,9 @@ class ServingLoop:
             c.answered += 1
             if result.error is None:
                 c.gflops_served += result.gflops
-                cost, pool_s = self._window
-                self._window = (cost + request.point.gflops, [*pool_s, now - request.admitted])
+                self._window += request.point.gflops
+                if request.unloaded and self.target is not None:
+                    self.target.unloaded(now - request.admitted)
             else:
                 c.failed += 1
         admitted = request.admitted or now  # a video refused at admission was never given a point
@@ -273,10 +300,9 @@ class ServingLoop:
         """Hand the latency target what the loop did since it last learned, once that is a busy
         stretch of at least MEASURE_S (idle time is not counted). Holding the lock."""
         self._account_busy(now)
-        cost, pool_s = self._window
-        if cost > 0 and self._busy_s >= MEASURE_S:
-            self.target.measured(self._busy_s, cost, pool_s)
-            self._busy_s, self._window = 0.0, (0.0, [])
+        if self._window > 0 and self._busy_s >= MEASURE_S:
+            self.target.measured(self._busy_s, self._window)
+            self._busy_s, self._window = 0.0, 0.0
 
     def _account_busy(self, now: float) -> None:
         if self._busy_since is not None:

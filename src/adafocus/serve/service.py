@@ -26,7 +26,7 @@ import numpy as np
 
 from adafocus.data.video import to_model_input
 from adafocus.errors import AdaFocusError
-from adafocus.model.checks import check_video_layout, nonfinite_rows
+from adafocus.model.checks import check_video, check_video_layout
 from adafocus.runtime import Runtime
 from adafocus.runtime.backends import make_backend
 from adafocus.runtime.loop import LoopStats
@@ -54,16 +54,19 @@ class ServeOptions:
     latency_slo_ms: float | None = None
     max_queue: int = 256
     max_queue_delay_ms: float = 0.0
+    admit_wait_ms: float = 0.0  # a busy pool admits a request once it waited this long (inf: when drained)
     max_file_mib: float = 64.0
     decoders: int = 2  # processes decoding VIDEO_FILE inputs
 
     def to_parameters(self) -> dict[str, str]:
-        return {f.name: json.dumps(getattr(self, f.name)) for f in fields(self)}
+        """Strict JSON per option; an infinite delay is the string "inf" (JSON has no Infinity)."""
+        return {f.name: json.dumps(_inf_as_text(getattr(self, f.name)), allow_nan=False) for f in fields(self)}
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> ServeOptions:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: json.loads(v) for k, v in parameters.items() if k in known})
+        values = {k: json.loads(v) for k, v in parameters.items() if k in known}
+        return cls(**{k: math.inf if v == "inf" else v for k, v in values.items()})
 
     def describe(self) -> dict:
         return asdict(self)
@@ -77,6 +80,10 @@ def failure_kind(error: BaseException) -> str:
     if isinstance(error, AdaFocusError):
         return "bad_request"
     return "internal"
+
+
+def _inf_as_text(value):
+    return "inf" if isinstance(value, float) and math.isinf(value) and value > 0 else value
 
 
 class _Layout(NamedTuple):  # what check_video_layout reads of a batch
@@ -118,6 +125,7 @@ class Service:
                 latency_slo_ms=options.latency_slo_ms,
                 max_queue=options.max_queue,
                 max_queue_delay_ms=options.max_queue_delay_ms,
+                admit_wait_ms=options.admit_wait_ms,
             )
         self.decoders = DecoderPool(self.preset, options.decoders) if options.decoders else None
 
@@ -181,10 +189,7 @@ class Service:
         if value.dtype != np.dtype(expected):
             raise AdaFocusError(f"{name} has dtype {value.dtype}, expected {expected}", f"send {name} as {expected}")
         check_video_layout(_Layout((1, *value.shape), "float32"), self.preset, name)  # the dtype is checked above
-        video = to_model_input(value).numpy() if name == "FRAMES" else value
-        if nonfinite_rows(video[None]):
-            raise AdaFocusError(f"{name} holds NaN or inf values", "check the decoder and normalisation")
-        return video
+        return to_model_input(value).numpy() if name == "FRAMES" else value  # values: checked where it is run
 
     def submit(self, inputs: dict, parameters: dict, on_done: Callable[[Outcome], None]) -> None:
         """Continuous mode: start serving one request; `on_done` gets its outputs or its error, exactly
@@ -195,19 +200,20 @@ class Service:
         except Exception as e:  # noqa: BLE001 - refused before any work: answered now
             on_done(e)
             return
+        name = next(n for n in INPUTS if inputs.get(n) is not None)
         if isinstance(video, Future):
             video.add_done_callback(lambda decoded: self._submit_decoded(decoded, budget, on_done))
         else:
-            self._submit_video(video, budget, None, on_done)
+            self._submit_video(video, budget, None, on_done, name)
 
     def _submit_decoded(self, decoded: Future, budget, on_done) -> None:
         if decoded.exception() is not None:
             on_done(decoded.exception())
             return
         clip = decoded.result()
-        self._submit_video(clip.frames, budget, clip.indices, on_done)
+        self._submit_video(clip.frames, budget, clip.indices, on_done, "VIDEO_FILE")
 
-    def _submit_video(self, video, budget, frame_indices, on_done) -> None:
+    def _submit_video(self, video, budget, frame_indices, on_done, name: str) -> None:
         def answer(future: Future) -> None:
             try:
                 on_done(self._outputs(future.result(), frame_indices))
@@ -215,8 +221,8 @@ class Service:
                 on_done(e)
 
         try:
-            self.loop.submit(video, budget_gflops=budget, on_done=answer)
-        except Exception as e:  # noqa: BLE001 - refused: overloaded, shutting down
+            self.loop.submit(video, budget_gflops=budget, on_done=answer, name=name)
+        except Exception as e:  # noqa: BLE001 - refused: a bad video, overloaded, shutting down
             on_done(e)
 
     def run_batch(self, requests: list[tuple[dict, dict]]) -> list[Outcome]:
@@ -233,13 +239,14 @@ class Service:
                 outcomes[i] = e
         for i, budget, video in pending:
             frame_indices = None
-            if isinstance(video, Future):
-                try:
-                    clip = video.result()
-                except Exception as e:  # noqa: BLE001 - a file that does not decode
-                    outcomes[i] = e
-                    continue
-                video, frame_indices = clip.frames, clip.indices
+            try:
+                if isinstance(video, Future):
+                    clip = video.result()  # a file that does not decode raises here
+                    video, frame_indices = clip.frames, clip.indices
+                check_video(video, self.preset, next(n for n in INPUTS if requests[i][0].get(n) is not None))
+            except Exception as e:  # noqa: BLE001 - this request's own error
+                outcomes[i] = e
+                continue
             rows.append(i)
             videos.append(video)
             budgets.append(budget)

@@ -201,7 +201,10 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        for _, region in self.instances.values():
+        for pid, (_, region) in self.instances.items():
+            if _alive(pid):  # a server that gave up waiting (exit timeout) leaves its model processes running
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             (SHM / region).unlink(missing_ok=True)
         return self.process.returncode
 
