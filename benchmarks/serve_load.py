@@ -4,8 +4,11 @@ tritonserver on loopback, every server of the table in one run, on one machine (
     python benchmarks/serve_load.py --out benchmarks/results/serve-load-demo.json
 
 The servers (models of one repository, same export, backend, threads and instance count):
-- `adafocus`: continuous batching, each video answered when it exits (pool `--batch-size`);
-- `adafocus_slo`: the same with a latency target (`--slo-ms`, default 4x the unloaded p50 of
+- `adafocus`: continuous batching, each video answered when it exits (pool `--batch-size`), a busy
+  pool admitting arrivals at its next turn (`admit_wait_ms` 0);
+- `adafocus_drained`: the same, admitting arrivals only when its pool has drained (`admit_wait_ms`
+  inf): on the CPU an arrival's glance slows every running video's turn;
+- `adafocus_slo`: `adafocus` with a latency target (`--slo-ms`, default 4x the unloaded p50 of
   `adafocus`, measured at the start of the run and fixed before any load phase);
 - `adafocus_per_batch`: Triton's dynamic batcher, one Runtime.predict per Triton batch, in
   `PER_BATCH_VARIANTS` (max batch size x max_queue_delay_microseconds); at each load the variant with
@@ -61,7 +64,10 @@ def per_batch_name(batch: int, delay_us: int) -> str:
 
 def build_models(export_path: str, args, slo_ms: float | None) -> list[ModelEntry]:
     base = ServeOptions(str(export_path), threads=args.threads, batch_size=args.batch_size, decoders=0, max_queue=4096)
-    models = [ModelEntry("adafocus", "continuous", base, args.instances)]
+    models = [
+        ModelEntry("adafocus", "continuous", base, args.instances),
+        ModelEntry("adafocus_drained", "continuous", _with(base, admit_wait_ms=math.inf), args.instances),
+    ]
     if slo_ms is not None:
         models.append(ModelEntry("adafocus_slo", "continuous", _with(base, latency_slo_ms=slo_ms), args.instances))
     for batch, delay in PER_BATCH_VARIANTS:
@@ -101,8 +107,7 @@ async def _one(client, grpc, model: str, frames: np.ndarray, parameters, timeout
     try:
         result = await client.infer(model, [tensor], parameters=parameters or None, client_timeout=timeout)
     except Exception as e:  # noqa: BLE001 - every failure is counted by its kind
-        status = getattr(e, "status", lambda: type(e).__name__)()
-        return None, str(status)
+        return None, str(e.status()) if hasattr(e, "status") else type(e).__name__
     outputs = {
         n: result.as_numpy(n) for n in ("CLASS_INDEX", "GFLOPS", "BUDGET_GFLOPS") if result.as_numpy(n) is not None
     }
@@ -266,7 +271,7 @@ def main() -> None:
     saturation = report["tables"]["default"]["saturation_per_s"]
     report["serving_overhead"] = {
         "served_over_in_process": saturation["adafocus"] / report["in_process_stream_videos_per_s"],
-        "note": "adafocus's saturation through Triton over Runtime.stream in one process, same videos, threads and pool",
+        "note": "adafocus's saturation through Triton over Runtime.stream in one process (same videos, threads, pool)",
     }
     print_report(report)
     if args.out:
@@ -276,7 +281,13 @@ def main() -> None:
 
 
 def _table(address, requests, args, parameters) -> dict:
-    models = ["adafocus", "adafocus_slo", *(per_batch_name(b, d) for b, d in PER_BATCH_VARIANTS), "adafocus_dense"]
+    models = [
+        "adafocus",
+        "adafocus_drained",
+        "adafocus_slo",
+        *(per_batch_name(b, d) for b, d in PER_BATCH_VARIANTS),
+        "adafocus_dense",
+    ]
     saturation = {}
     for model in models:
         asyncio.run(closed_loop(address, model, requests, 8, 2.0, parameters))  # warm the path
@@ -289,7 +300,7 @@ def _table(address, requests, args, parameters) -> dict:
     per_batch_best = max(saturation[per_batch_name(b, d)] for b, d in PER_BATCH_VARIANTS)
     fractions = [float(f) for f in args.loads.split(",")]
     loads = [{"name": f"{f:.0%} of per-batch", "rate": f * per_batch_best} for f in fractions]
-    top = max(per_batch_best, saturation["adafocus"])
+    top = max(per_batch_best, saturation["adafocus"], saturation["adafocus_drained"])
     loads.append({"name": "150% of the higher saturation", "rate": 1.5 * top})
     rows = []
     for k, load in enumerate(loads):
@@ -355,9 +366,8 @@ def log(line: str) -> None:
 def print_report(report: dict) -> None:
     for name, table in report["tables"].items():
         print(f"\n{name} budgets ({table['parameters'] or 'the export default'})")
-        print(
-            f"{'load':>30} {'model':>34} {'ans/s':>7} {'p50':>7} {'p95':>7} {'p99':>7} {'mean':>7} {'refused':>7} {'acc':>6} {'GFLOPs':>7}"
-        )
+        columns = ("ans/s", "p50", "p95", "p99", "mean", "refused", "acc", "GFLOPs")
+        print(f"{'load':>30} {'model':>34} " + " ".join(f"{c:>7}" for c in columns))
         for row in table["rows"]:
             for model, s in row["models"].items():
                 if model.startswith("adafocus_per_batch") and model != row["per_batch_best"]:

@@ -146,21 +146,54 @@ def test_a_failing_loop_answers_every_request_with_its_error(calibrated_demo, vi
         loop.submit(videos[0])
 
 
-def test_the_latency_target_lowers_the_budget_with_the_backlog(calibrated_demo):
+def test_the_latency_target_moves_along_the_front_and_refuses_only_at_its_end(calibrated_demo):
     front = Budgets(calibrated_demo, Runtime.load(calibrated_demo.path).thresholds).front
-    target = LatencyTarget(front, 0.100, headroom=0.5)
-    assert target.cap(1000) == front[-1].gflops  # nothing measured yet: no reason to lower anything
-    target.measured(busy_s=1.0, answered_gflops=10.0)  # 0.1 s per GFLOP
-    target.unloaded(0.010)  # a video alone spends 10 ms in the pool
-    # behind `ahead` videos at g GFLOPs: (ahead + 1) * g * 0.1 + 0.010 s; the dearest point within 50 ms is kept
-    for ahead in (0, 2, 5, 20):
-        fits = [p.gflops for p in front if (ahead + 1) * p.gflops * 0.1 + 0.010 <= 0.050]
-        assert target.cap(ahead) == max(fits or [front[0].gflops])
-    assert target.cap(0) == front[-1].gflops
-    assert target.cap(10_000) == front[0].gflops
-    limit = int((0.100 - 0.010) / (front[0].gflops * 0.1)) - 1  # the most that can be ahead at the cheapest point
-    assert target.accepts(limit - 1) and not target.accepts(limit + 1)
-    assert target.accepts(0)  # an idle server always takes a request: no lock-out after a burst
+    target = LatencyTarget(front, 0.100, high=0.5, low=0.25)
+    top = len(front) - 1
+    assert target.cap() == front[top].gflops and target.accepts(1000)  # nothing measured: no cap, no refusal
+
+    def answer(latency_s, count=LatencyTarget.STEP_AFTER):
+        for _ in range(count):
+            target.answered(latency_s, 0.0, 0.0, cap_steps=target.steps)
+
+    answer(0.100)  # the tail at 2x high * target: down by log2(2) x len(front) / 4 points
+    assert target.cap() == front[top - round(len(front) / 4)].gflops
+    level = target.level
+    answer(0.100, LatencyTarget.STEP_AFTER - 1)  # not yet enough answers admitted under the new cap
+    assert target.level == level and target.cap() == front[level].gflops
+    answer(0.010, LatencyTarget.WINDOW)  # far below low * target: one point back up
+    assert target.cap() == front[level + 1].gflops
+    assert target.cap(waited_s=0.030) == front[level].gflops  # a queue older than high * target / 2: down now
+    # refusals: only at the cheapest point, by Little's law on answers per busy second
+    target = LatencyTarget(front, 0.100, high=0.5, low=0.25)
+    target.level = 0
+    for i in range(11):  # 10 answers in 2 s of which 1 s idle: 10 answers per busy second
+        target.answered(0.010, 0.2 * i, 0.1 * i, cap_steps=target.steps)
+    target.unloaded(0.005)
+    assert target.answer_rate() == pytest.approx(10.0)
+    # ahead videos wait ahead / 10 s, plus the 5 ms floor; the limit is 50 ms
+    assert target.accepts(0) and not target.accepts(1) and target.predicted_s(1) == pytest.approx(0.105)
+    target.level = 1
+    assert target.accepts(1000)  # a cheaper point is left: lower the budget rather than refuse
     capped = Budgets(calibrated_demo, front[-1].thresholds)
     assert capped.capped(front[-1], front[1].gflops).gflops == front[1].gflops
     assert capped.capped(front[1], front[-1].gflops).gflops == front[1].gflops  # a cap never raises a budget
+
+
+def test_a_latency_target_lowers_budgets_under_a_burst_and_never_raises_them(calibrated_demo, videos):
+    runtime = Runtime.load(calibrated_demo.path)
+    default = Budgets(calibrated_demo, runtime.thresholds).default.gflops
+    # 1 ms cannot be met for a burst of 96 videos on any CPU: the cap must step down the front
+    loop = ServingLoop(runtime, batch_size=16, latency_slo_ms=1.0)
+    outcomes = []
+    for video in videos:
+        try:
+            outcomes.append(loop.submit(video))
+        except Overloaded:
+            outcomes.append(None)
+    served = [f.result(timeout=60) for f in outcomes if f is not None]
+    loop.close(timeout=30)
+    budgets = [s.budget_gflops for s in served]
+    assert all(s.result.ok for s in served) and len(served) >= 16
+    assert max(budgets) <= default and min(budgets) < default
+    assert loop.counters().budget_in_force < default

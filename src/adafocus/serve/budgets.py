@@ -10,6 +10,8 @@ for: a request's point is the one `budget_entry` gives for min(its budget, the c
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,21 +78,28 @@ class Budgets:
 
 
 class LatencyTarget:
-    """Holds a latency target by spending less: a cap on the GFLOPs of newly admitted videos, and
-    whether a new request can be accepted at all.
+    """Holds a latency target by spending less: a cap on the GFLOPs of newly admitted videos, moved
+    along the calibrated front by the latencies the server sees, and a refusal when a new request
+    could not make the target at all.
 
-    By Little's law a request that arrives behind `queued` waiting and `in_pool` running videos is
-    answered after about (queued + in_pool + 1) x g x seconds_per_gflop, at a front point costing g
-    GFLOPs per video, plus the `floor` an unloaded video takes anyway (its glance and cube steps one
-    after another). `seconds_per_gflop` is measured: the loop's busy time over the calibrated cost of
-    what it answered (a moving average); the floor is the moving average of the time in the pool of
-    videos admitted into an empty loop. The cap is the dearest front point whose prediction stays
-    within `headroom` of the target, recomputed at every admission; past the cheapest point, new
-    requests are refused (overloaded) rather than queued into a certain miss. An idle server always
-    accepts: its prediction is the floor alone, so a burst cannot lock it out.
+    The cap follows the tail of recent latencies (submitted to answered, the last WINDOW requests):
+    above `high` x target it steps down the front, the further above the larger the step; below `low`
+    x target it steps back up one point. After a step it waits for STEP_AFTER answers admitted under
+    the new cap before it judges again, so that it reacts to what it did, not to the queue it found.
+    A queue whose oldest request has already waited half of `high` x target steps down at once.
+    The refusal is Little's law on measured figures: a request behind `ahead` queued and running
+    videos waits about ahead / (the recent answers per busy second: the rate the server can answer at
+    now, not the rate requests happen to arrive at), plus the `floor` an unloaded video spends in the
+    pool; once the cap is at the cheapest point, a request
+    predicted past `high` x target is refused (overloaded), unless nothing is ahead of it: an idle
+    server always takes a request, so a burst cannot lock it out. Medians and percentiles over recent
+    measurements, so a cold first call or a stall elsewhere on the machine does not steer it.
     """
 
-    def __init__(self, front: list[OperatingPoint], target_s: float, *, headroom: float = 0.6):
+    WINDOW = 32
+    STEP_AFTER = 8
+
+    def __init__(self, front: list[OperatingPoint], target_s: float, *, high: float = 0.55, low: float = 0.3):
         if not front:
             raise AdaFocusError(
                 "a latency target needs a calibrated export (its accuracy-GFLOPs front)",
@@ -98,36 +107,65 @@ class LatencyTarget:
             )
         if target_s <= 0:
             raise AdaFocusError(f"latency target {target_s * 1000:g} ms is not positive", "give milliseconds > 0")
-        self.front, self.target_s, self.headroom = front, target_s, headroom
-        self.seconds_per_gflop: float | None = None
-        self.floor_s = 0.0
+        self.front, self.target_s, self.high, self.low = front, target_s, high, low
+        self.level = len(front) - 1  # the front point in force: no cap at first
+        self._latencies: deque[float] = deque(maxlen=self.WINDOW)
+        self._answers: deque[tuple[float, float]] = deque(maxlen=4 * self.WINDOW)  # (when, loop's idle s)
+        self._floors: deque[float] = deque(maxlen=self.WINDOW)
+        self.steps = 0  # how often the cap moved
+        self._since_step = 0  # answers of requests admitted after the latest move
 
-    def measured(self, busy_s: float, answered_gflops: float) -> None:
-        """`busy_s` seconds of the loop's work answered videos whose points cost `answered_gflops`."""
-        if answered_gflops > 0 and busy_s > 0:
-            self.seconds_per_gflop = _average(self.seconds_per_gflop, busy_s / answered_gflops)
+    @property
+    def floor_s(self) -> float:
+        return statistics.median(self._floors) if self._floors else 0.0
 
     def unloaded(self, seconds: float) -> None:
         """The time in the pool of a video admitted when nothing else was queued or running."""
-        self.floor_s = _average(self.floor_s or None, seconds, weight=0.1)
+        self._floors.append(seconds)
 
-    def predicted_s(self, ahead: int, gflops: float) -> float:
-        """The latency of a request with `ahead` videos before it, all at a point of `gflops`."""
-        if self.seconds_per_gflop is None:
-            return self.floor_s
-        return (ahead + 1) * gflops * self.seconds_per_gflop + self.floor_s
+    def answered(self, latency_s: float, now: float, idle_s: float, *, cap_steps: int) -> None:
+        """A request was answered `latency_s` after it was submitted, at `now`, when the loop had been
+        idle `idle_s` seconds in all; `cap_steps`: `steps` when it was admitted."""
+        self._latencies.append(latency_s)
+        self._answers.append((now, idle_s))
+        self._since_step += cap_steps == self.steps
 
-    def cap(self, ahead: int) -> float:
-        """GFLOPs per video for the videos admitted now, with `ahead` videos queued or running."""
-        for point in reversed(self.front):
-            if self.predicted_s(ahead, point.gflops) <= self.headroom * self.target_s:
-                return point.gflops
-        return self.front[0].gflops
+    def answer_rate(self) -> float | None:
+        """Answers per busy second lately: what the server can answer at the current budgets."""
+        if len(self._answers) < 2:
+            return None
+        (first, idle_first), (last, idle_last) = self._answers[0], self._answers[-1]
+        busy = (last - first) - (idle_last - idle_first)
+        return (len(self._answers) - 1) / busy if busy > 0 else None
+
+    def cap(self, waited_s: float = 0.0) -> float:
+        """GFLOPs per video for the videos admitted now; `waited_s`: how long the oldest request still
+        queued has waited (a queue already that old steps down at once)."""
+        if waited_s > self.high * self.target_s / 2 and self.level > 0:
+            self._step(-1)
+        elif self._since_step >= self.STEP_AFTER and len(self._latencies) >= self.STEP_AFTER:
+            tail = float(np.percentile(self._latencies, 90))
+            if tail > self.high * self.target_s and self.level > 0:
+                jump = max(1, round(len(self.front) * math.log2(tail / (self.high * self.target_s)) / 4))
+                self._step(-jump)
+            elif tail < self.low * self.target_s and self.level < len(self.front) - 1:
+                self._step(+1)
+        return self.front[self.level].gflops
+
+    def _step(self, by: int) -> None:
+        self.level = min(max(self.level + by, 0), len(self.front) - 1)
+        self.steps += 1
+        self._since_step = 0
+
+    def predicted_s(self, ahead: int) -> float:
+        """The latency of a request arriving behind `ahead` queued and running videos."""
+        rate = self.answer_rate()
+        return self.floor_s + (ahead / rate if rate else 0.0)
 
     def accepts(self, ahead: int) -> bool:
-        """Whether a request arriving behind `ahead` videos can still make the target at the
-        cheapest point."""
-        return self.predicted_s(ahead, self.front[0].gflops) <= self.target_s
+        """Whether a request arriving behind `ahead` videos can still make the target: always while
+        a cheaper point is left to move to, or with nothing ahead."""
+        return self.level > 0 or ahead == 0 or self.predicted_s(ahead) <= self.high * self.target_s
 
 
 def _average(old: float | None, new: float, weight: float = 0.2) -> float:

@@ -47,8 +47,6 @@ from adafocus.runtime import Runtime, VideoResult
 from adafocus.runtime.loop import NOT_YET
 from adafocus.serve.budgets import Budgets, LatencyTarget, OperatingPoint
 
-MEASURE_S = 0.05  # the latency target learns from busy periods at least this long (shorter ones are noise)
-
 
 class Overloaded(AdaFocusError):
     """Refused for now: the queue is full or the latency target cannot be met. Retry later."""
@@ -78,6 +76,7 @@ class _Request:
     submitted: float
     admitted: float = 0.0
     unloaded: bool = False  # admitted when nothing else was queued or running
+    cap_steps: int = 0  # with a latency target: how many steps its cap had taken when this was admitted
 
 
 @dataclass
@@ -126,12 +125,10 @@ class ServingLoop:
         self._queue: deque[_Request] = deque()
         self._admitted: dict[int, _Request] = {}  # stream index -> request, until answered
         self._next_index = 0
+        self._idle_s = 0.0  # seconds the loop slept with nothing to do, in all
         self._closing = False
         self._stopped: BaseException | None = None
         self._counters = LoopCounters(exits=[0] * runtime.preset.num_exits)
-        self._busy_since: float | None = None  # for the latency target: busy seconds not yet learned from
-        self._busy_s = 0.0
-        self._window = 0.0  # the calibrated GFLOPs of the videos answered since the target last learned
         self._thread = threading.Thread(target=self._serve, name="adafocus-serving-loop", daemon=True)
         self._thread.start()
 
@@ -166,7 +163,8 @@ class ServingLoop:
             if queued >= self.max_queue:
                 self._counters.refused["overloaded"] += 1
                 raise Overloaded(f"overloaded: {queued} requests are queued (max_queue)", "retry later")
-            if self.target is not None and not self.target.accepts(queued + len(self._admitted)):
+            ahead = queued + len(self._admitted)
+            if self.target is not None and not self.target.accepts(ahead):
                 self._counters.refused["overloaded"] += 1
                 raise Overloaded(
                     f"overloaded: {queued} queued requests would keep this one past the "
@@ -258,26 +256,26 @@ class ServingLoop:
     def _idle(self) -> None:
         """Nothing to run: account the busy period that ended, sleep until a request arrives (then,
         with max_queue_delay_ms, give others that long to join it). Called holding the lock."""
-        self._end_busy_period()
+        started = time.perf_counter()
         while not self._queue and not self._closing:
             self._cond.wait()
+        self._idle_s += time.perf_counter() - started
         deadline = time.perf_counter() + self.max_queue_delay_s
         while len(self._queue) < self.batch_size and not self._closing and (left := deadline - time.perf_counter()) > 0:
             self._cond.wait(left)
-        self._busy_since = time.perf_counter()
 
     def _thresholds_of(self, indices: np.ndarray) -> np.ndarray:
         """Each admitted video's thresholds: its point, lowered as far as the latency target needs."""
         now = time.perf_counter()
         with self._cond:
             if self.target is not None:
-                self._measure(now)
-                self._cap = self.target.cap(len(self._queue) + len(self._admitted) - len(indices))
+                self._cap = self.target.cap(now - self._queue[0].submitted if self._queue else 0.0)
             unloaded = len(self._admitted) == len(indices) == 1 and not self._queue
             requests = [self._admitted[int(i)] for i in indices]
         for request in requests:
             request.point = self.budgets.capped(request.point, self._cap)
             request.admitted, request.unloaded = now, unloaded
+            request.cap_steps = self.target.steps if self.target is not None else 0
         return np.stack([r.point.thresholds for r in requests])
 
     def _answer(self, result: VideoResult) -> None:
@@ -288,28 +286,11 @@ class ServingLoop:
             c.answered += 1
             if result.error is None:
                 c.gflops_served += result.gflops
-                self._window += request.point.gflops
-                if request.unloaded and self.target is not None:
-                    self.target.unloaded(now - request.admitted)
+                if self.target is not None:
+                    self.target.answered(now - request.submitted, now, self._idle_s, cap_steps=request.cap_steps)
+                    if request.unloaded:
+                        self.target.unloaded(now - request.admitted)
             else:
                 c.failed += 1
         admitted = request.admitted or now  # a video refused at admission was never given a point
         request.future.set_result(Served(result, request.point.gflops, admitted - request.submitted, now - admitted))
-
-    def _measure(self, now: float) -> None:
-        """Hand the latency target what the loop did since it last learned, once that is a busy
-        stretch of at least MEASURE_S (idle time is not counted). Holding the lock."""
-        self._account_busy(now)
-        if self._window > 0 and self._busy_s >= MEASURE_S:
-            self.target.measured(self._busy_s, self._window)
-            self._busy_s, self._window = 0.0, 0.0
-
-    def _account_busy(self, now: float) -> None:
-        if self._busy_since is not None:
-            self._busy_s += now - self._busy_since
-        self._busy_since = now
-
-    def _end_busy_period(self) -> None:
-        if self.target is not None:
-            self._measure(time.perf_counter())
-        self._busy_since = None

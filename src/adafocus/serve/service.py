@@ -116,7 +116,11 @@ class Service:
             self.runtime.set_budget(options.budget)
         self.budgets = Budgets(self.runtime.export, self.runtime.thresholds)
         self.max_file_bytes = int(options.max_file_mib * 2**20)
-        log(f"[{mode}] warming up {options.backend} at batch {options.batch_size}")
+        if mode == "dense":  # the dense graph alone, on the same kind of backend
+            self.dense = make_backend(
+                self.runtime.export, options.backend, options.device, graphs=("dense",), **settings
+            )
+        log(f"[{mode}] warming up {options.backend} at batches up to {options.batch_size}")
         self._warm_up()
         if mode == "continuous":
             self.loop = ServingLoop(
@@ -130,9 +134,16 @@ class Service:
         self.decoders = DecoderPool(self.preset, options.decoders) if options.decoders else None
 
     def _warm_up(self) -> None:
-        """Every graph at the batch sizes it will see, twice (ONNX Runtime allocates a new shape's
-        memory on its second run), before Triton reports the model ready."""
-        videos = np.zeros((self.options.batch_size, *self.preset.video_shape), np.float32)
+        """Every graph at batch sizes 1, 2, 4, ... up to the pool's, twice (ONNX Runtime allocates a
+        new shape's memory on its second run), before Triton reports the model ready: a first call at
+        a new size is several times slower, and would be a request's latency."""
+        sizes = [1 << i for i in range(self.options.batch_size.bit_length()) if 1 << i < self.options.batch_size]
+        for size in [*sizes, self.options.batch_size]:
+            self._warm_up_at(size)
+        self.runtime.stats = LoopStats([0] * self.preset.num_exits)  # metrics count served videos only
+
+    def _warm_up_at(self, size: int) -> None:
+        videos = np.zeros((size, *self.preset.video_shape), np.float32)
         if self.mode == "dense":
             self.dense = make_backend(
                 self.runtime.export,
@@ -147,7 +158,6 @@ class Service:
                 self.dense.run("dense", {"videos": self.dense.videos(videos)})
             else:
                 self.runtime.predict(videos, thresholds=[None] * self.preset.num_exits)  # every cube
-        self.runtime.stats = LoopStats([0] * self.preset.num_exits)  # metrics count served videos only
 
     # requests ------------------------------------------------------------------------------------
     def budget_of(self, parameters: dict) -> float | None:
