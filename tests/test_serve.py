@@ -424,3 +424,34 @@ def test_a_killed_model_process_fails_only_its_requests_and_stops_the_server(cal
     time.sleep(0.5)
     assert not [pid for pid in decoders if Path(f"/proc/{pid}").exists()], "a decoder process was left behind"
     assert shm_regions() <= before
+
+
+def test_an_exported_repository_carries_its_export_and_serves_where_it_is_moved(calibrated_demo, demo_frames, tmp_path):
+    from click.testing import CliRunner
+
+    from adafocus.cli import export
+    from adafocus.serve.triton_server import TritonServer
+
+    written = CliRunner().invoke(export, ["--into", str(calibrated_demo.path), "--triton-repo", str(tmp_path / "repo")])
+    assert written.exit_code == 0, written.output
+    moved = tmp_path / "elsewhere" / "models"  # relative paths inside: the folder works wherever it is mounted
+    moved.parent.mkdir()
+    (tmp_path / "repo").rename(moved)
+    assert sorted(p.name for p in moved.iterdir()) == ["adafocus", "adafocus_per_batch"]
+    _, videos = demo_frames
+    reference = Runtime.load(calibrated_demo.path).predict(videos[:4])
+    with TritonServer(moved, log_file=tmp_path / "server.log") as server:
+        served = Served(server.process, server.url.removeprefix("http://"), f"127.0.0.1:{server.grpc_port}", "", Path())
+        answers = grpc_requests(served, "adafocus", [({"VIDEO": v}, None) for v in videos[:4]])
+    assert [int(r.as_numpy("CLASS_INDEX")[0]) for r, _ in answers] == reference.prediction.tolist()
+
+
+def test_serve_refuses_a_latency_target_without_calibration_before_starting(exported):
+    done = subprocess.run(
+        [sys.executable, "-m", "adafocus", "serve", str(exported("demo").path), "--latency-slo-ms", "50"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "needs a calibrated export" in done.stderr and "run adafocus-calibrate" in done.stderr

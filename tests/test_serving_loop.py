@@ -157,7 +157,7 @@ def test_the_latency_target_moves_along_the_front_and_refuses_only_at_its_end(ca
             target.answered(latency_s, 0.0, 0.0, cap_steps=target.steps)
 
     answer(0.100)  # the tail at 2x high * target: down by log2(2) x len(front) / 4 points
-    assert target.cap() == front[top - round(len(front) / 4)].gflops
+    assert target.cap() == front[top - max(1, round(len(front) / 4))].gflops
     level = target.level
     answer(0.100, LatencyTarget.STEP_AFTER - 1)  # not yet enough answers admitted under the new cap
     assert target.level == level and target.cap() == front[level].gflops
@@ -173,6 +173,9 @@ def test_the_latency_target_moves_along_the_front_and_refuses_only_at_its_end(ca
     assert target.answer_rate() == pytest.approx(10.0)
     # ahead videos wait ahead / 10 s, plus the 5 ms floor; the limit is 50 ms
     assert target.accepts(0) and not target.accepts(1) and target.predicted_s(1) == pytest.approx(0.105)
+    fresh = LatencyTarget(front, 0.100, high=0.5, low=0.25)  # no rate known yet: the queue's age decides
+    fresh.level = 0
+    assert fresh.accepts(5, waited_s=0.020) and not fresh.accepts(5, waited_s=0.030)
     target.level = 1
     assert target.accepts(1000)  # a cheaper point is left: lower the budget rather than refuse
     capped = Budgets(calibrated_demo, front[-1].thresholds)

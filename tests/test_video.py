@@ -273,3 +273,14 @@ def test_no_video_stream(tmp_path):
 
 def test_bad_arguments(data_dir):
     _expect_error(data_dir / "bikes.mp4", 0, 128, match="positive")
+
+
+def test_model_input_is_normalize_of_the_frames_over_255_to_the_bit():
+    from adafocus.data.video import to_model_input
+    from adafocus.model.preprocess import normalize
+
+    levels = np.broadcast_to(np.arange(256, dtype=np.uint8), (2, 3, 4, 256)).copy()  # every level, every channel
+    expected = normalize(levels.astype(np.float32) / 255.0)
+    got = to_model_input(levels).numpy()
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert np.array_equal(to_model_input(torch.from_numpy(levels)).numpy(), got)

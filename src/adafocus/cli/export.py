@@ -69,6 +69,21 @@ from adafocus.cli.common import CONTEXT, Command, parse_batch_range
     "axis (larger batches are split by the runtime).",
 )
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option(
+    "--triton-repo",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write a Triton model repository into this new folder, carrying the export (models adafocus and "
+    "adafocus_per_batch; docs/serving.md): for `tritonserver --model-repository DIR`, e.g. in NVIDIA's Triton "
+    "containers. With --into: for that export, nothing re-exported.",
+)
+@click.option(
+    "--triton-backend",
+    type=click.Choice(["onnxruntime", "pytorch", "aoti", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+    help="With --triton-repo: the runtime backend the served models use (on --device).",
+)
 def export(
     checkpoint,
     preset,
@@ -84,6 +99,8 @@ def export(
     precision,
     batch_range,
     force,
+    triton_repo,
+    triton_backend,
 ) -> None:
     """Export a model to ONNX: glance, policy, crop, local and classifier graphs with a dynamic batch
     axis, each validated against PyTorch in ONNX Runtime, plus manifest.json (shapes, GFLOPs counted
@@ -96,10 +113,16 @@ def export(
     from adafocus.export.exporter import export_model
 
     if into is not None:
-        if not aoti or trt:
-            raise click.UsageError("--into adds AOTInductor packages to an export: give it with --aoti (and no --trt)")
-        for p in precision or (None,):
-            compile_packages(into, device=device, precision=p, batch_range=batch_range, log=click.echo)
+        if trt or not (aoti or triton_repo):
+            raise click.UsageError(
+                "--into adds AOTInductor packages (--aoti) or a Triton repository (--triton-repo) to an export, "
+                "not TensorRT engines"
+            )
+        if aoti:
+            for p in precision or (None,):
+                compile_packages(into, device=device, precision=p, batch_range=batch_range, log=click.echo)
+        if triton_repo:
+            _write_triton_repo(into, triton_repo, triton_backend, device)
         return
     model, class_names, weights = _model_to_export(checkpoint, preset, seed)
     out = out or f"exports/{model.preset.name}"
@@ -120,6 +143,17 @@ def export(
     if aoti:
         for p in precision or (None,):
             compile_packages(written.path, device=device, precision=p, batch_range=batch_range, log=click.echo)
+    if triton_repo:
+        _write_triton_repo(written.path, triton_repo, triton_backend, device)
+
+
+def _write_triton_repo(export_dir, folder, backend: str, device: str) -> None:
+    from adafocus.serve.repository import standard_models, write_repository
+    from adafocus.serve.service import ServeOptions
+
+    options = ServeOptions(str(export_dir), backend=backend, device=device)
+    write_repository(folder, standard_models(options), carry_export=True)
+    click.echo(f"wrote a Triton model repository to {folder} (adafocus, adafocus_per_batch; {backend} on {device})")
 
 
 def _model_to_export(checkpoint, preset_name, seed):

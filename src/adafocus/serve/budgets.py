@@ -90,9 +90,9 @@ class LatencyTarget:
     The refusal is Little's law on measured figures: a request behind `ahead` queued and running
     videos waits about ahead / (the recent answers per busy second: the rate the server can answer at
     now, not the rate requests happen to arrive at), plus the `floor` an unloaded video spends in the
-    pool; once the cap is at the cheapest point, a request
-    predicted past `high` x target is refused (overloaded), unless nothing is ahead of it: an idle
-    server always takes a request, so a burst cannot lock it out. Medians and percentiles over recent
+    pool; once the cap is at the cheapest point, a request predicted past `high` x target, or
+    arriving behind a queue already half that old, is refused (overloaded), unless nothing is ahead
+    of it: an idle server always takes a request, so a burst cannot lock it out. Medians and percentiles over recent
     measurements, so a cold first call or a stall elsewhere on the machine does not steer it.
     """
 
@@ -162,10 +162,14 @@ class LatencyTarget:
         rate = self.answer_rate()
         return self.floor_s + (ahead / rate if rate else 0.0)
 
-    def accepts(self, ahead: int) -> bool:
-        """Whether a request arriving behind `ahead` videos can still make the target: always while
-        a cheaper point is left to move to, or with nothing ahead."""
-        return self.level > 0 or ahead == 0 or self.predicted_s(ahead) <= self.high * self.target_s
+    def accepts(self, ahead: int, waited_s: float = 0.0) -> bool:
+        """Whether a request arriving behind `ahead` videos, the oldest of those still queued having
+        waited `waited_s`, can still make the target: always while a cheaper point is left to move to,
+        or with nothing ahead."""
+        if self.level > 0 or ahead == 0:
+            return True
+        limit = self.high * self.target_s
+        return waited_s <= limit / 2 and self.predicted_s(ahead) <= limit
 
 
 def _average(old: float | None, new: float, weight: float = 0.2) -> float:

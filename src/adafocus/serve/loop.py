@@ -140,10 +140,12 @@ class ServingLoop:
         budget_gflops: float | None = None,
         on_done: Callable[[Future], None] | None = None,
         name: str = "video",
+        received: float | None = None,
     ) -> Future:
         """Queue one video (T, 3, S, S) float32, normalised; returns a Future of `Served`. Raises at
         once, before any work: AdaFocusError for a bad video (called `name` in the message) or budget,
-        Overloaded, Unavailable."""
+        Overloaded, Unavailable. `received`: when the request arrived (`time.perf_counter()`), if before
+        now (a server that decoded or converted it first): its latency counts from then."""
         try:
             video = np.asarray(video)
             check_video(video, self.runtime.preset, name)  # here, in the submitter's thread
@@ -164,14 +166,15 @@ class ServingLoop:
                 self._counters.refused["overloaded"] += 1
                 raise Overloaded(f"overloaded: {queued} requests are queued (max_queue)", "retry later")
             ahead = queued + len(self._admitted)
-            if self.target is not None and not self.target.accepts(ahead):
+            waited = time.perf_counter() - self._queue[0].submitted if self._queue else 0.0
+            if self.target is not None and not self.target.accepts(ahead, waited):
                 self._counters.refused["overloaded"] += 1
                 raise Overloaded(
                     f"overloaded: {queued} queued requests would keep this one past the "
                     f"{self.target.target_s * 1000:g} ms latency target even at the cheapest budget",
                     "retry later",
                 )
-            self._queue.append(_Request(video, point, future, time.perf_counter()))
+            self._queue.append(_Request(video, point, future, received or time.perf_counter()))
             self._cond.notify()
         return future
 
