@@ -125,8 +125,9 @@ async def open_loop(address, model, requests: Requests, arrivals, parameters, dr
 
     async def send(i, at):
         video = i % len(requests.frames)
+        sent = time.perf_counter() - start  # later than `at` when this process falls behind its schedule
         outputs, error = await _one(client, grpc, model, requests.frames[video], parameters, horizon + 5)
-        records.append((at, time.perf_counter() - start, video, outputs, error))
+        records.append((at, time.perf_counter() - start, video, outputs, error, sent - at))
 
     tasks = []
     for i, at in enumerate(arrivals):
@@ -182,6 +183,7 @@ def summarise(records, lost: int, labels, duration: float) -> dict:
         "errors": errors,
         "lost": lost,
         "latency_ms": _percentiles(latencies),
+        "client_lag_ms": _percentiles(np.array([r[5] for r in records]) * 1000),
         "accuracy": float(np.mean(correct)) if correct else None,
         "mean_gflops": float(np.mean(gflops)) if gflops else None,
         "mean_budget_gflops": float(np.mean(budgets)) if budgets else None,
@@ -262,9 +264,10 @@ def main() -> None:
         repository = write_repository(Path(folder) / "repository", build_models(export.path, args, slo_ms))
         with TritonServer(repository) as server:
             address = f"127.0.0.1:{server.grpc_port}"
-            report["tables"] = {"default": _table(address, requests, args, None)}
+            metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
+            report["tables"] = {"default": _table(address, metrics, requests, args, None)}
             if not args.no_cheap:
-                report["tables"]["cheap"] = _table(address, requests, args, {"budget_gflops": cheap})
+                report["tables"]["cheap"] = _table(address, metrics, requests, args, {"budget_gflops": cheap})
         report["in_process_stream_videos_per_s"] = in_process_stream(
             export.path, requests, args.threads, args.batch_size, args.saturation_seconds
         )
@@ -280,7 +283,7 @@ def main() -> None:
         log(f"wrote {args.out}")
 
 
-def _table(address, requests, args, parameters) -> dict:
+def _table(address, metrics_url, requests, args, parameters) -> dict:
     models = [
         "adafocus",
         "adafocus_drained",
@@ -307,12 +310,17 @@ def _table(address, requests, args, parameters) -> dict:
         arrivals = poisson(load["rate"], args.duration, args.seed + k)
         row = {"load": load["name"], "offered_per_s": load["rate"], "requests": len(arrivals), "models": {}}
         for model in models:
+            before = triton_queue(metrics_url, model)
             records, lost = asyncio.run(open_loop(address, model, requests, arrivals, parameters, args.drain))
             row["models"][model] = summarise(records, lost, requests.labels, args.duration)
+            after = triton_queue(metrics_url, model)
+            served = after[1] - before[1]
+            row["models"][model]["triton_queue_ms_mean"] = (after[0] - before[0]) / 1000 / served if served else None
             s = row["models"][model]
             log(
                 f"{load['name']:>30} {model:>32}: {s['answered_per_s']:6.1f}/s p50 {_ms(s['latency_ms']['p50'])} "
-                f"p99 {_ms(s['latency_ms']['p99'])} refused {s['refused']} lost {s['lost']} acc {s['accuracy']}"
+                f"p99 {_ms(s['latency_ms']['p99'])} refused {s['refused']} lost {s['lost']} acc {s['accuracy']} "
+                f"client lag p99 {_ms(s['client_lag_ms']['p99'])} triton queue {s['triton_queue_ms_mean']}"
             )
         variants = {per_batch_name(b, d): row["models"][per_batch_name(b, d)] for b, d in PER_BATCH_VARIANTS}
         best = min(variants, key=lambda m: _mean_or_inf(variants[m]))
@@ -324,6 +332,21 @@ def _table(address, requests, args, parameters) -> dict:
         "per_batch_best_saturation": per_batch_best,
         "rows": rows,
     }
+
+
+def triton_queue(metrics_url: str, model: str) -> tuple[float, float]:
+    """Triton's own count for `model` so far: (microseconds requests spent queued before the model's
+    execute, requests that succeeded). Differences over a phase give the mean wait in front of the
+    model, which the model itself cannot see."""
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    found = {"nv_inference_queue_duration_us": 0.0, "nv_inference_request_success": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in found and f'model="{model}"' in line:
+            found[name] += float(line.rsplit(" ", 1)[1])
+    return found["nv_inference_queue_duration_us"], found["nv_inference_request_success"]
 
 
 def _mean_or_inf(summary: dict) -> float:

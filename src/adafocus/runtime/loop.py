@@ -150,6 +150,9 @@ class _Running:
         self.steps = self.steps + 1
 
 
+CROP_ROWS = 16  # streaming mode cuts the cubes of a few arrivals in one call of at least this many rows
+
+
 def refill_size(capacity: int) -> int:
     """Streaming mode refills the pool whenever this many of its `capacity` slots are free."""
     return max(1, capacity // 4)
@@ -230,11 +233,15 @@ def _admit(
     if len(rows):
         plan = run("policy", {"maps": arrays.take(glance["maps"], rows)})
         starts = arrays.to_host(plan["cube_starts"])
-        if cubes is not None:  # all K cubes of every admitted video, in calls of at most `max_rows` rows
-            flat_rows = np.repeat(rows, k_max)  # video-major, like the pool: slot s holds s*K .. s*K+K-1
+        if cubes is not None:
+            # All K cubes of every admitted video, video-major like the pool (slot s holds s*K .. s*K+K-1),
+            # in calls of as many rows as videos were admitted (so no call outputs more than a batch of
+            # cubes, as when cut step by step) but at least CROP_ROWS (a few arrivals: one call, not K),
+            # and never past the engines' largest batch.
+            flat_rows = np.repeat(rows, k_max)
             flat_slots = (slots[rows][:, None] * k_max + np.arange(k_max)).reshape(-1)
             flat_starts = starts.reshape(-1, 3)
-            step = max_rows or len(flat_rows)
+            step = min(max_rows or len(flat_rows), max(len(rows), CROP_ROWS))
             for at in range(0, len(flat_rows), step):
                 part = slice(at, at + step)
                 feeds = {"pool": videos, "rows": arrays.from_host(flat_rows[part])}

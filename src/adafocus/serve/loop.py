@@ -21,12 +21,13 @@ mean latency than a worker running each queued group to the end, admitting when 
 with it (benchmarks/serve_load.py measures both through Triton).
 
 Each video is checked (shape, dtype, NaN/inf) as it is submitted, in the submitter's thread, not by
-the loop. Each request carries its operating point (`serve.budgets`): its own budget, else the server's, else
-the export's thresholds; with a latency target the point of a video is lowered, at admission, as far
-as the backlog needs. Requests are refused at once, with `Overloaded` (retryable), when the queue is
-full (`max_queue`) or when even the cheapest point cannot make the target; with a clear error for a
-bad video or budget; with `Unavailable` once the loop is closing. Every accepted request gets
-exactly one answer: a result, or an exception on its future if the loop itself fails.
+the loop. Each request carries its operating point (`serve.budgets`): its own budget, else the
+server's, else the export's thresholds; with a latency target (`serve.budgets.LatencyTarget`) the
+point of a video is lowered at admission to the cap the recent latencies call for. Requests are
+refused at once, with `Overloaded` (retryable), when the queue is full (`max_queue`) or when even the
+cheapest point cannot make the target; with a clear error for a bad video or budget; with
+`Unavailable` once the loop is closing. Every accepted request gets exactly one answer: a result, or
+an exception on its future if the loop itself fails.
 """
 
 from __future__ import annotations
