@@ -23,7 +23,8 @@ load every model gets the same seeded arrival times for `--duration` seconds; re
 `--drain` seconds after the last arrival count as lost. Latency runs from a request's scheduled
 arrival (open loop: a client that falls behind does not hide the server's queue). Reported per model
 and load: answered/s, p50/p95/p99 and mean latency of answered requests, refusals (UNAVAILABLE:
-overloaded), other errors, accuracy on the test videos' labels, mean GFLOPs per answered video, and
+overloaded; of them, those Triton refused from its queue under the SLO model's queue policy),
+other errors, accuracy on the test videos' labels, mean GFLOPs per answered video, and
 the budget the SLO mode gave. `--cheap-budget` runs the table again with every request carrying a
 cheaper calibrated budget (default: the most accurate front point where most videos exit by the
 first cube). Also: served videos/s at saturation over in-process `Runtime.stream` videos/s.
@@ -96,6 +97,7 @@ class Requests:
         self.labels = np.array([r[1].label for r in raw])
 
 
+TRITON_QUEUE_TIMEOUT = "Request timeout expired"  # Triton's refusal of a request that waited past its queue policy
 BATCHED = ("adafocus_per_batch", "adafocus_dense")  # Triton's dynamic batcher: a leading batch axis
 
 
@@ -107,6 +109,8 @@ async def _one(client, grpc, model: str, frames: np.ndarray, parameters, timeout
     try:
         result = await client.infer(model, [tensor], parameters=parameters or None, client_timeout=timeout)
     except Exception as e:  # noqa: BLE001 - every failure is counted by its kind
+        if hasattr(e, "status") and e.status() == "StatusCode.UNAVAILABLE" and TRITON_QUEUE_TIMEOUT in e.message():
+            return None, TRITON_QUEUE_TIMEOUT
         return None, str(e.status()) if hasattr(e, "status") else type(e).__name__
     outputs = {
         n: result.as_numpy(n) for n in ("CLASS_INDEX", "GFLOPS", "BUDGET_GFLOPS") if result.as_numpy(n) is not None
@@ -169,7 +173,9 @@ async def closed_loop(address, model, requests: Requests, in_flight: int, second
 def summarise(records, lost: int, labels, duration: float) -> dict:
     ok = [r for r in records if r[4] is None]
     latencies = np.array([r[1] - r[0] for r in ok]) * 1000
-    refused = sum(1 for r in records if r[4] == "StatusCode.UNAVAILABLE")
+    refused_by_model = sum(1 for r in records if r[4] == "StatusCode.UNAVAILABLE")
+    refused_by_triton = sum(1 for r in records if r[4] == TRITON_QUEUE_TIMEOUT)
+    refused = refused_by_model + refused_by_triton
     errors = len(records) - len(ok) - refused
     correct = [int(r[3]["CLASS_INDEX"].reshape(-1)[0]) == labels[r[2]] for r in ok]
     gflops = [float(r[3]["GFLOPS"].reshape(-1)[0]) for r in ok]
@@ -180,6 +186,7 @@ def summarise(records, lost: int, labels, duration: float) -> dict:
         "answered": len(ok),
         "answered_per_s": len(ok) / max(last, duration),
         "refused": refused,
+        "refused_by_triton_queue": refused_by_triton,  # waited in Triton's queue past the latency target's limit
         "errors": errors,
         "lost": lost,
         "latency_ms": _percentiles(latencies),
@@ -266,6 +273,8 @@ def main() -> None:
             address = f"127.0.0.1:{server.grpc_port}"
             metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
             report["tables"] = {"default": _table(address, metrics, requests, args, None)}
+            if args.out:  # what is done so far, should the next table fail
+                write_json(args.out, report)
             if not args.no_cheap:
                 report["tables"]["cheap"] = _table(address, metrics, requests, args, {"budget_gflops": cheap})
         report["in_process_stream_videos_per_s"] = in_process_stream(
@@ -293,9 +302,13 @@ def _table(address, metrics_url, requests, args, parameters) -> dict:
     ]
     saturation = {}
     for model in models:
-        asyncio.run(closed_loop(address, model, requests, 8, 2.0, parameters))  # warm the path
-        if model == "adafocus_slo":  # a closed loop overloads it by design: it refuses, the loop resends at once
+        if model == "adafocus_slo":
+            # warmed one request at a time: 8 in flight would overload it and leave its budget low for
+            # the first load; no saturation: a closed loop overloads it by design (it refuses, the loop
+            # resends at once)
+            asyncio.run(closed_loop(address, model, requests, 1, 2.0, parameters))
             continue
+        asyncio.run(closed_loop(address, model, requests, 8, 2.0, parameters))  # warm the path
         saturation[model] = asyncio.run(
             closed_loop(address, model, requests, args.saturation_in_flight, args.saturation_seconds, parameters)
         )
@@ -313,13 +326,15 @@ def _table(address, metrics_url, requests, args, parameters) -> dict:
             before = triton_queue(metrics_url, model)
             records, lost = asyncio.run(open_loop(address, model, requests, arrivals, parameters, args.drain))
             row["models"][model] = summarise(records, lost, requests.labels, args.duration)
+            row["models"][model]["quiet_after_s"] = wait_until_quiet(metrics_url)
             after = triton_queue(metrics_url, model)
             served = after[1] - before[1]
             row["models"][model]["triton_queue_ms_mean"] = (after[0] - before[0]) / 1000 / served if served else None
             s = row["models"][model]
             log(
                 f"{load['name']:>30} {model:>32}: {s['answered_per_s']:6.1f}/s p50 {_ms(s['latency_ms']['p50'])} "
-                f"p99 {_ms(s['latency_ms']['p99'])} refused {s['refused']} lost {s['lost']} acc {s['accuracy']} "
+                f"p99 {_ms(s['latency_ms']['p99'])} refused {s['refused']} (Triton {s['refused_by_triton_queue']}) "
+                f"lost {s['lost']} acc {s['accuracy']} "
                 f"client lag p99 {_ms(s['client_lag_ms']['p99'])} triton queue {s['triton_queue_ms_mean']}"
             )
         variants = {per_batch_name(b, d): row["models"][per_batch_name(b, d)] for b, d in PER_BATCH_VARIANTS}
@@ -334,19 +349,51 @@ def _table(address, metrics_url, requests, args, parameters) -> dict:
     }
 
 
+def triton_metrics(metrics_url: str, names: tuple[str, ...], model: str | None = None) -> dict[str, float]:
+    """The sums of Triton's metrics `names` (of `model`, or of every model). A busy server may answer
+    its metrics endpoint slowly: a few tries, a generous timeout."""
+    import urllib.request
+
+    for attempt in range(3):
+        try:
+            text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
+            break
+        except OSError:
+            if attempt == 2:
+                raise
+            time.sleep(1)
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in names and (model is None or f'model="{model}"' in line):
+            found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    if missing := set(names) - set(found):
+        raise RuntimeError(f"Triton's metrics have no {sorted(missing)} (for model {model})")
+    return found
+
+
 def triton_queue(metrics_url: str, model: str) -> tuple[float, float]:
     """Triton's own count for `model` so far: (microseconds requests spent queued before the model's
     execute, requests that succeeded). Differences over a phase give the mean wait in front of the
     model, which the model itself cannot see."""
-    import urllib.request
-
-    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    found = {"nv_inference_queue_duration_us": 0.0, "nv_inference_request_success": 0.0}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0]
-        if name in found and f'model="{model}"' in line:
-            found[name] += float(line.rsplit(" ", 1)[1])
+    found = triton_metrics(metrics_url, ("nv_inference_queue_duration_us", "nv_inference_request_success"), model)
     return found["nv_inference_queue_duration_us"], found["nv_inference_request_success"]
+
+
+def wait_until_quiet(metrics_url: str, limit_s: float = 180.0) -> float:
+    """Wait until the server holds no request (Triton's pending count, every model): a client that
+    gave up on requests (counted lost) does not take them off the server, which would still be
+    working through them in the next phase. Returns the seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit_s:
+        pending = "nv_inference_pending_request_count"
+        try:
+            if triton_metrics(metrics_url, (pending,))[pending] == 0:
+                return time.perf_counter() - started
+        except OSError:  # a server still busy may not answer its metrics endpoint in time: ask again
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server still held requests {limit_s:g} s after a phase ended")
 
 
 def _mean_or_inf(summary: dict) -> float:

@@ -1,6 +1,7 @@
 """The serving loop without Triton: concurrent submitters, per-request budgets, bad input, refusals,
 shutdown and failure, each against `Runtime.predict` on the same export (adafocus.serve.loop)."""
 
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -161,9 +162,15 @@ def test_the_latency_target_moves_along_the_front_and_refuses_only_at_its_end(ca
     level = target.level
     answer(0.100, LatencyTarget.STEP_AFTER - 1)  # not yet enough answers admitted under the new cap
     assert target.level == level and target.cap() == front[level].gflops
-    answer(0.010, LatencyTarget.WINDOW)  # far below low * target: one point back up
-    assert target.cap() == front[level + 1].gflops
-    assert target.cap(waited_s=0.030) == front[level].gflops  # a queue older than high * target / 2: down now
+    answer(0.010, LatencyTarget.WINDOW)  # far below low * target: back up, half as fast as down
+    room = 0.025 / (0.010 * front[level + 1].gflops / front[level].gflops)
+    assert room > 1 and target.cap() == front[level + max(1, round(len(front) * math.log2(room) / 8))].gflops
+    level = target.level
+    # a queue older than high * target / 2 that built up since the latest move: down now, once
+    now = time.perf_counter() + 1
+    assert target.cap(waited_s=0.030, now=now) == front[level - 1].gflops
+    assert target.cap(waited_s=0.031, now=now + 0.001) == front[level - 1].gflops  # the same queue: no second step
+    assert target.cap(waited_s=0.030, now=now + 0.031) == front[level - 2].gflops  # one that came after: down
     # refusals: only at the cheapest point, by Little's law on answers per busy second
     target = LatencyTarget(front, 0.100, high=0.5, low=0.25)
     target.level = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -77,16 +78,29 @@ class Budgets:
         return self._by_entry[id(budget_entry(self.export, max(cap, self.cheapest.gflops)))]
 
 
+HIGH = 0.55  # LatencyTarget steps the cap down when the tail of recent latencies passes this x target
+
+
+def queue_limit_s(target_s: float, high: float = HIGH) -> float:
+    """How long a request may wait, queued, before a latency target gives up on it: half of the
+    tail latency the target steers to (the rest is for its turn in the pool)."""
+    return high * target_s / 2
+
+
 class LatencyTarget:
     """Holds a latency target by spending less: a cap on the GFLOPs of newly admitted videos, moved
     along the calibrated front by the latencies the server sees, and a refusal when a new request
     could not make the target at all.
 
     The cap follows the tail of recent latencies (submitted to answered, the last WINDOW requests):
-    above `high` x target it steps down the front, the further above the larger the step; below `low`
-    x target it steps back up one point. After a step it waits for STEP_AFTER answers admitted under
-    the new cap before it judges again, so that it reacts to what it did, not to the queue it found.
-    A queue whose oldest request has already waited half of `high` x target steps down at once.
+    above `high` x target it steps down the front, the further above the larger the step; when the
+    tail, grown by the cost ratio of the next dearer point, stays below `low` x target, it steps back
+    up, by half as many points as the same ratio would step it down (one point at a time, below a
+    fixed 0.3 x target, kept a light load at a cheap point for good after a burst: at the default
+    target, 4x the unloaded p50, the unloaded p90 alone is ~0.4x). After a step it
+    waits for STEP_AFTER answers admitted under the new cap before it judges again, so that it
+    reacts to what it did, not to the queue it found. A queue whose oldest request has waited
+    `queue_limit_s` steps down at once, once: not again for requests that were already waiting.
     The refusal is Little's law on measured figures: a request behind `ahead` queued and running
     videos waits about ahead / (the recent answers per busy second: the rate the server can answer at
     now, not the rate requests happen to arrive at), plus the `floor` an unloaded video spends in the
@@ -99,7 +113,7 @@ class LatencyTarget:
     WINDOW = 32
     STEP_AFTER = 8
 
-    def __init__(self, front: list[OperatingPoint], target_s: float, *, high: float = 0.55, low: float = 0.3):
+    def __init__(self, front: list[OperatingPoint], target_s: float, *, high: float = HIGH, low: float = 0.45):
         if not front:
             raise AdaFocusError(
                 "a latency target needs a calibrated export (its accuracy-GFLOPs front)",
@@ -114,6 +128,7 @@ class LatencyTarget:
         self._floors: deque[float] = deque(maxlen=self.WINDOW)
         self.steps = 0  # how often the cap moved
         self._since_step = 0  # answers of requests admitted after the latest move
+        self._stepped_at = -math.inf  # when it moved (time.perf_counter())
 
     @property
     def floor_s(self) -> float:
@@ -138,24 +153,31 @@ class LatencyTarget:
         busy = (last - first) - (idle_last - idle_first)
         return (len(self._answers) - 1) / busy if busy > 0 else None
 
-    def cap(self, waited_s: float = 0.0) -> float:
+    def cap(self, waited_s: float = 0.0, now: float | None = None) -> float:
         """GFLOPs per video for the videos admitted now; `waited_s`: how long the oldest request still
-        queued has waited (a queue already that old steps down at once)."""
-        if waited_s > self.high * self.target_s / 2 and self.level > 0:
-            self._step(-1)
+        queued has waited (a queue older than `queue_limit_s`, that built up since the latest move,
+        steps down at once); `now`: time.perf_counter() unless given."""
+        now = time.perf_counter() if now is None else now
+        stale = waited_s > queue_limit_s(self.target_s, self.high)
+        if stale and self.level > 0 and now - waited_s >= self._stepped_at:
+            self._step(-1, now)
         elif self._since_step >= self.STEP_AFTER and len(self._latencies) >= self.STEP_AFTER:
             tail = float(np.percentile(self._latencies, 90))
             if tail > self.high * self.target_s and self.level > 0:
                 jump = max(1, round(len(self.front) * math.log2(tail / (self.high * self.target_s)) / 4))
-                self._step(-jump)
-            elif tail < self.low * self.target_s and self.level < len(self.front) - 1:
-                self._step(+1)
+                self._step(-jump, now)
+            elif self.level < len(self.front) - 1:
+                dearer = self.front[self.level + 1].gflops / self.front[self.level].gflops
+                room = self.low * self.target_s / (tail * dearer)
+                if room > 1:  # up half as fast as down: a light load finds its way back in seconds
+                    self._step(max(1, round(len(self.front) * math.log2(room) / 8)), now)
         return self.front[self.level].gflops
 
-    def _step(self, by: int) -> None:
+    def _step(self, by: int, now: float) -> None:
         self.level = min(max(self.level + by, 0), len(self.front) - 1)
         self.steps += 1
         self._since_step = 0
+        self._stepped_at = now
 
     def predicted_s(self, ahead: int) -> float:
         """The latency of a request arriving behind `ahead` queued and running videos."""
@@ -168,8 +190,8 @@ class LatencyTarget:
         or with nothing ahead."""
         if self.level > 0 or ahead == 0:
             return True
-        limit = self.high * self.target_s
-        return waited_s <= limit / 2 and self.predicted_s(ahead) <= limit
+        fresh = waited_s <= queue_limit_s(self.target_s, self.high)
+        return fresh and self.predicted_s(ahead) <= self.high * self.target_s
 
 
 def _average(old: float | None, new: float, weight: float = 0.2) -> float:

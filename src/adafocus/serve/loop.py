@@ -273,7 +273,7 @@ class ServingLoop:
         now = time.perf_counter()
         with self._cond:
             if self.target is not None:
-                self._cap = self.target.cap(now - self._queue[0].submitted if self._queue else 0.0)
+                self._cap = self.target.cap(now - self._queue[0].submitted if self._queue else 0.0, now)
             unloaded = len(self._admitted) == len(indices) == 1 and not self._queue
             requests = [self._admitted[int(i)] for i in indices]
         for request in requests:
