@@ -22,7 +22,6 @@ from pathlib import Path
 from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import Export, open_export
 from adafocus.files import atomic_write
-from adafocus.serve.budgets import HIGH
 from adafocus.serve.service import ServeOptions
 
 CONTINUOUS, PER_BATCH, DENSE = "adafocus", "adafocus_per_batch", "adafocus_dense"
@@ -130,19 +129,11 @@ def model_config(model: ModelEntry, options: ServeOptions, export: Export) -> st
     ]
     if batched:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {model.max_queue_delay_us} }}")
-    elif options.latency_slo_ms is not None:
-        # Under overload requests queue in Triton, in front of the model (whose execute takes them one
-        # by one), where the latency target cannot see them: at 1.5x saturation they waited there
-        # 2.1 s on average (p99 3.4 s). Triton itself refuses a request that waited there past the
-        # tail latency the target steers to, HIGH x target (503 "Request timeout expired", counted in
-        # nv_inference_request_failure{reason="REJECTED"}); half of that, the model's own queue limit,
-        # also refused 1.5 % of the requests at a quarter of saturation, on stalls of a shared 2-core
-        # machine. The dynamic batcher only holds that queue policy (max_batch_size 0: no batches).
-        limit_us = max(1, round(HIGH * options.latency_slo_ms * 1000))
-        lines.append(
-            "dynamic_batching { default_queue_policy { timeout_action: REJECT "
-            f"default_timeout_microseconds: {limit_us} }} }}"
-        )
+    # No queue policy on the continuous model, although under overload requests wait in Triton's queue
+    # in front of it, out of a latency target's sight (2.1 s on average at 1.5x saturation): with one
+    # (a dynamic_batching block holding a timeout REJECT policy) p99 stayed near the target, but in a
+    # load run tritonserver 2.51 aborted ("malloc(): unaligned fastbin chunk detected"), its models
+    # hanging, and an earlier run with it lost the metrics endpoint mid-run (docs/serving.md).
     lines += [
         f"parameters {{ key: {_quoted(key)} value: {{ string_value: {_quoted(value)} }} }}"
         for key, value in parameters.items()
