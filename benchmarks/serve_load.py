@@ -374,14 +374,15 @@ def triton_queue(metrics_url: str, model: str) -> tuple[float, float]:
 
 
 def wait_until_quiet(metrics_url: str, limit_s: float = 180.0) -> float:
-    """Wait until the server holds no request (Triton's pending count, every model): a client that
-    gave up on requests (counted lost) does not take them off the server, which would still be
-    working through them in the next phase. Returns the seconds waited."""
+    """Wait until the server holds no request (Triton's pending count, and the continuous models'
+    own queues and pools, every model): a client that gave up on requests (counted lost) does not
+    take them off the server, which would still be working through them in the next phase. Returns
+    the seconds waited."""
+    held = ("nv_inference_pending_request_count", "adafocus_queue_length", "adafocus_pool_occupancy")
     started = time.perf_counter()
     while time.perf_counter() - started < limit_s:
-        pending = "nv_inference_pending_request_count"
         try:
-            if triton_metrics(metrics_url, (pending,))[pending] == 0:
+            if sum(triton_metrics(metrics_url, held).values()) == 0:
                 return time.perf_counter() - started
         except OSError:  # a server still busy may not answer its metrics endpoint in time: ask again
             pass

@@ -82,8 +82,9 @@ HIGH = 0.55  # LatencyTarget steps the cap down when the tail of recent latencie
 
 
 def queue_limit_s(target_s: float, high: float = HIGH) -> float:
-    """How long a request may wait, queued, before a latency target gives up on it: half of the
-    tail latency the target steers to (the rest is for its turn in the pool)."""
+    """How long a request may wait in the serving loop's queue before a latency target steps down
+    (or, at its cheapest point, refuses): half of the tail latency it steers to (the rest is for the
+    request's turn in the pool)."""
     return high * target_s / 2
 
 
@@ -97,9 +98,9 @@ class LatencyTarget:
     tail, grown by the cost ratio of the next dearer point, stays below `low` x target, it steps back
     up, by half as many points as the same ratio would step it down (one point at a time, below a
     fixed 0.3 x target, kept a light load at a cheap point for good after a burst: at the default
-    target, 4x the unloaded p50, the unloaded p90 alone is ~0.4x). After a step it
-    waits for STEP_AFTER answers admitted under the new cap before it judges again, so that it
-    reacts to what it did, not to the queue it found. A queue whose oldest request has waited
+    target, 4x the unloaded p50, the unloaded p90 alone is ~0.4x). After a step it waits for
+    STEP_AFTER answers admitted under the new cap before it judges again, so that it reacts to what
+    it did, not to the queue it found. A queue whose oldest request has waited
     `queue_limit_s` steps down at once, once: not again for requests that were already waiting.
     The refusal is Little's law on measured figures: a request behind `ahead` queued and running
     videos waits about ahead / (the recent answers per busy second: the rate the server can answer at
@@ -168,7 +169,7 @@ class LatencyTarget:
                 self._step(-jump, now)
             elif self.level < len(self.front) - 1:
                 dearer = self.front[self.level + 1].gflops / self.front[self.level].gflops
-                room = self.low * self.target_s / (tail * dearer)
+                room = self.low * self.target_s / max(tail * dearer, 1e-9)
                 if room > 1:  # up half as fast as down: a light load finds its way back in seconds
                     self._step(max(1, round(len(self.front) * math.log2(room) / 8)), now)
         return self.front[self.level].gflops

@@ -131,9 +131,9 @@ def model_config(model: ModelEntry, options: ServeOptions, export: Export) -> st
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {model.max_queue_delay_us} }}")
     # No queue policy on the continuous model, although under overload requests wait in Triton's queue
     # in front of it, out of a latency target's sight (2.1 s on average at 1.5x saturation): with one
-    # (a dynamic_batching block holding a timeout REJECT policy) p99 stayed near the target, but in a
-    # load run tritonserver 2.51 aborted ("malloc(): unaligned fastbin chunk detected"), its models
-    # hanging, and an earlier run with it lost the metrics endpoint mid-run (docs/serving.md).
+    # (a dynamic_batching block holding a timeout REJECT policy) p99 fell to 1.2-2.9x the target, but
+    # in a load run tritonserver 2.51 aborted ("malloc(): unaligned fastbin chunk detected"), its
+    # models hanging, and an earlier run with it lost the metrics endpoint mid-run (docs/serving.md).
     lines += [
         f"parameters {{ key: {_quoted(key)} value: {{ string_value: {_quoted(value)} }} }}"
         for key, value in parameters.items()
