@@ -238,6 +238,7 @@ def main() -> None:
     parser.add_argument("--slo-ms", type=float, default=None, help="latency target (default: 4x unloaded p50)")
     parser.add_argument("--cheap-budget", type=float, default=None, help="GFLOPs/video of the second table")
     parser.add_argument("--no-cheap", action="store_true", help="skip the second table")
+    parser.add_argument("--no-default", action="store_true", help="skip the first table (and the serving overhead)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results here (JSON, and a PNG beside it)")
     args = parser.parse_args()
@@ -265,19 +266,24 @@ def main() -> None:
         with TritonServer(repository) as server:
             address = f"127.0.0.1:{server.grpc_port}"
             metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
-            report["tables"] = {"default": _table(address, metrics, requests, args, None)}
-            if args.out:  # what is done so far, should the next table fail
-                write_json(args.out, report)
+            report["tables"] = {}
+            if not args.no_default:
+                report["tables"]["default"] = _table(address, metrics, requests, args, None)
+                if args.out:  # what is done so far, should the next table fail
+                    write_json(args.out, report)
             if not args.no_cheap:
                 report["tables"]["cheap"] = _table(address, metrics, requests, args, {"budget_gflops": cheap})
-        report["in_process_stream_videos_per_s"] = in_process_stream(
-            export.path, requests, args.threads, args.batch_size, args.saturation_seconds
-        )
-    saturation = report["tables"]["default"]["saturation_per_s"]
-    report["serving_overhead"] = {
-        "served_over_in_process": saturation["adafocus"] / report["in_process_stream_videos_per_s"],
-        "note": "adafocus's saturation through Triton over Runtime.stream in one process (same videos, threads, pool)",
-    }
+        if not args.no_default:
+            report["in_process_stream_videos_per_s"] = in_process_stream(
+                export.path, requests, args.threads, args.batch_size, args.saturation_seconds
+            )
+    if not args.no_default:
+        saturation = report["tables"]["default"]["saturation_per_s"]
+        report["serving_overhead"] = {
+            "served_over_in_process": saturation["adafocus"] / report["in_process_stream_videos_per_s"],
+            "note": "adafocus's saturation through Triton over Runtime.stream in one process "
+            "(same videos, threads, pool)",
+        }
     print_report(report)
     if args.out:
         write_json(args.out, report)
@@ -443,7 +449,8 @@ def print_report(report: dict) -> None:
                     f"{row['load']:>30} {model:>34} {s['answered_per_s']:7.1f} {_ms(lat['p50'])} {_ms(lat['p95'])} "
                     f"{_ms(lat['p99'])} {_ms(lat['mean'])} {s['refused']:7d} {acc:>6} {gfl:>7}"
                 )
-    print(f"\nserving overhead: {report['serving_overhead']['served_over_in_process']:.2f} of in-process streaming")
+    if "serving_overhead" in report:
+        print(f"\nserving overhead: {report['serving_overhead']['served_over_in_process']:.2f} of in-process streaming")
 
 
 def plot(report: dict, path: Path) -> None:
