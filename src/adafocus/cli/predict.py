@@ -91,6 +91,15 @@ from adafocus.files import dumps
     "--decoders", type=click.IntRange(1), default=1, show_default=True, help="With --engine ray: decoder tasks."
 )
 @click.option(
+    "--decode",
+    type=click.Choice(["auto", "sequential"]),
+    default="auto",
+    show_default=True,
+    help="auto: decode only the sampled frames, seeking to each one's keyframe, where that is exact "
+    "(mp4/mov/mkv/webm with sound timestamps), else from the first frame; sequential: always from the first "
+    "frame (the slower reference, for checks). Each line's decoded_by says which ran.",
+)
+@click.option(
     "--server",
     default=None,
     metavar="HOST:PORT",
@@ -120,6 +129,7 @@ def predict(
     gpus_per_actor,
     cpus_per_actor,
     decoders,
+    decode,
     server,
     in_flight,
 ):
@@ -132,8 +142,9 @@ def predict(
     \b
     Each line holds the video's "path" and either
       "class", "class_index", "top_k" ([class, probability] pairs), "exit_step" (cubes used),
-      "cubes" ([{"centre": [x, y, t], "start": [x0, y0, t0]}]), "gflops" and "frames" (the
-      sampled source frame indices), plus "image" with --show;
+      "cubes" ([{"centre": [x, y, t], "start": [x0, y0, t0]}]), "gflops", "frames" (the
+      sampled source frame indices), "decoded_by" ("seek": only the frames sampled were decoded;
+      "sequential": from the first frame, "decode_fallback" saying why), plus "image" with --show;
     or "error", saying why the video could not be processed (unreadable, truncated, empty, too
     short). Lines are written as videos finish, in completion order.
 
@@ -157,6 +168,7 @@ def predict(
         require_ray()  # the install hint before any work
     if server is not None:
         local_only = {"--export": export_dir, "--thresholds": thresholds, "--show": show_dir}
+        local_only["--decode sequential"] = "sequential" if decode == "sequential" else None
         given = [name for name, value in local_only.items() if value is not None] + ["--engine ray"] * (engine == "ray")
         if given:
             raise click.UsageError(
@@ -172,7 +184,7 @@ def predict(
     done = recorded_paths(out, log=lambda line: click.echo(line, err=True)) if resume else set()
     todo = [v for v in videos if path_key(v) not in done]
     stats = None
-    options = {"batch_size": batch_size, "top_k": top_k, "thresholds": thresholds, "budget": budget}
+    options = {"batch_size": batch_size, "top_k": top_k, "thresholds": thresholds, "budget": budget, "decode": decode}
     if server is not None:
         from adafocus.serve.triton_client import predict_on_server
 
@@ -200,7 +212,7 @@ def predict(
         ctx.exit(1)
 
 
-def _local(todo, export_dir, backend, workers, show_dir, *, batch_size, top_k, thresholds, budget):
+def _local(todo, export_dir, backend, workers, show_dir, *, batch_size, top_k, thresholds, budget, decode):
     from adafocus.predict import predict_paths
     from adafocus.runtime import Runtime
 
@@ -214,7 +226,9 @@ def _local(todo, export_dir, backend, workers, show_dir, *, batch_size, top_k, t
             f"accuracy {chosen['accuracy']:.3f}",
             err=True,
         )
-    return predict_paths(todo, runtime, batch_size=batch_size, workers=workers, top_k=top_k, show_dir=show_dir)
+    return predict_paths(
+        todo, runtime, batch_size=batch_size, workers=workers, top_k=top_k, show_dir=show_dir, decode=decode
+    )
 
 
 def _write(records, out, resume: bool, total: int) -> int:

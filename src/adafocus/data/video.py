@@ -6,29 +6,39 @@ Pixels follow the official test-time recipe scaled to the preset's frame size S:
 round(S * 256 / 224) (bilinear, antialiased like the PIL resize torchvision applies), centre crop
 S×S, /255, ImageNet mean/std.
 
-Decoding is one sequential pass that keeps only the sampled frames (each already cropped to S×S)
-and stops right after the last one, so memory is bounded by T frames whatever the video's length.
-Seeking would skip decoding the gaps, but a seek lands on a keyframe, and mapping timestamps back to
-exact frame indices is unreliable across containers; a sequential pass gives exact indices
-everywhere, and costs at most one decode of the file.
+Decoding looks only at the frames it needs. One demux pass (no decoding: 1-5 % of a sequential decode)
+lists the stream's packets: their timestamps (pts) in decode order, which are keyframes, how many
+there are. Sorting the timestamps gives every frame's presentation-order index, so the sampled
+indices become timestamps. Then, for each sampled frame the decoder cannot reach by decoding on
+from where it is, it seeks to the keyframe at or before it, and decodes forward with the frames that
+nothing references and nobody asked for (x264's B-frames: half of a typical file) skipped
+(`skip_frame = NONREF`, set packet by packet). Frames are identified by their pts, never by counting.
 
-Frame counts come from the container (`stream.frames`) when it reports one. When it reports 0
-(Matroska/WebM, raw streams), a first demux pass counts the stream's packets without decoding
-them: one packet per frame holds for the codecs video files carry, and it is far cheaper than
-decoding.
+The truth is a full decode in presentation order (every frame the decoder outputs), sampled over
+the number of frames that decode; seeking is used only where it provably gives that (exact or
+nothing): an mp4/mov/mkv/webm file whose packets all carry distinct timestamps, whose header (when
+it has a frame count) agrees with its packets, that starts on a keyframe, and, while decoding, gives
+every wanted frame, in increasing pts, with no frame damaged. Anything else takes the sequential
+pass instead, for the whole file: decode from the first frame, keep the sampled ones, stop after the
+last (or, where the header and the packets disagree, run to the end and sample over what decoded).
+`VideoClip.decoded_by` says which path ran, and `fallback` why the sequential one.
+
+Memory is bounded by T frames whatever the video's length: only sampled frames are converted, each
+already cropped to S×S.
 
 A clip shorter than T frames is sampled with repeats (`tsn_indices`), like TSN at test time; only
 a file without a single decodable frame is an error.
 
-A container can claim more frames than decode (a cut-off download; or a count that includes
-frames the decoder drops). Then the frames that did decode are sampled again with a second
-sequential pass and the clip is marked `truncated`; with none decoded it is an error. The other
-way round, a container that under-reports its count is not detected: sampling covers the frames it
-claims.
+`truncated` means the data is damaged: the decoder stopped on an error, or the file ends inside a
+packet. A header that claims more frames than its packets decode to (an H.264 AVI made by stream
+copy claims twice its frames) is not damage: the frames that decode are sampled, and
+`claimed_frames` keeps the header's number.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,10 +61,11 @@ _REENCODE = "re-encode it, e.g. `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.
 class VideoClip:
     """A preprocessed clip together with where its frames came from, for drawing and diagnostics.
 
-    `indices` are 0-based positions in decode order among the `source_frames` frames sampled over.
-    `claimed_frames` is what the container said (or the packet count); it differs from
-    `source_frames` only when the file turned out to be `truncated`. `decoded_frames` counts every
-    frame the decoder produced in the pass that was kept, which stops after the last sampled one.
+    `indices` are 0-based positions in presentation order among the `source_frames` frames that
+    decode, which were sampled over. `claimed_frames` is what the container's header said (or its
+    packet count where it says nothing). `decoded_frames` counts every frame the decoder output in
+    the pass that was kept (a seeking pass skips most). `decoded_by` is "seek" or "sequential";
+    `fallback` says why a file took the sequential pass (None when it was seeking).
     """
 
     path: str
@@ -67,6 +78,13 @@ class VideoClip:
     source_size: tuple[int, int]  # (width, height) of the decoded frames
     decoded_frames: int
     truncated: bool
+    decoded_by: str
+    fallback: str | None
+
+    @property
+    def decoding(self) -> str:
+        """How the frames were found, in one string: "seek", or "sequential: <why>"."""
+        return self.decoded_by if self.fallback is None else f"{self.decoded_by}: {self.fallback}"
 
 
 def tsn_indices(num_frames: int, count: int) -> list[int]:
@@ -101,6 +119,26 @@ def shorter_side_for(frame_size: int, resize_shorter_side: int | None | str = IM
     return round(frame_size * 256 / 224) if resize_shorter_side == IMAGENET else resize_shorter_side
 
 
+# A frame's resize is too small for torch's thread team: with 2 threads on 2 cores it took 4.6x as
+# long as with one (15.6 vs 3.4 ms for a 720p frame, same pixels), and while a frame-threaded decoder
+# is running the team waits on it, doubling a whole decode (744 vs 407 ms for 300 frames of 720p).
+# torch.set_num_threads is per calling thread under OpenMP, so it is set and restored around the
+# resize only. None leaves torch's setting alone (benchmarks/decode.py's "before" method).
+RESIZE_THREADS: int | None = 1
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None):
+    previous = torch.get_num_threads()
+    if count is not None and count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
 def resize_crop(rgb: np.ndarray, frame_size: int, resize_shorter_side: int | None | str = IMAGENET) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, S, S) uint8, resized and centre-cropped, rounded back to 8 bits as
     a resized image file would be (and as PIL's resize, which torchvision's transforms run, does):
@@ -111,25 +149,26 @@ def resize_crop(rgb: np.ndarray, frame_size: int, resize_shorter_side: int | Non
     side is truncated, the crop offset rounded. `resize_shorter_side` None (the "as-is" preprocessing)
     crops the frame as it is, with no resampling at all, unless it is smaller than the crop.
     """
-    height, width = rgb.shape[:2]
-    short = shorter_side_for(frame_size, resize_shorter_side)
-    if short is None and min(height, width) >= frame_size:
-        image = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)  # exact pixels: nothing to round
-        new_h, new_w = height, width
-    else:
-        short = short or frame_size  # "as-is", but too small: scale up just enough
-        if width <= height:
-            new_w, new_h = short, int(short * height / width)
+    with _torch_threads(RESIZE_THREADS):
+        height, width = rgb.shape[:2]
+        short = shorter_side_for(frame_size, resize_shorter_side)
+        if short is None and min(height, width) >= frame_size:
+            image = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)  # exact pixels: nothing to round
+            new_h, new_w = height, width
         else:
-            new_w, new_h = int(short * width / height), short
-        image = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float()
-        image = F.interpolate(image, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    top = int(round((new_h - frame_size) / 2.0))
-    left = int(round((new_w - frame_size) / 2.0))
-    image = image[0, :, top : top + frame_size, left : left + frame_size]
-    if image.dtype == torch.uint8:
-        return image.contiguous()
-    return image.round_().clamp_(0, 255).to(torch.uint8)
+            short = short or frame_size  # "as-is", but too small: scale up just enough
+            if width <= height:
+                new_w, new_h = short, int(short * height / width)
+            else:
+                new_w, new_h = int(short * width / height), short
+            image = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float()
+            image = F.interpolate(image, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        top = int(round((new_h - frame_size) / 2.0))
+        left = int(round((new_w - frame_size) / 2.0))
+        image = image[0, :, top : top + frame_size, left : left + frame_size]
+        if image.dtype == torch.uint8:
+            return image.contiguous()
+        return image.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def to_model_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -163,57 +202,107 @@ def load_clip(
     frame_size: int,
     resize_shorter_side: int | None | str = IMAGENET,
     sample=tsn_indices,
+    method: str = "auto",
 ) -> VideoClip:
     """Like `load_video`, keeping which source frames were sampled, for drawing and checks.
-    `sample(frames, count)` picks the frames (default: TSN's test-time middle frames)."""
-    name = os.fspath(path)
+    `sample(frames, count)` picks the frames (default: TSN's test-time middle frames). `method`
+    "auto" seeks where that is exact (see the module's docstring), "sequential" always decodes from
+    the first frame (the reference the seeking path is checked against)."""
+    with _torch_threads(RESIZE_THREADS):  # every torch op here is per frame: small (see RESIZE_THREADS)
+        return _load_clip(os.fspath(path), num_frames, frame_size, resize_shorter_side, sample, method)
+
+
+def _load_clip(name: str, num_frames: int, frame_size: int, resize_shorter_side, sample, method: str) -> VideoClip:
     if num_frames < 1 or frame_size < 1:
         raise AdaFocusError(
             f"{name}: asked for {num_frames} frames of {frame_size}² pixels",
             "num_frames and frame_size must be positive",
         )
+    if method not in ("auto", "sequential"):
+        raise AdaFocusError(f"unknown decoding method {method!r}", 'use "auto" or "sequential"')
     _check_file(name)
 
-    claimed, counted_by = _count_frames(name)
-    if claimed < 1:
-        raise AdaFocusError(f"{name}: video has no frames", "give a file that contains at least one video frame")
+    container, stream = _open(name)
+    with container:
+        packets = _index(container, stream)
+        claimed, counted_by = (
+            (packets.container_frames, "container") if packets.container_frames > 0 else (len(packets.pts), "packets")
+        )
+        if claimed < 1:
+            raise AdaFocusError(f"{name}: video has no frames", "give a file that contains at least one video frame")
+        clip = dict(path=name, claimed_frames=claimed, counted_by=counted_by)
 
-    indices = sample(claimed, num_frames)
-    kept, decoded, failure, size = _decode_indices(name, indices, frame_size, resize_shorter_side)
-    source, truncated = claimed, False
-    if len(kept) < len(set(indices)):
-        # The decoder ran dry (or failed) before the last wanted frame: `decoded` is every frame
-        # the file really has, so sample again over those.
-        source, truncated = decoded, True
-        reason = f" ({failure})" if failure else ""
+        fallback = packets.not_seekable if method == "auto" else "sequential asked for"
+        if fallback is None:
+            order = sorted(packets.pts)  # presentation order: frame i is the i-th smallest pts
+            indices = sample(len(order), num_frames)
+            try:
+                kept, decoded, size = _decode_by_seeking(
+                    container, stream, packets, sorted({order[i] for i in indices}), frame_size, resize_shorter_side
+                )
+            except _NotExact as why:
+                fallback = str(why)
+            else:
+                pixels = torch.stack([kept[order[i]] for i in indices])
+                return VideoClip(
+                    **clip,
+                    frames=to_model_input(pixels),
+                    pixels=pixels,
+                    indices=indices,
+                    source_frames=len(order),
+                    source_size=size,
+                    decoded_frames=decoded,
+                    truncated=False,
+                    decoded_by="seek",
+                    fallback=None,
+                )
+
+    # The sequential pass. Where header and packets agree (and the data is whole) the count is
+    # known and the pass stops after the last sampled frame; otherwise it runs to the end, since
+    # the number of frames that decode is what is sampled over.
+    count_known = packets.damaged is None and packets.container_frames in (0, len(packets.pts))
+    guess = len(packets.pts) or claimed
+    indices = sample(guess, num_frames)
+    kept, decoded, failure, size = _decode_indices(
+        name, indices, frame_size, resize_shorter_side, to_end=not count_known
+    )
+    truncated = failure is not None or packets.damaged is not None
+    ran_out = len(kept) < len(set(indices))
+    if ran_out or decoded != guess and not count_known:
+        # Sample again over the frames that did decode (ran_out: the decoder ran dry, or failed,
+        # before the last wanted frame, so `decoded` is all there is).
         if decoded < 1:
+            reason = f" ({failure or packets.damaged})" if failure or packets.damaged else ""
             raise AdaFocusError(
                 f"{name}: truncated or damaged: the container claims {claimed} frames but none decodes{reason}",
                 _REENCODE,
             )
+        source = decoded
         indices = sample(decoded, num_frames)
-        kept, decoded, failure, size = _decode_indices(name, indices, frame_size, resize_shorter_side)
+        kept, _, _, size = _decode_indices(name, indices, frame_size, resize_shorter_side)
         if len(kept) < len(set(indices)):  # the decoder gave a different answer the second time round
             raise AdaFocusError(f"{name}: damaged: decoding stops at a different frame on each pass", _REENCODE)
+    else:
+        source = guess
 
     pixels = torch.stack([kept[i] for i in indices])
     return VideoClip(
-        path=name,
+        **clip,
         frames=to_model_input(pixels),
         pixels=pixels,
         indices=indices,
         source_frames=source,
-        claimed_frames=claimed,
-        counted_by=counted_by,
         source_size=size,
         decoded_frames=decoded,
         truncated=truncated,
+        decoded_by="sequential",
+        fallback=fallback,
     )
 
 
-def load_clip_for(path: str | os.PathLike, preset: Preset, sample=tsn_indices) -> VideoClip:
+def load_clip_for(path: str | os.PathLike, preset: Preset, sample=tsn_indices, method: str = "auto") -> VideoClip:
     """A clip for `preset`: its frame count and size, and the preprocessing it was trained with."""
-    return load_clip(path, preset.num_frames, preset.frame_size, preset.resize_shorter_side, sample)
+    return load_clip(path, preset.num_frames, preset.frame_size, preset.resize_shorter_side, sample, method)
 
 
 def _check_file(name: str) -> None:
@@ -246,7 +335,171 @@ def _open(name: str):
     return container, container.streams.video[0]
 
 
+# Containers whose packets carry each frame's presentation timestamp and an index to seek by. AVI
+# has neither (its timestamps are counted packets, and B-frames make them lie); raw streams have no
+# index. FFmpeg names its demuxers by the formats they read: "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm".
+SEEKABLE_FORMATS = {"mov", "mp4", "matroska", "webm"}
+
+
+@dataclass(frozen=True)
+class PacketIndex:
+    """What one demux pass over a file's video stream tells, without decoding anything."""
+
+    pts: list[int]  # each packet's presentation timestamp, in decode order (discarded packets left out)
+    keyframes: list[int]  # decode-order positions of the keyframe packets
+    container_frames: int  # the header's frame count; 0 where the container does not say
+    damaged: str | None  # the demux stopped on an error, or the file ends inside a packet
+    not_seekable: str | None  # why frames cannot be found by seeking (None: they can)
+
+
+def index_packets(name: str) -> PacketIndex:
+    """The demux pass: packet timestamps and keyframes of the first video stream."""
+    container, stream = _open(name)
+    with container:
+        return _index(container, stream)
+
+
+def _index(container, stream) -> PacketIndex:
+    pts: list[int | None] = []
+    keyframes: list[int] = []
+    damaged = None
+    format_name = container.format.name
+    try:
+        for packet in container.demux(stream):
+            if not packet.size:  # demux ends with an empty flush packet
+                continue
+            if packet.is_corrupt:
+                damaged = "the file ends inside a packet (cut short)"
+            if packet.is_discard:  # an edit list drops it: the decoder outputs nothing for it
+                continue
+            if packet.is_keyframe:
+                keyframes.append(len(pts))
+            pts.append(packet.pts)
+    except av.error.FFmpegError as err:
+        damaged = f"demuxing stopped on an error: {err}"
+    container_frames = max(stream.frames, 0)
+
+    def reason() -> str | None:
+        if not set(format_name.split(",")) & SEEKABLE_FORMATS:
+            return f"a {format_name} container: seeking is trusted only in mp4/mov/mkv/webm"
+        if damaged:
+            return damaged
+        if not pts:
+            return "no packets"
+        if any(p is None for p in pts):
+            return "packets without timestamps"
+        if len(set(pts)) != len(pts):
+            return "packets sharing a timestamp"
+        if container_frames and container_frames != len(pts):
+            return f"the header claims {container_frames} frames, the packets hold {len(pts)}"
+        if not keyframes or keyframes[0] != 0 or min(pts) < pts[0]:
+            return "the stream does not start on a keyframe that is shown first"
+        return None
+
+    return PacketIndex(
+        pts=pts,  # type: ignore[arg-type]  # a None among them makes the file not seekable
+        keyframes=keyframes,
+        container_frames=container_frames,
+        damaged=damaged,
+        not_seekable=reason(),
+    )
+
+
+class _NotExact(Exception):
+    """The seeking pass cannot vouch that its frames are those a full decode gives."""
+
+
+# How many keyframes further back a seek may go when the decoder lands past the frame it was sent
+# for (a demuxer that seeks by decode timestamps, an open GOP's leading frames).
+_RETRIES = 2
+
+
+def _decode_by_seeking(
+    container, stream, packets: PacketIndex, wanted: list[int], frame_size: int, resize_shorter_side
+) -> tuple[dict[int, torch.Tensor], int, tuple[int, int]]:
+    """The frames with timestamps `wanted` (sorted), cropped: (pts -> frame, frames decoded, (w, h)),
+    from the container the demux pass read (not opened twice: opening probes the stream, ~5 % of a
+    short file's decode). Raises _NotExact wherever the result could differ from a full decode's."""
+    position = {pts: i for i, pts in enumerate(packets.pts)}  # pts -> decode-order position
+
+    def keyframe_for(pts: int, back: int) -> int:
+        """Decode position of the `back`-th keyframe before the last one at or before `pts` in both
+        orders: a frame shown before its GOP's keyframe (an open GOP's leading B-frame) needs the
+        GOP before."""
+        at = bisect.bisect_right(packets.keyframes, position[pts]) - 1
+        while at > 0 and packets.pts[packets.keyframes[at]] > pts:
+            at -= 1
+        if at - back < 0:
+            raise _NotExact(f"the frame at pts {pts} did not decode after seeking to the first keyframe")
+        return packets.keyframes[at - back]
+
+    kept: dict[int, torch.Tensor] = {}
+    wanted_set = set(wanted)
+    decoded, todo, back, seeks = 0, 0, 0, 0
+    next_packet = -1  # the demuxer's position: -1, at the end after the demux pass (seek first)
+    size = (0, 0)
+    stream.thread_type = "AUTO"  # frame + slice threads; skip_frame travels with each packet
+    codec = stream.codec_context
+    while todo < len(wanted):
+        key = keyframe_for(wanted[todo], back)
+        sought = next_packet < 0 or key > next_packet or back > 0
+        if sought:
+            seeks += 1
+            if seeks > (_RETRIES + 1) * len(wanted):  # a demuxer that never lands where asked
+                raise _NotExact("seeking does not reach the wanted frames")
+            try:
+                container.seek(packets.pts[key], stream=stream, backward=True)  # also flushes the decoder
+            except av.error.FFmpegError as err:
+                raise _NotExact(f"seeking failed: {err}") from err
+        first, last_shown, missed, run_start = sought, None, False, todo
+        try:
+            for packet in container.demux(stream):
+                if packet.size:
+                    if packet.pts not in position:
+                        raise _NotExact(f"a packet (pts {packet.pts}) the demux pass did not list")
+                    here = position[packet.pts]
+                    if first and here > key:  # landed past the keyframe: one further back
+                        missed = True
+                        break
+                    first, next_packet = False, here + 1
+                    codec.skip_frame = "DEFAULT" if packet.pts in wanted_set else "NONREF"
+                for frame in packet.decode():
+                    decoded += 1
+                    if frame.pts not in position or (last_shown is not None and frame.pts <= last_shown):
+                        raise _NotExact(f"a frame out of timestamp order (pts {frame.pts})")
+                    if frame.is_corrupt:  # concealment may depend on the frames skipped
+                        raise _NotExact(f"a damaged frame (pts {frame.pts})")
+                    last_shown = frame.pts
+                    if frame.pts in wanted_set and frame.pts not in kept:
+                        rgb = frame.to_ndarray(format="rgb24")
+                        kept[frame.pts] = resize_crop(rgb, frame_size, resize_shorter_side)
+                        size = (frame.width, frame.height)
+                    while todo < len(wanted) and wanted[todo] in kept:
+                        todo, back = todo + 1, 0
+                    if todo < len(wanted) and frame.pts > wanted[todo]:
+                        missed = True  # the decoder went past a wanted frame without showing it
+                if missed or todo == len(wanted):
+                    break
+                # The next wanted frame is past a keyframe still ahead: seek there. Not before this
+                # run has found a frame: a seek may land before its keyframe, and goes on from there.
+                if todo > run_start and keyframe_for(wanted[todo], 0) > next_packet:
+                    break
+            else:
+                if todo < len(wanted):
+                    missed = True  # the end of the file, a wanted frame never shown
+        except av.error.FFmpegError as err:
+            raise _NotExact(f"a decoding error: {err}") from err
+        if missed:
+            if back == _RETRIES:
+                raise _NotExact(f"the frame at pts {wanted[todo]} was not found by seeking")
+            back += 1
+    codec.skip_frame = "DEFAULT"
+    return kept, decoded, size
+
+
 def _count_frames(name: str) -> tuple[int, str]:
+    """The frame count the container states, or its packet count (kept for benchmarks: this was
+    the whole of the count before the demux pass listed timestamps)."""
     container, stream = _open(name)
     with container:
         if stream.frames > 0:
@@ -262,9 +515,10 @@ def _count_frames(name: str) -> tuple[int, str]:
 
 
 def _decode_indices(
-    name: str, indices: list[int], frame_size: int, resize_shorter_side
+    name: str, indices: list[int], frame_size: int, resize_shorter_side, to_end: bool = False
 ) -> tuple[dict[int, torch.Tensor], int, str | None, tuple[int, int]]:
-    """One sequential pass keeping `indices`: (kept frames, frames decoded, decode error, (w, h))."""
+    """The sequential pass keeping `indices`: (kept frames, frames decoded, decode error, (w, h)).
+    It stops right after the last index, unless `to_end` (then `decoded` counts the whole file)."""
     wanted = set(indices)
     last = indices[-1]
     kept: dict[int, torch.Tensor] = {}
@@ -280,7 +534,7 @@ def _decode_indices(
                     kept[decoded] = resize_crop(frame.to_ndarray(format="rgb24"), frame_size, resize_shorter_side)
                     size = (frame.width, frame.height)
                 decoded += 1
-                if decoded > last:
+                if decoded > last and not to_end:
                     break
         except av.error.FFmpegError as err:
             failure = str(err)  # a damaged or cut-off stream; the caller decides what that means

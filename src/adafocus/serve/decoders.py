@@ -44,6 +44,7 @@ class Decoded:
     frames: np.ndarray  # (T, 3, S, S) float32, normalised
     indices: list[int]
     truncated: bool
+    decoding: str  # "seek", or "sequential: <why>" (adafocus.data.video.VideoClip.decoding)
 
 
 @dataclass
@@ -178,7 +179,7 @@ def _die_with_parent() -> None:
 
 
 def _work(preset: Preset, folder: str) -> None:
-    """A worker: bytes in, (frames, indices, truncated) or an error text out, until its input ends."""
+    """A worker: bytes in, (frames, indices, truncated, decoding) or an error text out, until its input ends."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the server, which drains, then stops us
     replies = os.fdopen(os.dup(1), "wb")
@@ -198,7 +199,7 @@ def _work(preset: Preset, folder: str) -> None:
             with open(path, "wb") as f:
                 f.write(data)
             clip = load_clip_for(path, preset)
-            reply: object = (clip.frames.numpy(), list(clip.indices), bool(clip.truncated))
+            reply: object = (clip.frames.numpy(), list(clip.indices), bool(clip.truncated), clip.decoding)
         except Exception as e:  # noqa: BLE001 - any decoding failure is this file's answer
             reply = error_text(e).replace(path, "the file")
         finally:

@@ -107,6 +107,7 @@ def model_config(model: ModelEntry, options: ServeOptions, export: Export) -> st
         _tensor("PROBABILITIES", "TYPE_FP32", [p.num_classes], labels=True),
         _tensor("GFLOPS", "TYPE_FP32", [1]),
         _tensor("FRAME_INDICES", "TYPE_INT32", [p.num_frames]),
+        _tensor("DECODED_BY", "TYPE_STRING", [1]),
     ]
     if model.mode != "dense":
         outputs += [

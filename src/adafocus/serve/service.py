@@ -224,12 +224,12 @@ class Service:
             on_done(decoded.exception())
             return
         clip = decoded.result()
-        self._submit_video(clip.frames, budget, clip.indices, on_done, "VIDEO_FILE", received)
+        self._submit_video(clip.frames, budget, clip, on_done, "VIDEO_FILE", received)
 
-    def _submit_video(self, video, budget, frame_indices, on_done, name: str, received: float) -> None:
+    def _submit_video(self, video, budget, source, on_done, name: str, received: float) -> None:
         def answer(future: Future) -> None:
             try:
-                on_done(self._outputs(future.result(), frame_indices))
+                on_done(self._outputs(future.result(), source))
             except Exception as e:  # noqa: BLE001 - the loop's failure, or a video it refused
                 on_done(e)
 
@@ -242,7 +242,7 @@ class Service:
         """Per-batch and dense modes: one graph run for every good video of a Triton batch; each
         request (inputs, parameters) gets its outputs or its own error."""
         outcomes: list[Outcome | None] = [None] * len(requests)
-        videos, budgets, indices, rows = [], [], [], []
+        videos, budgets, sources, rows = [], [], [], []
         pending = []
         for i, (inputs, parameters) in enumerate(requests):
             try:
@@ -251,11 +251,11 @@ class Service:
             except Exception as e:  # noqa: BLE001 - this request's own error
                 outcomes[i] = e
         for i, budget, video in pending:
-            frame_indices = None
+            source = None
             try:
                 if isinstance(video, Future):
-                    clip = video.result()  # a file that does not decode raises here
-                    video, frame_indices = clip.frames, clip.indices
+                    source = video.result()  # a file that does not decode raises here
+                    video = source.frames
                 check_video(video, self.preset, next(n for n in INPUTS if requests[i][0].get(n) is not None))
             except Exception as e:  # noqa: BLE001 - this request's own error
                 outcomes[i] = e
@@ -263,32 +263,32 @@ class Service:
             rows.append(i)
             videos.append(video)
             budgets.append(budget)
-            indices.append(frame_indices)
+            sources.append(source)
         if rows:
             try:
-                answers = self._predict(np.stack(videos), budgets, indices)
+                answers = self._predict(np.stack(videos), budgets, sources)
             except Exception as e:  # noqa: BLE001 - the engine failed: every request of the batch says so
                 answers = [e] * len(rows)
             for i, answer in zip(rows, answers):
                 outcomes[i] = answer
         return outcomes
 
-    def _predict(self, videos: np.ndarray, budgets: list, indices: list) -> list[Outcome]:
+    def _predict(self, videos: np.ndarray, budgets: list, sources: list) -> list[Outcome]:
         if self.dense is not None:
             out = self.dense.run("dense", {"videos": self.dense.videos(videos)})
             logits = self.dense.arrays.to_host(out["logits"])
             gflops = float(self.runtime.export.dense_gflops)
-            return [_dense_outputs(row, gflops, i) for row, i in zip(logits, indices)]
+            return [_dense_outputs(row, gflops, s) for row, s in zip(logits, sources)]
         points = [self.budgets.resolve(b) for b in budgets]
         result = self.runtime.predict(videos, thresholds=np.stack([p.thresholds for p in points]))
-        return [self._outputs_of(result.video(r), p.gflops, i) for r, (p, i) in enumerate(zip(points, indices))]
+        return [self._outputs_of(result.video(r), p.gflops, s) for r, (p, s) in enumerate(zip(points, sources))]
 
-    def _outputs(self, served, frame_indices) -> dict[str, np.ndarray]:
+    def _outputs(self, served, source) -> dict[str, np.ndarray]:
         if served.result.error is not None:
             raise AdaFocusError(served.result.error)
-        return self._outputs_of(served.result, served.budget_gflops, frame_indices)
+        return self._outputs_of(served.result, served.budget_gflops, source)
 
-    def _outputs_of(self, result, budget_gflops: float, frame_indices) -> dict[str, np.ndarray]:
+    def _outputs_of(self, result, budget_gflops: float, source) -> dict[str, np.ndarray]:
         outputs = {
             "CLASS_INDEX": np.array([result.prediction], np.int64),
             "PROBABILITIES": result.probs.astype(np.float32),
@@ -298,9 +298,7 @@ class Service:
             "CUBE_CENTRES": result.centres.astype(np.float32),
             "BUDGET_GFLOPS": np.array([budget_gflops], np.float32),
         }
-        if frame_indices is not None:
-            outputs["FRAME_INDICES"] = np.asarray(frame_indices, np.int32)
-        return outputs
+        return outputs | _source_outputs(source)
 
     # state ---------------------------------------------------------------------------------------
     def metrics(self) -> dict:
@@ -329,13 +327,21 @@ class Service:
             self.loop.close()
 
 
-def _dense_outputs(logits: np.ndarray, gflops: float, frame_indices) -> dict[str, np.ndarray]:
+def _dense_outputs(logits: np.ndarray, gflops: float, source) -> dict[str, np.ndarray]:
     z = np.exp(logits.astype(np.float64) - logits.max())
     outputs = {
         "CLASS_INDEX": np.array([int(np.argmax(logits))], np.int64),
         "PROBABILITIES": (z / z.sum()).astype(np.float32),
         "GFLOPS": np.array([gflops], np.float32),
     }
-    if frame_indices is not None:
-        outputs["FRAME_INDICES"] = np.asarray(frame_indices, np.int32)
-    return outputs
+    return outputs | _source_outputs(source)
+
+
+def _source_outputs(source) -> dict[str, np.ndarray]:
+    """Where a file was decoded here: which frames were sampled, and how they were decoded."""
+    if source is None:  # tensors came in: nothing was decoded
+        return {}
+    return {
+        "FRAME_INDICES": np.asarray(source.indices, np.int32),
+        "DECODED_BY": np.array([source.decoding.encode("utf-8")], np.object_),
+    }

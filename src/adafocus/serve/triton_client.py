@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from adafocus.errors import AdaFocusError
+from adafocus.predict import decoding_fields
 from adafocus.serve.repository import CONTINUOUS
 
 RETRIES = 5  # tries of a request refused as overloaded, the pause doubling from RETRY_PAUSE_S
@@ -99,7 +100,16 @@ def predict_on_server(
         client.close()
 
 
-OUTPUTS = ("CLASS_INDEX", "PROBABILITIES", "EXIT_STEP", "GFLOPS", "CUBE_STARTS", "CUBE_CENTRES", "FRAME_INDICES")
+OUTPUTS = (
+    "CLASS_INDEX",
+    "PROBABILITIES",
+    "EXIT_STEP",
+    "GFLOPS",
+    "CUBE_STARTS",
+    "CUBE_CENTRES",
+    "FRAME_INDICES",
+    "DECODED_BY",
+)
 
 
 def record_of(path: str, outputs: dict, class_names: list[str], top_k: int) -> dict:
@@ -117,4 +127,5 @@ def record_of(path: str, outputs: dict, class_names: list[str], top_k: int) -> d
         "cubes": [{"centre": centres[k].tolist(), "start": starts[k].tolist()} for k in range(used)],
         "gflops": float(outputs["GFLOPS"][0]),
         "frames": outputs["FRAME_INDICES"].tolist(),
+        **decoding_fields(outputs["DECODED_BY"].reshape(-1)[0].decode("utf-8")),
     }
