@@ -181,23 +181,27 @@ def measure(path: Path, count: int, rounds: int) -> dict:
 
 
 def predict_rates(paths: list[Path], rounds: int) -> dict:
-    """videos/s of adafocus-predict's loop: before (sequential, resizes on torch's thread team, as
-    before this change), sequential (--decode sequential) and auto (the default), in turns."""
+    """videos/s of adafocus-predict's loop: before (sequential, resizes on torch's thread team,
+    FFmpeg's own count of decoder threads, as before this change), sequential (--decode sequential)
+    and auto (the default), in turns."""
     from adafocus.builtin import demo_export
     from adafocus.predict import predict_paths
     from adafocus.runtime import Runtime
 
     runtime = Runtime.load(str(demo_export().path))
-    runs = {"before": ("sequential", None), "sequential": ("sequential", 1), "auto": ("auto", 1)}
+    runs = {"before": ("sequential", None, 0), "sequential": ("sequential", 1, None), "auto": ("auto", 1, None)}
+    threads_rule = video.decoder_threads
     rates: dict[str, list[float]] = {name: [] for name in runs}
     kinds: dict[str, list[str]] = {}
     for r in range(rounds):
         for name in list(runs)[r % 3 :] + list(runs)[: r % 3]:
-            decode, video.RESIZE_THREADS = runs[name]
+            decode, video.RESIZE_THREADS, threads = runs[name]
+            if threads is not None:  # predict_paths looks the rule up when it runs
+                video.decoder_threads = lambda decoders, n=threads: n
             started = time.perf_counter()
             lines = list(predict_paths(paths, runtime, workers=2, decode=decode))
             rates[name].append(len(lines) / (time.perf_counter() - started))
-            video.RESIZE_THREADS = 1
+            video.RESIZE_THREADS, video.decoder_threads = 1, threads_rule
             bad = [line for line in lines if "error" in line]
             if bad:
                 raise SystemExit(f"adafocus-predict failed on {bad[0]['path']}: {bad[0]['error']}")

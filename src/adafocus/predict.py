@@ -242,15 +242,20 @@ def predict_paths(
     show = os.fspath(show_dir) if show_dir is not None else None
     if show is not None:
         os.makedirs(show, exist_ok=True)
-    from adafocus.data.video import (
-        load_clip_for,  # PyAV only where videos are decoded: `adafocus bench` runs without it
+    from adafocus.data.video import (  # PyAV only where videos are decoded: `adafocus bench` runs without it
+        decoder_threads,
+        load_clip_for,
     )
 
     failures: deque[dict] = deque()  # decode errors, reported with the next result
     admitted: dict[int, tuple[str, list[int], str, torch.Tensor | None]] = {}  # stream position -> video
 
+    threads = decoder_threads(workers)
     decoded = decode_ahead(
-        names, lambda path: load_clip_for(path, preset, method=decode), workers, max(2 * batch_size, workers)
+        names,
+        lambda path: load_clip_for(path, preset, method=decode, threads=threads),
+        workers,
+        max(2 * batch_size, workers),
     )
 
     def clips() -> Iterator[torch.Tensor]:

@@ -70,7 +70,8 @@ def decode_row(
     started = time.perf_counter()
     pixels = np.zeros((num_frames, 3, frame_size, frame_size), np.uint8)
     try:
-        clip = load_clip(row["path"], num_frames, frame_size, resize_shorter_side, method=method)
+        # one decoder thread: the task reserves one CPU (num_cpus=1), and Ray runs one per CPU
+        clip = load_clip(row["path"], num_frames, frame_size, resize_shorter_side, method=method, threads=1)
         pixels, source, error = clip.pixels.numpy(), json.dumps([clip.indices, clip.decoding]), ""
     except Exception as e:  # any file may be broken in its own way; it becomes its error line
         source, error = "[]", error_text(e)

@@ -297,9 +297,9 @@ class DecodedBatches:
         self.report = DecodeReport(len(videos))
 
     def _load_clip(self, path: str) -> torch.Tensor:
-        from adafocus.data.video import load_clip_for  # PyAV only where videos are decoded
+        from adafocus.data.video import decoder_threads, load_clip_for  # PyAV only where videos are decoded
 
-        return load_clip_for(path, self.preset).frames
+        return load_clip_for(path, self.preset, threads=decoder_threads(self.workers)).frames
 
     def __len__(self) -> int:
         return len(self.videos)

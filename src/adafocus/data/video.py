@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from adafocus.errors import AdaFocusError
+from adafocus.machine import usable_cores
 from adafocus.model.preprocess import MEAN, STD
 
 if TYPE_CHECKING:
@@ -203,16 +204,20 @@ def load_clip(
     resize_shorter_side: int | None | str = IMAGENET,
     sample=tsn_indices,
     method: str = "auto",
+    threads: int = 0,
 ) -> VideoClip:
     """Like `load_video`, keeping which source frames were sampled, for drawing and checks.
     `sample(frames, count)` picks the frames (default: TSN's test-time middle frames). `method`
     "auto" seeks where that is exact (see the module's docstring), "sequential" always decodes from
-    the first frame (the reference the seeking path is checked against)."""
+    the first frame (the reference the seeking path is checked against). `threads`: FFmpeg's
+    decoder threads (0: FFmpeg's choice, one per core and one more; see `decoder_threads`)."""
     with _torch_threads(RESIZE_THREADS):  # every torch op here is per frame: small (see RESIZE_THREADS)
-        return _load_clip(os.fspath(path), num_frames, frame_size, resize_shorter_side, sample, method)
+        return _load_clip(os.fspath(path), num_frames, frame_size, resize_shorter_side, sample, method, threads)
 
 
-def _load_clip(name: str, num_frames: int, frame_size: int, resize_shorter_side, sample, method: str) -> VideoClip:
+def _load_clip(
+    name: str, num_frames: int, frame_size: int, resize_shorter_side, sample, method: str, threads: int
+) -> VideoClip:
     if num_frames < 1 or frame_size < 1:
         raise AdaFocusError(
             f"{name}: asked for {num_frames} frames of {frame_size}² pixels",
@@ -238,7 +243,13 @@ def _load_clip(name: str, num_frames: int, frame_size: int, resize_shorter_side,
             indices = sample(len(order), num_frames)
             try:
                 kept, decoded, size = _decode_by_seeking(
-                    container, stream, packets, sorted({order[i] for i in indices}), frame_size, resize_shorter_side
+                    container,
+                    stream,
+                    packets,
+                    sorted({order[i] for i in indices}),
+                    frame_size,
+                    resize_shorter_side,
+                    threads,
                 )
             except _NotExact as why:
                 fallback = str(why)
@@ -264,7 +275,7 @@ def _load_clip(name: str, num_frames: int, frame_size: int, resize_shorter_side,
     guess = len(packets.pts) or claimed
     indices = sample(guess, num_frames)
     kept, decoded, failure, size = _decode_indices(
-        name, indices, frame_size, resize_shorter_side, to_end=not count_known
+        name, indices, frame_size, resize_shorter_side, to_end=not count_known, threads=threads
     )
     truncated = failure is not None or packets.damaged is not None
     ran_out = len(kept) < len(set(indices))
@@ -279,7 +290,7 @@ def _load_clip(name: str, num_frames: int, frame_size: int, resize_shorter_side,
             )
         source = decoded
         indices = sample(decoded, num_frames)
-        kept, _, _, size = _decode_indices(name, indices, frame_size, resize_shorter_side)
+        kept, _, _, size = _decode_indices(name, indices, frame_size, resize_shorter_side, threads=threads)
         if len(kept) < len(set(indices)):  # the decoder gave a different answer the second time round
             raise AdaFocusError(f"{name}: damaged: decoding stops at a different frame on each pass", _REENCODE)
     else:
@@ -300,9 +311,19 @@ def _load_clip(name: str, num_frames: int, frame_size: int, resize_shorter_side,
     )
 
 
-def load_clip_for(path: str | os.PathLike, preset: Preset, sample=tsn_indices, method: str = "auto") -> VideoClip:
+def load_clip_for(
+    path: str | os.PathLike, preset: Preset, sample=tsn_indices, method: str = "auto", threads: int = 0
+) -> VideoClip:
     """A clip for `preset`: its frame count and size, and the preprocessing it was trained with."""
-    return load_clip(path, preset.num_frames, preset.frame_size, preset.resize_shorter_side, sample, method)
+    return load_clip(path, preset.num_frames, preset.frame_size, preset.resize_shorter_side, sample, method, threads)
+
+
+def decoder_threads(decoders: int) -> int:
+    """FFmpeg threads for each of `decoders` files decoded at once: this process's cores shared
+    between them, at least one each. FFmpeg's own choice (cores + 1 frame threads per file) puts
+    2 x 3 threads on 2 cores under adafocus-predict's 2 decoder workers: 1.15x fewer videos/s than
+    one thread each (12.89 vs 14.87, benchmarks/decode.py's files)."""
+    return max(1, usable_cores() // max(decoders, 1))
 
 
 def _check_file(name: str) -> None:
@@ -415,7 +436,7 @@ _RETRIES = 2
 
 
 def _decode_by_seeking(
-    container, stream, packets: PacketIndex, wanted: list[int], frame_size: int, resize_shorter_side
+    container, stream, packets: PacketIndex, wanted: list[int], frame_size: int, resize_shorter_side, threads: int
 ) -> tuple[dict[int, torch.Tensor], int, tuple[int, int]]:
     """The frames with timestamps `wanted` (sorted), cropped: (pts -> frame, frames decoded, (w, h)),
     from the container the demux pass read (not opened twice: opening probes the stream, ~5 % of a
@@ -439,6 +460,7 @@ def _decode_by_seeking(
     next_packet = -1  # the demuxer's position: -1, at the end after the demux pass (seek first)
     size = (0, 0)
     stream.thread_type = "AUTO"  # frame + slice threads; skip_frame travels with each packet
+    stream.thread_count = threads
     codec = stream.codec_context
     while todo < len(wanted):
         key = keyframe_for(wanted[todo], back)
@@ -515,7 +537,7 @@ def _count_frames(name: str) -> tuple[int, str]:
 
 
 def _decode_indices(
-    name: str, indices: list[int], frame_size: int, resize_shorter_side, to_end: bool = False
+    name: str, indices: list[int], frame_size: int, resize_shorter_side, to_end: bool = False, threads: int = 0
 ) -> tuple[dict[int, torch.Tensor], int, str | None, tuple[int, int]]:
     """The sequential pass keeping `indices`: (kept frames, frames decoded, decode error, (w, h)).
     It stops right after the last index, unless `to_end` (then `decoded` counts the whole file)."""
@@ -528,6 +550,7 @@ def _decode_indices(
     size = (stream.codec_context.width, stream.codec_context.height)
     with container:
         stream.thread_type = "AUTO"  # frame + slice threads: several times faster on long videos
+        stream.thread_count = threads
         try:
             for frame in container.decode(stream):
                 if decoded in wanted:

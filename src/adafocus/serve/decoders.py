@@ -60,7 +60,10 @@ class DecoderPool:
     def __init__(self, preset: Preset, workers: int = 2, *, timeout_s: float = 60.0):
         if workers < 1:
             raise AdaFocusError(f"{workers} decoder processes", "give at least 1")
+        from adafocus.data.video import decoder_threads
+
         self.preset, self.timeout_s = preset, timeout_s
+        self.threads = decoder_threads(workers)  # FFmpeg threads in each worker: the cores shared
         self.folder = Path(tempfile.mkdtemp(prefix="adafocus-decode-"))
         self.crashes = 0  # workers that died on a file (or were stopped for taking too long)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -100,7 +103,7 @@ class DecoderPool:
     def _start(self) -> subprocess.Popen:
         # a fresh interpreter running this module, talking over its stdin and stdout: nothing of this
         # (threaded) process is forked, and nothing depends on how this process was started
-        command = [sys.executable, "-m", __name__, self.preset.name, str(self.folder)]
+        command = [sys.executable, "-m", __name__, self.preset.name, str(self.folder), str(self.threads)]
         return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
 
     def _drive(self, slot: int) -> None:
@@ -178,7 +181,7 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _work(preset: Preset, folder: str) -> None:
+def _work(preset: Preset, folder: str, threads: int) -> None:
     """A worker: bytes in, (frames, indices, truncated, decoding) or an error text out, until its input ends."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the server, which drains, then stops us
@@ -198,7 +201,7 @@ def _work(preset: Preset, folder: str) -> None:
         try:
             with open(path, "wb") as f:
                 f.write(data)
-            clip = load_clip_for(path, preset)
+            clip = load_clip_for(path, preset, threads=threads)
             reply: object = (clip.frames.numpy(), list(clip.indices), bool(clip.truncated), clip.decoding)
         except Exception as e:  # noqa: BLE001 - any decoding failure is this file's answer
             reply = error_text(e).replace(path, "the file")
@@ -209,4 +212,4 @@ def _work(preset: Preset, folder: str) -> None:
 
 
 if __name__ == "__main__":
-    _work(get_preset(sys.argv[1]), sys.argv[2])
+    _work(get_preset(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
