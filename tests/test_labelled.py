@@ -29,9 +29,9 @@ def decodes(monkeypatch):
     calls = []
     real = adafocus.data.video.load_clip_for
 
-    def counting(path, preset):
+    def counting(path, preset, **options):
         calls.append(str(path))
-        return real(path, preset)
+        return real(path, preset, **options)
 
     monkeypatch.setattr(adafocus.data.video, "load_clip_for", counting)
     return calls

@@ -390,7 +390,7 @@ def _index(container, stream) -> PacketIndex:
             if not packet.size:  # demux ends with an empty flush packet
                 continue
             if packet.is_corrupt:
-                damaged = "the file ends inside a packet (cut short)"
+                damaged = "a packet the demuxer flags corrupt (the file ends inside it, or its data is damaged)"
             if packet.is_discard:  # an edit list drops it: the decoder outputs nothing for it
                 continue
             if packet.is_keyframe:
