@@ -19,7 +19,7 @@ from adafocus.machine import u8s8_may_saturate
 from adafocus.model import adaptive_inference, load_checkpoint
 from adafocus.quantize.int8 import kernels_exact, quantize_export, record_inputs
 from adafocus.runtime import Runtime
-from adafocus.runtime.backends import Int8PrecisionWarning
+from adafocus.runtime.backends import Int8PrecisionWarning, make_backend
 from adafocus.weights import builtin_checkpoint
 from conftest import strict_loads
 
@@ -225,3 +225,60 @@ def test_cli_int8_reports_and_records(exported, tmp_path):
     assert speed["batch"] == 128 and speed["threads"] == 2 and speed["fp32_videos_per_s"] > 0
     assert speed["speedup"] == pytest.approx(speed["int8_videos_per_s"] / speed["fp32_videos_per_s"])
     assert Runtime.load(target, precision="int8").backend.describe()["precision"] == "int8"
+
+
+def test_bench_int8_runs_beside_fp32_with_an_int8_dense_graph(exported, task, tmp_path):
+    from adafocus import cli
+    from adafocus.export.graphs import DENSE
+
+    target = shutil.copytree(exported("demo").path, tmp_path / "demo")
+    export = quantize_export(target, [task.batch("val", range(16))], graphs=("glance", "local", DENSE), threads=2)
+    assert (
+        export.graph(DENSE).variants["int8"] == "dense.int8.onnx"
+        and export.manifest["int8"]["graphs"][DENSE]["quantized"]
+    )
+    out = tmp_path / "bench.json"
+    args = [str(target), "--precision", "int8", "--batch", "8", "--repeats", "1", "--warmup", "0", "--no-reference"]
+    result = CliRunner().invoke(cli.bench, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (b,) = strict_loads(out.read_text(encoding="utf-8"))["backends"]
+    assert set(b["videos_per_s"]) >= {"adaptive", "dense", "adaptive_fp32", "dense_fp32"}
+    assert b["methods"]["dense"]["precision"] == "int8" and b["methods"]["dense_fp32"]["precision"] == "fp32"
+    v, ratios = b["videos_per_s"], b["int8"]
+    assert ratios["adaptive_int8_vs_dense_fp32"] == pytest.approx(v["adaptive"] / v["dense_fp32"])
+    assert ratios["dense_int8_vs_dense_fp32"] == pytest.approx(v["dense"] / v["dense_fp32"])
+    assert b["exits_per_step"] and b["methods"]["adaptive_fp32"]["exits_per_step"]
+    assert "int8: adaptive" in result.stdout
+    # the int8 dense graph really is another graph: its logits move, its classes mostly stay
+    videos, _ = task.batch("test", range(32))
+    outputs = {}
+    for precision in ("fp32", "int8"):
+        backend = make_backend(export, "onnxruntime", precision=precision, graphs=(DENSE,), threads=2)
+        outputs[precision] = backend.run(DENSE, {"videos": backend.videos(videos.numpy())})["logits"]
+    assert not np.array_equal(outputs["fp32"], outputs["int8"])
+    assert (outputs["fp32"].argmax(1) == outputs["int8"].argmax(1)).mean() > 0.5
+    # quantised again without it, the dense graph is fp32 again and its int8 file goes
+    again = quantize_export(target, [task.batch("val", range(16))], graphs=("local",), threads=2)
+    assert "int8" not in again.graph(DENSE).variants and not (target / "dense.int8.onnx").exists()
+
+
+def test_int8_graphs_need_int8_and_known_names(exported):
+    result = CliRunner().invoke(calibrate, [str(exported("demo").path), "--int8-graphs", "local,dense"])
+    assert result.exit_code != 0 and "--int8-graphs is an option of --int8" in result.output
+    with pytest.raises(AdaFocusError, match=r"cannot quantise \['crop'\]"):
+        quantize_export(exported("demo").path, np.zeros((1, 8, 3, 128, 128), np.float32), graphs=("local", "crop"))
+
+
+def test_cli_int8_graphs_are_the_librarys():
+    from adafocus.cli.calibrate import DEFAULT_INT8_GRAPHS, INT8_GRAPHS
+    from adafocus.export.graphs import DENSE
+    from adafocus.quantize.int8 import DEFAULT_GRAPHS, QUANTISABLE
+
+    assert DEFAULT_INT8_GRAPHS == DEFAULT_GRAPHS and INT8_GRAPHS == (*QUANTISABLE, DENSE)
+
+
+def test_cli_refuses_unknown_int8_graphs_before_any_work(exported):
+    args = [str(exported("demo").path), "--int8", "--int8-graphs", "local,crop"]
+    result = CliRunner().invoke(calibrate, args)
+    assert result.exit_code != 0 and "--int8-graphs: cannot quantise ['crop']" in result.output
+    assert "calibration videos" not in result.output  # nothing ran

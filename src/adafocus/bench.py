@@ -179,6 +179,11 @@ def bench_backend(
     methods["dense"] = _dense_method(export, backend, settings, videos, repeats, warmup)
     peak["after_dense"] = _peak_rss_mib()
     gc.collect()
+    if settings["precision"] == "int8":  # the same batch in fp32 beside it, in the same run
+        log(f"[{backend}] adaptive and dense in fp32, beside int8")
+        methods |= _fp32_methods(export, backend, settings, videos, thresholds, repeats, warmup)
+        peak["after_fp32"] = _peak_rss_mib()
+        gc.collect()
     if reference:
         log(f"[{backend}] PyTorch-eager reference loop")
         gflops = methods["adaptive"]["gflops_per_video"]  # the same exits, so the same compute
@@ -203,6 +208,17 @@ def bench_backend(
         "peak_rss_mib": _peak_rss_mib(),
         "peak_rss_mib_by_stage": peak,
     }
+    if "adaptive_fp32" in methods:
+        rate = report["videos_per_s"]
+        report["int8"] = {
+            "dense_precision": methods["dense"]["precision"],
+            "adaptive_int8_vs_dense_fp32": rate["adaptive"] / rate["dense_fp32"],
+            "adaptive_int8_vs_adaptive_fp32": rate["adaptive"] / rate["adaptive_fp32"],
+            "adaptive_fp32_vs_dense_fp32": rate["adaptive_fp32"] / rate["dense_fp32"],
+            "dense_int8_vs_dense_fp32": rate["dense"] / rate["dense_fp32"]
+            if methods["dense"]["precision"] == "int8"
+            else None,
+        }
     if videos.device.type == "cuda":
         report["peak_cuda_mib"] = torch.cuda.max_memory_allocated(videos.device) / 2**20
     return report
@@ -229,12 +245,29 @@ def _adaptive_methods(runtime: Runtime, videos, repeats: int, warmup: int, log) 
 
 
 def _dense_method(export: Export, backend: str, settings: dict, videos, repeats: int, warmup: int) -> dict:
-    """The dense graph on the same kind of backend (same device, provider and binding); int8 has no
-    dense graph, so an int8 run's baseline is fp32."""
-    precision = "fp32" if settings["precision"] == "int8" else settings["precision"]
+    """The dense graph on the same kind of backend (same device, provider and binding); an int8 run's
+    baseline is the int8 dense graph where the export has one (`adafocus-calibrate --int8-graphs`),
+    else fp32."""
+    precision = settings["precision"]
+    if precision == "int8" and "int8" not in export.graph(DENSE).variants:
+        precision = "fp32"
     dense = make_backend(export, backend, **(settings | {"precision": precision, "graphs": (DENSE,)}))
     seconds = _timed(lambda: dense.run(DENSE, {"videos": dense.videos(videos)}), repeats, warmup, dense.synchronize)
-    return _summary(seconds, len(videos), export.dense_gflops)
+    return _summary(seconds, len(videos), export.dense_gflops) | {"precision": precision}
+
+
+def _fp32_methods(export: Export, backend: str, settings: dict, videos, thresholds, repeats: int, warmup: int):
+    """Adaptive (per batch, same thresholds) and dense in fp32: what an int8 run is compared with."""
+    fp32 = settings | {"precision": "fp32"}
+    runtime = Runtime(export, make_backend(export, backend, **fp32))
+    runtime.set_thresholds(thresholds)
+    result = runtime.predict(videos)
+    seconds = _timed(lambda: runtime.predict(videos), repeats, warmup, runtime.backend.synchronize)
+    adaptive = _summary(seconds, len(videos), float(result.gflops.mean())) | {"precision": "fp32"}
+    adaptive["exits_per_step"] = np.bincount(result.exit_step, minlength=export.preset.num_exits).tolist()
+    runtime = None
+    gc.collect()
+    return {"adaptive_fp32": adaptive, "dense_fp32": _dense_method(export, backend, fp32, videos, repeats, warmup)}
 
 
 def _eager_method(export: Export, videos, thresholds, precision: str, repeats: int, warmup: int, gflops) -> dict:
@@ -365,4 +398,15 @@ def format_report(report: dict) -> str:
             + "exits per step "
             + "/".join(str(e) for e in r["exits_per_step"])
         )
+        if int8 := r.get("int8"):
+            dense = int8["dense_int8_vs_dense_fp32"]
+            lines.append(
+                f"  int8: adaptive {int8['adaptive_int8_vs_dense_fp32']:.2f}× dense fp32, "
+                f"{int8['adaptive_int8_vs_adaptive_fp32']:.2f}× adaptive fp32; "
+                + (
+                    f"dense int8 {dense:.2f}× dense fp32"
+                    if dense
+                    else "no int8 dense graph (adafocus-calibrate --int8-graphs ...,dense)"
+                )
+            )
     return "\n".join(lines)

@@ -92,9 +92,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_partials(folder: Path) -> list[Path]:
+def remove_stale_partials(folder: Path, name: str = "") -> list[Path]:
     """Delete `.NAME.partial-PID` files and directories in `folder` whose process is gone (killed
-    with kill -9, or by a power cut: nothing of theirs could clean up). Returns what was removed."""
+    with kill -9, or by a power cut: nothing of theirs could clean up); only those of NAME `name`
+    where one is given (in a shared folder such as the temporary one). Returns what was removed."""
     import re
     import shutil
 
@@ -102,7 +103,8 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
-        match = re.fullmatch(r"\..+" + re.escape(PARTIAL) + r"(\d+)(\.[A-Za-z0-9]+)?", entry.name)
+        pattern = r"\." + (re.escape(name) if name else ".+") + re.escape(PARTIAL) + r"(\d+)(\.[A-Za-z0-9]+)?"
+        match = re.fullmatch(pattern, entry.name)
         if match is None or _alive(int(match.group(1))):
             continue
         if entry.is_dir() and not entry.is_symlink():

@@ -115,6 +115,29 @@ def cpu_record() -> dict:
     }
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory since it started or since `reset_peak_rss` (Linux VmHWM;
+    unlike ru_maxrss it is not inherited across fork), or None where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's VmHWM afresh (Linux: `5` into /proc/self/clear_refs), so that a stage can
+    report its own peak; False where that is not allowed (the peak is then the whole process's).
+    ru_maxrss reads the same counter: it too starts afresh."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 PACKAGES = ("adafocus-deploy", "torch", "onnx", "onnxscript", "onnxruntime", "numpy", "tensorrt")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from adafocus.cli.common import CONTEXT, Command, backend_choice, device_choice
@@ -9,6 +11,10 @@ from adafocus.cli.sets import LIST_FORMATS, FileSets, report_left_out, set_optio
 from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import Export, open_export
 from adafocus.files import dumps
+
+# adafocus.quantize's DEFAULT_GRAPHS and what it can quantise, without importing onnx for --help
+DEFAULT_INT8_GRAPHS = ("glance", "local")
+INT8_GRAPHS = ("glance", "policy", "local", "classifier", "dense")
 
 
 @click.command(cls=Command, context_settings=CONTEXT)
@@ -108,6 +114,14 @@ from adafocus.files import dumps
     help="With --int8: how many calibration videos record the activation ranges (the first of the set).",
 )
 @click.option(
+    "--int8-graphs",
+    default=",".join(DEFAULT_INT8_GRAPHS),
+    show_default=True,
+    help="With --int8: the graphs to quantise, comma-separated, among glance, policy, local, classifier and "
+    "dense (the dense baseline, so that adafocus-bench --precision int8 compares with dense int8 too). The others "
+    "stay fp32. A glance that loses too much in int8 (see the held-out comparison) can stay fp32: 'local'.",
+)
+@click.option(
     "--int8-weight-bits",
     type=click.Choice(["7", "8"]),
     default="7",
@@ -171,8 +185,16 @@ def calibrate(export_dir, data, heldout, calibration_videos, seed, backend, devi
 
 
 DEFAULTS = {"root": None, "workers": 2, "max_bad": 0.05}
-SPEED_BATCH = 128
+SPEED_BATCH = 128  # videos per batch of the fp32-vs-int8 comparison and speed runs, where they fit
+SPEED_BYTES = 384 * 2**20  # ... in this many bytes of preprocessed video (sthsth-v1: 32 videos)
 SPEED_THREADS = 2
+
+
+def speed_batch(preset) -> int:
+    """SPEED_BATCH videos, or the largest power of two of them within SPEED_BYTES: two runtimes (fp32
+    and int8) hold a batch's activations at once, which for a paper preset at 128 videos is past 24 GB."""
+    fits = max(1, SPEED_BYTES // (4 * math.prod(preset.video_shape)))
+    return min(SPEED_BATCH, 2 ** (fits.bit_length() - 1))
 
 
 class _Sets:
@@ -200,6 +222,14 @@ class _Sets:
         self.int8 = self.files.read(int8_data) if int8_data else self.calibration
         if int8_data and not options["int8"]:
             raise AdaFocusError("--int8-data is the data of --int8", "add --int8")
+        self.int8_graphs = tuple(g.strip() for g in options["int8_graphs"].split(",") if g.strip())
+        if self.int8_graphs != DEFAULT_INT8_GRAPHS and not options["int8"]:
+            raise AdaFocusError("--int8-graphs is an option of --int8", "add --int8")
+        bad = [g for g in self.int8_graphs if g not in INT8_GRAPHS]
+        if bad or not self.int8_graphs:
+            raise AdaFocusError(
+                f"--int8-graphs: cannot quantise {bad or 'nothing'}", f"choose among {', '.join(INT8_GRAPHS)}"
+            )
         if not self.meaningful and data is None:
             click.echo(
                 f"note: {export.path} was not trained on the synthetic task ({self.task.preset.num_classes} classes "
@@ -303,22 +333,25 @@ def _quantise(export: Export, sets: _Sets, options: dict, weight_bits: int) -> d
     else:
         calibration = sets.synthetic("val", count)
         info = {"task": "synthetic 'find the detail' videos", "seed": sets.seed, "split": "val"}
-    quantize_export(export.path, calibration, weight_bits=weight_bits, info=info)
+    quantize_export(
+        export.path, calibration, graphs=sets.int8_graphs, weight_bits=weight_bits, info=info, progress=True
+    )
+    batch = speed_batch(export.preset)
     if sets.int8 is not None:
         info["left_out"] = len(report_left_out("int8 range videos", calibration.report)["left_out"])
     report: dict = {"ranges_from": info}
     if sets.heldout is not None:
-        heldout = sets.files.batches(sets.heldout, SPEED_BATCH, "int8 comparison videos")
+        heldout = sets.files.batches(sets.heldout, batch, "int8 comparison videos")
         report["heldout"] = compare_precisions(export.path, heldout, threads=SPEED_THREADS)
         report["heldout"] |= {"set": sets.heldout.source, "accuracy_meaningful": True}
-        speed_videos = next(iter(sets.files.batches(sets.heldout, SPEED_BATCH, "speed videos", False)))[0]
+        speed_videos = next(iter(sets.files.batches(sets.heldout, batch, "speed videos", False)))[0]
     elif sets.heldout_videos:
-        heldout = sets.synthetic("test", sets.heldout_videos, SPEED_BATCH)
+        heldout = sets.synthetic("test", sets.heldout_videos, batch)
         report["heldout"] = compare_precisions(export.path, heldout, threads=SPEED_THREADS)
         report["heldout"] |= {"split": "test", "accuracy_meaningful": sets.meaningful}
     if sets.heldout is None and sets.int8 is not None:
-        speed_videos = next(iter(sets.files.batches(sets.int8, SPEED_BATCH, "speed videos", False)))[0]
+        speed_videos = next(iter(sets.files.batches(sets.int8, batch, "speed videos", False)))[0]
     elif sets.heldout is None:
-        speed_videos, _ = sets.task.batch("test", range(SPEED_BATCH))
+        speed_videos, _ = sets.task.batch("test", range(batch))
     report["speed"] = measure_speed(export.path, speed_videos, threads=SPEED_THREADS)
     return record_report(export.path, report).int8

@@ -3,6 +3,7 @@ graph, exact on every x86 CPU (see `int8`). A layer of its own beside exit-thres
 both sit on the runtime and neither needs the other."""
 
 from adafocus.quantize.int8 import (
+    DEFAULT_GRAPHS,
     CalibrationInputs,
     compare_precisions,
     describe,
@@ -15,6 +16,7 @@ from adafocus.quantize.int8 import (
 )
 
 __all__ = [
+    "DEFAULT_GRAPHS",
     "CalibrationInputs",
     "compare_precisions",
     "describe",

@@ -44,7 +44,16 @@ classes with the glance quantised, 62 % with the local encoder, against 20 % and
 `quantize_static` offers no way to set the Entropy calibrator's bin count, and at its default (128
 bins for 128 quantised bins) Entropy has a single candidate range, the full one: identical to MinMax.
 
-See `DEFAULT_GRAPHS` / `KEPT_FP32` for which graphs are quantised and why.
+Memory does not grow with the calibration videos. The loop records a few videos at a time
+(`videos_per_pass`), each graph's feeds go to a spill folder in the temporary directory (deleted
+afterwards; one left by a killed run is deleted by the next, see `record_inputs`), and ONNX Runtime's
+calibrator replays them one recorded call at a time in a memory-bounded execution order
+(`activation_ranges`); the ranges are MinMax's min and max over everything, as before. On sthsth-v1
+(TSM ResNet-50 at 128²×12, 224² glance) the INT8 stage went from killed at 24 GB for 64 videos to a
+peak of ~3.6 GB, whatever the number of videos (benchmarks/README.md, "INT8").
+
+See `DEFAULT_GRAPHS` / `KEPT_FP32` for which graphs are quantised and why; the dense baseline can be
+quantised too (`graphs=(..., "dense")`), on the videos the glance is fed, for benchmarks.
 
 The manifest records, per graph, the file its int8 variant uses (`graphs.<name>.variants.int8`: the
 quantised file, or the graph's fp32 file where it is deliberately kept in fp32), and the calibration
@@ -53,11 +62,15 @@ facts under the top-level key `int8`.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import secrets
+import shutil
 import statistics
 import tempfile
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,18 +78,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from tqdm import tqdm
 
 from adafocus.errors import AdaFocusError, InternalError
-from adafocus.export.graphs import GRAPH_NAMES
+from adafocus.export.graphs import DENSE, GRAPH_NAMES
 from adafocus.export.manifest import Export, open_export, update_manifest
 from adafocus.files import partial_path, remove_stale_partials
-from adafocus.machine import cpu_name, cpu_record
+from adafocus.machine import cpu_name, cpu_record, peak_rss_bytes, reset_peak_rss
 from adafocus.runtime import Runtime
 from adafocus.runtime.backends import EXACT_U8U8, OnnxRuntimeBackend
 
 PRECISION = "int8"
 DEFAULT_GRAPHS = ("glance", "local")
 QUANTISABLE = ("glance", "policy", "local", "classifier")  # the loop graphs with weights
+FEEDS_OF = {DENSE: "glance"}  # the dense baseline is calibrated on what the glance is fed: the videos
 KEPT_FP32 = {  # why the other loop graphs stay fp32 (the cost is filled in from the manifest)
     "crop": "no weights: an exact integer gather, nothing to quantise",
     "policy": "{cost}: little to gain, and its outputs are the integer cube positions, which quantisation would move",
@@ -97,35 +112,89 @@ def int8_file(graph: str) -> str:
 
 
 # recording the real inputs -----------------------------------------------------------------------
-class _RecordingBackend(OnnxRuntimeBackend):
-    """The fp32 ONNX Runtime backend, keeping a copy of every feed of the graphs in `graphs`."""
+# Memory must not grow with the calibration videos (a paper preset's 64 videos took 24 GB before):
+# the loop runs on passes of a few videos (`videos_per_pass`), every recorded feed goes to a spill
+# folder on disk, and the calibrator replays them one recorded call at a time.
+PASS_BYTES = 64 * 2**20  # preprocessed video bytes per recording pass (sthsth-v1: 6 videos; demo: 42)
+SPILL_NAME = "adafocus-int8-feeds"  # `.adafocus-int8-feeds.partial-PID.RANDOM` in the temporary folder
 
-    def __init__(self, export: Export, graphs: Iterable[str], threads: int | None = None):
+
+def videos_per_pass(preset) -> int:
+    """Videos the fp32 loop records at once: what bounds the sessions' memory while recording, and
+    the calibrator's while replaying (each recorded call holds at most this many videos' rows)."""
+    return max(1, PASS_BYTES // (4 * math.prod(preset.video_shape)))
+
+
+class SpilledBatches(Sequence):
+    """One graph's recorded feeds, batch by batch in loop order, each read back from the spill
+    folder when asked for (never all in memory)."""
+
+    def __init__(self, folder: Path, graph: str):
+        self.folder, self.graph = folder, graph
+        self.files: list[dict[str, Path]] = []
+        self.rows = 0
+
+    def append(self, feeds: dict[str, np.ndarray]) -> None:
+        files = {}
+        for name, value in feeds.items():
+            files[name] = self.folder / f"{self.graph}-{len(self.files):06d}-{name}.npy"
+            np.save(files[name], np.asarray(value), allow_pickle=False)
+        self.files.append(files)
+        self.rows += len(next(iter(feeds.values())))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return {name: np.load(path, allow_pickle=False) for name, path in self.files[index].items()}
+
+
+class _RecordingBackend(OnnxRuntimeBackend):
+    """The fp32 ONNX Runtime backend, writing every feed of the graphs in `graphs` to `folder`."""
+
+    def __init__(self, export: Export, graphs: Iterable[str], folder: Path, threads: int | None = None):
         # parts in turn (call_workers=1): every feed passes through _run, in the loop's order
         super().__init__(export, "cpu", threads=threads, call_workers=1)
-        self.recorded: dict[str, list[dict[str, np.ndarray]]] = {g: [] for g in graphs}
+        self.recorded = {g: SpilledBatches(folder, g) for g in graphs}
 
     def _run(self, graph: str, feeds: dict) -> dict:
         if graph in self.recorded:
-            self.recorded[graph].append({name: np.array(value, copy=True) for name, value in feeds.items()})
+            self.recorded[graph].append(feeds)
         return super()._run(graph, feeds)
 
 
 @dataclass
 class CalibrationInputs:
-    """What each graph was fed, batch by batch, while the fp32 graphs ran the loop on `videos` videos
-    without early exit; `cube_starts` (videos, K, 3) is the policy's plan for each video."""
+    """What each graph was fed, batch by batch (spilled to `folder`), while the fp32 graphs ran the
+    loop on `videos` videos without early exit; `cube_starts` (videos, K, 3) is the policy's plan for
+    each video. `close()` (or leaving a `with` block, or the end of the process) deletes the folder;
+    a run killed before that leaves it to the next `record_inputs`, which removes it."""
 
-    feeds: dict[str, list[dict[str, np.ndarray]]]
+    feeds: dict[str, SpilledBatches]
     videos: int
     cube_starts: np.ndarray
+    folder: Path
+    seconds: float
+    per_pass: int
 
     def rows(self, graph: str) -> int:
-        return sum(len(next(iter(f.values()))) for f in self.feeds[graph])
+        return self.feeds[graph].rows
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> CalibrationInputs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _video_batches(videos) -> Iterable[np.ndarray]:
-    """(videos, labels) batches (TaskVideos), bare video batches, or one (N, T, 3, H, W) array."""
+def _video_batches(videos, per_pass: int) -> Iterable[np.ndarray]:
+    """(videos, labels) batches (TaskVideos), bare video batches, or one (N, T, 3, H, W) array, cut
+    into passes of at most `per_pass` videos."""
     if isinstance(videos, np.ndarray | torch.Tensor | tuple):
         videos = [videos]
     for batch in videos:
@@ -133,7 +202,16 @@ def _video_batches(videos) -> Iterable[np.ndarray]:
             batch = batch[0]
         if isinstance(batch, torch.Tensor):
             batch = batch.numpy()
-        yield np.ascontiguousarray(batch, dtype=np.float32)
+        for start in range(0, len(batch), per_pass):
+            yield np.ascontiguousarray(batch[start : start + per_pass], dtype=np.float32)
+        del batch  # before the next batch is made: two at once would be 1.2 GB of sthsth-v1 at 64 videos
+
+
+def _count_of(videos) -> int | None:
+    """How many videos an iterable of batches holds, where it says (TaskVideos, DecodedBatches)."""
+    if isinstance(videos, list | tuple | np.ndarray | torch.Tensor) or not hasattr(videos, "__len__"):
+        return None
+    return len(videos)
 
 
 def record_inputs(
@@ -142,27 +220,87 @@ def record_inputs(
     graphs: Sequence[str] = QUANTISABLE,
     *,
     threads: int | None = None,
+    per_pass: int | None = None,
+    progress: bool = False,
 ) -> CalibrationInputs:
     """Run the export's fp32 graphs through the runtime's cube loop on `videos` (every video runs
-    all K cubes) and record the feeds of `graphs`, in loop order."""
+    all K cubes), `per_pass` videos at a time (default `videos_per_pass`), and record the feeds of
+    `graphs`, in loop order, in a spill folder under the temporary directory ($TMPDIR).
+    Close the result (or use it in a `with` block) to delete the folder."""
     export = export if isinstance(export, Export) else open_export(export)
-    backend = _RecordingBackend(export, graphs, threads)
-    runtime = Runtime(export, backend)
-    runtime.set_thresholds([-math.inf] * export.preset.num_exits)  # never exit: every step, every video
-    starts, count = [], 0
-    for batch in _video_batches(videos):
-        result = runtime.predict(batch)
-        starts.append(result.cube_starts)
-        count += len(batch)
-    if count == 0:
-        raise AdaFocusError("no calibration videos", "give at least one video")
-    return CalibrationInputs(backend.recorded, count, np.concatenate(starts))
+    per_pass = per_pass or videos_per_pass(export.preset)
+    temporary = Path(tempfile.gettempdir())
+    remove_stale_partials(temporary, SPILL_NAME)  # the spill of a calibration that was killed
+    folder = partial_path(temporary / SPILL_NAME, suffix=f".{secrets.token_hex(4)}")
+    folder.mkdir(mode=0o700)
+    started = time.perf_counter()
+    try:
+        backend = _RecordingBackend(export, graphs, folder, threads)
+        runtime = Runtime(export, backend)
+        runtime.set_thresholds([-math.inf] * export.preset.num_exits)  # never exit: every step, every video
+        starts, count = [], 0
+        with tqdm(total=_count_of(videos), desc="int8 ranges: recording", unit="video", disable=not progress) as bar:
+            for batch in _video_batches(videos, per_pass):
+                starts.append(runtime.predict(batch).cube_starts)
+                count += len(batch)
+                bar.update(len(batch))
+                del batch  # a view: it would keep the whole incoming batch alive while the next is made
+        if count == 0:
+            raise AdaFocusError("no calibration videos", "give at least one video")
+    except OSError as e:  # the disk under the spill: full, read-only
+        shutil.rmtree(folder, ignore_errors=True)
+        raise AdaFocusError(
+            f"could not record the calibration inputs in {folder.parent}: {e}",
+            "free space there or point TMPDIR at a disk with room (sthsth-v1: ~15 MB per video)",
+        ) from e
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - started
+    inputs = CalibrationInputs(backend.recorded, count, np.concatenate(starts), folder, seconds, per_pass)
+    weakref.finalize(inputs, shutil.rmtree, folder, True)  # when dropped, at the latest at the end of the process
+    return inputs
+
+
+def activation_ranges(model: Path, batches: Sequence[dict[str, np.ndarray]], method: str, work: Path):
+    """ONNX Runtime's calibrator (the one `quantize_static` would create, on the same tensors) fed
+    one recorded batch at a time. Two things keep its memory bounded: only per-batch results are
+    kept (MinMax: the batch's min and max per tensor, merged as they come), and its session runs in
+    priority-based order. In the default order ONNX Runtime ran the ReduceMin/ReduceMax nodes it
+    adds to every tensor late, keeping nearly every activation of the batch alive: 0.8 GB per
+    128²×12 cube of the sthsth-v1 ResNet-50 against 0.1 GB (measured, onnxruntime 1.32).
+    (Its own `CalibMaxIntermediateOutputs` is not the answer in 1.32: it drops the batches it
+    clears instead of merging their ranges.)"""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    calibrator = create_calibrator(
+        model,
+        sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),  # quantize_static's default op types
+        augmented_model_path=str(work / "augmented.onnx"),
+        calibrate_method=getattr(CalibrationMethod, METHODS[method]),
+    )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator's own
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    calibrator.infer_session = ort.InferenceSession(
+        calibrator.augmented_model_path, options, providers=["CPUExecutionProvider"]
+    )
+    for index in range(len(batches)):
+        calibrator.collect_data(_reader([batches[index]]))  # merges this batch into the ranges so far
+    ranges = calibrator.compute_data()
+    # its session (and memory arena) goes now, not whenever the garbage collector finds the calibrator
+    calibrator.infer_session = None
+    del calibrator
+    gc.collect()
+    return ranges
 
 
 class _Feeds:
     """An onnxruntime CalibrationDataReader over recorded feeds."""
 
-    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
         self.feeds, self.position = feeds, 0
 
     def get_next(self) -> dict | None:
@@ -191,16 +329,19 @@ def _reader(feeds):
 def quantize_graph(
     source: Path,
     target: Path,
-    feeds: list[dict[str, np.ndarray]],
+    feeds: Sequence[dict[str, np.ndarray]],
     *,
     method: str = DEFAULT_METHOD,
     preprocess: bool = True,
     activations: str = "uint8",
     weight_bits: int = 7,
+    symbolic_shapes: bool = True,
 ) -> dict:
     """Static QDQ quantisation of one fp32 graph with `feeds` as calibration data; checks the result
-    (onnx.checker, an ORT session, Q/DQ nodes present) and says what it did."""
+    (onnx.checker, an ORT session, Q/DQ nodes present) and says what it did. `symbolic_shapes`:
+    preprocess with ONNX Runtime's symbolic shape inference (else ONNX's own shape inference only)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
     if method not in METHODS:
         raise AdaFocusError(f"unknown calibration method {method!r}", f"use one of {', '.join(METHODS)}")
@@ -217,11 +358,15 @@ def quantize_graph(
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             model_input = Path(tmp) / "preprocessed.onnx"
-            quant_pre_process(str(source), str(model_input), skip_symbolic_shape=False)
+            quant_pre_process(str(source), str(model_input), skip_symbolic_shape=not symbolic_shapes)
+        # ranges computed here with bounded memory, handed to quantize_static as its calibration cache
+        ranges = Path(tmp) / "ranges.json"
+        save_tensors_data(activation_ranges(Path(model_input), feeds, method, Path(tmp)), ranges)
         quantize_static(
             str(model_input),
             str(target),
-            _reader(feeds),
+            None,
+            calibration_cache_path=str(ranges),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             reduce_range=weight_bits == 7,
@@ -279,6 +424,8 @@ def quantize_export(
     weight_bits: int = 7,
     threads: int | None = None,
     info: dict | None = None,
+    per_pass: int | None = None,
+    progress: bool = False,
 ) -> Export:
     """Write `<graph>.int8.onnx` for `graphs`, calibrated on `videos` through the real loop, and record
     every loop graph's int8 file in the manifest (the fp32 file for graphs kept in fp32).
@@ -286,39 +433,64 @@ def quantize_export(
     `videos`: (videos, labels) batches such as `TaskVideos`, video batches, or one array. `method`:
     activation ranges by "minmax" or "percentile" (ONNX Runtime's calibrators); `activations`: "uint8"
     (CPU) or "int8" (TensorRT), and `weight_bits` 7 (exact on every x86 CPU) or 8, see the module
-    docstring; `preprocess`: run ONNX Runtime's `quant_pre_process` first. `info` goes into the
-    manifest's `int8` record (e.g. where the videos came from). Returns the re-sealed export.
+    docstring; `preprocess`: run ONNX Runtime's `quant_pre_process` first. "dense" among `graphs`
+    also quantises the dense baseline (on the videos the glance is fed). `per_pass`: videos
+    recorded at once (default `videos_per_pass`: what bounds the memory); `progress`: a bar over the
+    videos. `info` goes into the manifest's `int8` record (e.g. where the videos came from), with
+    the time and this stage's peak resident memory. Returns the re-sealed export.
     """
     export = open_export(export_dir)  # verified before anything is written next to it
-    if bad := [g for g in graphs if g not in QUANTISABLE]:
-        raise AdaFocusError(f"cannot quantise {bad}", f"choose among {', '.join(QUANTISABLE)} (crop has no weights)")
+    if bad := [g for g in graphs if g not in (*QUANTISABLE, DENSE)]:
+        raise AdaFocusError(
+            f"cannot quantise {bad}", f"choose among {', '.join((*QUANTISABLE, DENSE))} (crop has no weights)"
+        )
     if not graphs:
-        raise AdaFocusError("no graphs to quantise", f"choose among {', '.join(QUANTISABLE)}")
+        raise AdaFocusError("no graphs to quantise", f"choose among {', '.join((*QUANTISABLE, DENSE))}")
+    if DENSE in graphs and DENSE not in export.manifest["graphs"]:
+        raise AdaFocusError(f"{export.path} has no dense baseline graph", "re-export it with this adafocus-deploy")
+    own_peak = reset_peak_rss()
     started = time.perf_counter()
-    inputs = record_inputs(export, videos, graphs, threads=threads)
+    recorded = sorted({FEEDS_OF.get(g, g) for g in graphs}, key=QUANTISABLE.index)
     remove_stale_partials(export.path)  # staged graphs of a quantisation that was killed
     staged = {int8_file(g): partial_path(export.path / int8_file(g)) for g in graphs}  # hidden until committed
     try:
-        records = {}
-        for graph in graphs:
-            records[graph] = quantize_graph(
-                export.graph_path(graph),
-                staged[int8_file(graph)],
-                inputs.feeds[graph],
-                method=method,
-                preprocess=preprocess,
-                activations=activations,
-                weight_bits=weight_bits,
-            )
-            records[graph] |= {"file": int8_file(graph), "calibration_rows": inputs.rows(graph)}
+        with record_inputs(export, videos, recorded, threads=threads, per_pass=per_pass, progress=progress) as inputs:
+            records = {}
+            for graph in tqdm(graphs, desc="int8 ranges: quantising", unit="graph", disable=not progress):
+                feeds = FEEDS_OF.get(graph, graph)
+                records[graph] = quantize_graph(
+                    export.graph_path(graph),
+                    staged[int8_file(graph)],
+                    inputs.feeds[feeds],
+                    method=method,
+                    preprocess=preprocess,
+                    activations=activations,
+                    weight_bits=weight_bits,
+                    # onnxruntime 1.32's symbolic shape inference fails on the dense graph (a Gather whose
+                    # input shape it cannot follow); ONNX's own shape inference serves the quantiser there
+                    symbolic_shapes=graph != DENSE,
+                )
+                records[graph] |= {"file": int8_file(graph), "calibration_rows": inputs.rows(feeds)}
+        peak = peak_rss_bytes()
         settings = {"method": method, "preprocess": preprocess, "activations": activations, "weight_bits": weight_bits}
-        record = _int8_record(export, records, settings, inputs.videos, time.perf_counter() - started, info)
+        cost = {
+            "seconds": round(time.perf_counter() - started, 1),
+            "recording_seconds": round(inputs.seconds, 1),
+            "videos_per_pass": inputs.per_pass,
+            "peak_rss_bytes": peak,
+            "peak_rss_of": "this stage (VmHWM reset at its start)" if own_peak else "the whole process (VmHWM)",
+        }
+        record = _int8_record(export, records, settings, inputs.videos, cost, info)
         # int8 files of graphs that stay fp32 this time (an earlier quantisation's) go
         stale = [v for g, v in _int8_variants(export).items() if g not in graphs and v != export.graph(g).file]
 
         def change(manifest: dict) -> None:
             for graph in GRAPH_NAMES:
                 manifest["graphs"][graph].setdefault("variants", {})[PRECISION] = record["graphs"][graph]["file"]
+            if DENSE in graphs:
+                manifest["graphs"][DENSE].setdefault("variants", {})[PRECISION] = int8_file(DENSE)
+            elif DENSE in manifest["graphs"]:
+                manifest["graphs"][DENSE].get("variants", {}).pop(PRECISION, None)
             manifest["int8"] = record
 
         return update_manifest(export.path, change, new_files=staged, drop_files=stale)
@@ -328,10 +500,11 @@ def quantize_export(
 
 
 def _int8_variants(export: Export) -> dict[str, str]:
-    return {g: export.graph(g).variants[PRECISION] for g in GRAPH_NAMES if PRECISION in export.graph(g).variants}
+    graphs = [g for g in (*GRAPH_NAMES, DENSE) if g in export.manifest["graphs"]]
+    return {g: export.graph(g).variants[PRECISION] for g in graphs if PRECISION in export.graph(g).variants}
 
 
-def _int8_record(export: Export, records: dict, settings: dict, videos: int, seconds: float, info) -> dict:
+def _int8_record(export: Export, records: dict, settings: dict, videos: int, cost: dict, info) -> dict:
     """The manifest's `int8` key: how the graphs were made, per graph what its int8 file is."""
     import onnxruntime as ort
 
@@ -356,10 +529,10 @@ def _int8_record(export: Export, records: dict, settings: dict, videos: int, sec
         "inputs_from": "the export's fp32 ONNX graphs run by the runtime's cube loop, no early exit "
         "(every video runs cubes 1..K; the local encoder sees the policy's cubes)",
         "calibration_videos": videos,
-        "graphs": {g: records[g] for g in GRAPH_NAMES},
+        "graphs": {g: records[g] for g in (*GRAPH_NAMES, DENSE) if g in records},
         "onnxruntime": ort.__version__,
         "onnx": onnx.__version__,
-        "seconds": round(seconds, 1),
+        **cost,
         **(info or {}),
     }
 
@@ -460,6 +633,12 @@ def describe(record: dict) -> str:
         f"(flags {' '.join(made.get('flags') or []) or 'unknown'})"
         + ("; exact on every x86 CPU" if record.get("exact_on_every_x86_cpu") else "; needs VNNI for its fast kernels")
     )
+    if record.get("peak_rss_bytes") is not None:
+        lines.append(
+            f"  ranges recorded and graphs quantised in {record['seconds']:.0f} s (recording "
+            f"{record['recording_seconds']:.0f} s, {record['videos_per_pass']} videos at a time); peak resident "
+            f"memory {record['peak_rss_bytes'] / 2**30:.2f} GiB ({record['peak_rss_of']})"
+        )
     if held := record.get("heldout"):
         lines.append(
             f"  held-out ({held['videos']} {_videos_of(held)}, manifest thresholds): accuracy "
