@@ -46,7 +46,7 @@ def main() -> None:
     if args.thresholds:
         thresholds, source = [float(t) for t in args.thresholds.split(",")], "--thresholds"
     else:
-        recorded = json.loads(args.thresholds_from.read_text())
+        recorded = json.loads(args.thresholds_from.read_text(encoding="utf-8"))
         thresholds, source = recorded["thresholds"], f"{args.thresholds_from.name}: {recorded['thresholds_from']}"
     videos = bench_videos(export, args.videos, seed=args.seed).numpy()
     runs = {}

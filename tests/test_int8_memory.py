@@ -207,7 +207,7 @@ def test_int8_calibration_of_a_mid_sized_preset_stays_under_its_peak(mid_export,
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    peak = strict_loads(report.read_text())["peak_rss_bytes"]
+    peak = strict_loads(report.read_text(encoding="utf-8"))["peak_rss_bytes"]
     int8 = strict_loads(done.stdout)["int8"]
     assert int8["calibration_videos"] == MID_VIDEOS and int8["videos_per_pass"] < 64  # recorded in passes
     assert int8["peak_rss_of"].startswith("this stage")  # its VmHWM was reset at the start of the stage

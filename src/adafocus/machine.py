@@ -119,7 +119,7 @@ def peak_rss_bytes() -> int | None:
     """This process's peak resident memory since it started or since `reset_peak_rss` (Linux VmHWM;
     unlike ru_maxrss it is not inherited across fork), or None where /proc does not say."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:
@@ -132,7 +132,7 @@ def reset_peak_rss() -> bool:
     report its own peak; False where that is not allowed (the peak is then the whole process's).
     ru_maxrss reads the same counter: it too starts afresh."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
     except OSError:
         return False
     return True
