@@ -50,7 +50,7 @@ afterwards; one left by a killed run is deleted by the next, see `record_inputs`
 calibrator replays them one recorded call at a time in a memory-bounded execution order
 (`activation_ranges`); the ranges are MinMax's min and max over everything, as before. On sthsth-v1
 (TSM ResNet-50 at 128²×12, 224² glance) the INT8 stage went from killed at 24 GB for 64 videos to a
-peak of ~3.6 GB, whatever the number of videos (benchmarks/README.md, "INT8").
+peak of 3.6 GB for 64 videos and 4.2 GB for 128 or 256 (benchmarks/README.md, "INT8 at paper scale").
 
 See `DEFAULT_GRAPHS` / `KEPT_FP32` for which graphs are quantised and why; the dense baseline can be
 quantised too (`graphs=(..., "dense")`), on the videos the glance is fed, for benchmarks.
