@@ -227,11 +227,8 @@ def bench_backend(
 def _adaptive_methods(runtime: Runtime, videos, repeats: int, warmup: int, log) -> dict[str, dict]:
     name, batch, sync = runtime.backend.name, len(videos), runtime.backend.synchronize
     log(f"[{name}] adaptive, per-batch mode")
-    result = runtime.predict(videos)
-    gflops = float(result.gflops.mean())
-    seconds = _timed(lambda: runtime.predict(videos), repeats, warmup, sync)
-    adaptive = _summary(seconds, batch, gflops)
-    adaptive["exits_per_step"] = np.bincount(result.exit_step, minlength=runtime.preset.num_exits).tolist()
+    adaptive = _per_batch_method(runtime, videos, repeats, warmup)
+    gflops = adaptive["gflops_per_video"]
     log(f"[{name}] adaptive, streaming mode ({STREAM_BATCHES} batches' worth through a pool of {batch})")
     # one video per item (as a decoder hands them over: each is copied into the staging batch), then
     # the same videos a batch per item (as a DataLoader yields them: admitted as views, no copy)
@@ -242,6 +239,15 @@ def _adaptive_methods(runtime: Runtime, videos, repeats: int, warmup: int, log) 
         seconds = _timed(lambda items=items: list(runtime.stream(iter(items), batch_size=batch)), repeats, warmup, sync)
         methods[method] = _summary([s / STREAM_BATCHES for s in seconds], batch, gflops)
     return methods
+
+
+def _per_batch_method(runtime: Runtime, videos, repeats: int, warmup: int) -> dict:
+    """`Runtime.predict` on the whole batch, timed; with the compute and the exits of an untimed run."""
+    result = runtime.predict(videos)
+    seconds = _timed(lambda: runtime.predict(videos), repeats, warmup, runtime.backend.synchronize)
+    method = _summary(seconds, len(videos), float(result.gflops.mean()))
+    method["exits_per_step"] = np.bincount(result.exit_step, minlength=runtime.preset.num_exits).tolist()
+    return method
 
 
 def _dense_method(export: Export, backend: str, settings: dict, videos, repeats: int, warmup: int) -> dict:
@@ -261,10 +267,7 @@ def _fp32_methods(export: Export, backend: str, settings: dict, videos, threshol
     fp32 = settings | {"precision": "fp32"}
     runtime = Runtime(export, make_backend(export, backend, **fp32))
     runtime.set_thresholds(thresholds)
-    result = runtime.predict(videos)
-    seconds = _timed(lambda: runtime.predict(videos), repeats, warmup, runtime.backend.synchronize)
-    adaptive = _summary(seconds, len(videos), float(result.gflops.mean())) | {"precision": "fp32"}
-    adaptive["exits_per_step"] = np.bincount(result.exit_step, minlength=export.preset.num_exits).tolist()
+    adaptive = _per_batch_method(runtime, videos, repeats, warmup) | {"precision": "fp32"}
     runtime = None
     gc.collect()
     return {"adaptive_fp32": adaptive, "dense_fp32": _dense_method(export, backend, fp32, videos, repeats, warmup)}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import click
 
 from adafocus.cli.common import CONTEXT, Command, backend_choice, device_choice
@@ -193,7 +191,7 @@ SPEED_THREADS = 2
 def speed_batch(preset) -> int:
     """SPEED_BATCH videos, or the largest power of two of them within SPEED_BYTES: two runtimes (fp32
     and int8) hold a batch's activations at once, which for a paper preset at 128 videos is past 24 GB."""
-    fits = max(1, SPEED_BYTES // (4 * math.prod(preset.video_shape)))
+    fits = max(1, SPEED_BYTES // preset.video_bytes)
     return min(SPEED_BATCH, 2 ** (fits.bit_length() - 1))
 
 

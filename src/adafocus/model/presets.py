@@ -75,6 +75,11 @@ class Preset:
         return (self.num_frames, 3, self.frame_size, self.frame_size)
 
     @property
+    def video_bytes(self) -> int:
+        """Bytes of one preprocessed video (float32)."""
+        return 4 * self.num_frames * 3 * self.frame_size * self.frame_size
+
+    @property
     def cube_shape(self) -> tuple[int, int, int, int]:
         """Shape of one cube: (T', 3, h', w')."""
         return (self.cube_frames, 3, self.cube_size, self.cube_size)

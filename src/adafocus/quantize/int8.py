@@ -122,7 +122,7 @@ SPILL_NAME = "adafocus-int8-feeds"  # `.adafocus-int8-feeds.partial-PID.RANDOM` 
 def videos_per_pass(preset) -> int:
     """Videos the fp32 loop records at once: what bounds the sessions' memory while recording, and
     the calibrator's while replaying (each recorded call holds at most this many videos' rows)."""
-    return max(1, PASS_BYTES // (4 * math.prod(preset.video_shape)))
+    return max(1, PASS_BYTES // preset.video_bytes)
 
 
 class SpilledBatches(Sequence):
