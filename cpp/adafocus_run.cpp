@@ -333,6 +333,11 @@ int main(int argc, char** argv) {
     }
     const fs::path dir = positional[0];
     const json manifest = open_export(dir);
+    // A Uni-AdaFocus export's crop graph resamples a patch box (an input this loop does not feed)
+    const std::string family = manifest["preset"].value("family", "adafocusv3");
+    if (family != "adafocusv3")
+      throw Refusal(dir.string() + " is a " + family + " (Uni-AdaFocus) export; this runner drives AdaFocusV3 exports only",
+                    "run it with the Python runtime: adafocus-predict, or adafocus.runtime.Runtime (onnxruntime, pytorch, aoti)");
     const int64_t k_max = manifest["protocol"]["max_cubes"].get<int64_t>();
 
     std::vector<float> eta(k_max + 1, -std::numeric_limits<float>::infinity());  // null: never exit early

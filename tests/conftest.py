@@ -12,8 +12,20 @@ from adafocus.model import build_model, get_preset
 
 @functools.cache
 def _model(name: str):
-    torch.manual_seed(0)  # random weights, the same in every test that asks for this preset
-    return build_model(get_preset(name))
+    return random_model(name)
+
+
+def random_model(name: str):
+    """A random-weight model of preset `name` (seed 0). A Uni-AdaFocus model gets BatchNorm
+    statistics measured on random videos too: with PyTorch's initial ones every video gives the same
+    glance features, and its policy would pick the same frames and boxes for all (batchnorm.py)."""
+    from adafocus.model.batchnorm import measure_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(get_preset(name))
+    if model.preset.family == "uni":
+        measure_batchnorm(model, random_videos(model.preset, 16, seed=9))
+    return model
 
 
 @pytest.fixture
@@ -43,8 +55,7 @@ def exported(tmp_path_factory):
             loaded = load_checkpoint(builtin_checkpoint())
             model, classes, weights = loaded.model, loaded.class_names, {"source": "built-in demo model"}
         else:
-            torch.manual_seed(0)
-            model = build_model(get_preset(name))
+            model = random_model(name)
             classes, weights = default_class_names(model.preset), {"source": "random", "seed": 0}
         return export_model(
             model, root / name, class_names=classes, weights=weights, validate_batch=3, log=lambda _: None

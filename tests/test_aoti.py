@@ -282,3 +282,30 @@ def test_the_cpp_canonical_json_is_pythons(runner, tmp_path):
     done = run_cpp(runner, "--print-canonical", path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_the_cpp_runner_refuses_a_uni_adafocus_export_with_the_fix(runner, exported, tmp_path):
+    export = exported("uni-small")
+    np.save(tmp_path / "videos.npy", np.zeros((1, *export.preset.video_shape), np.float32))
+    done = run_cpp(runner, export.path, tmp_path / "videos.npy")
+    assert done.returncode != 0 and done.stdout == ""
+    assert "is a uni (Uni-AdaFocus) export; this runner drives AdaFocusV3 exports only" in done.stderr
+    assert "adafocus-predict" in done.stderr
+
+
+def test_aoti_backend_runs_the_uni_adafocus_family(exported, tmp_path):
+    """The published-weights family compiled by AOTInductor (its crop resamples with grid_sample):
+    the same exits, classes, frames and boxes as the PyTorch reference."""
+    from test_uni import assert_reproduces, small_plan_data
+
+    target = tmp_path / "uni-small"
+    shutil.copytree(exported("uni-small").path, target)
+    export = compile_packages(target, device="cpu", batch_range=(1, 32, 32), log=lambda _: None)
+    model, videos, thresholds, fragile = small_plan_data()
+    reference = adaptive_inference(model, videos, thresholds)
+    runtime = Runtime.load(export.path, "aoti")
+    runtime.set_thresholds(thresholds)
+    excluded = assert_reproduces(runtime.predict(videos).video, reference, fragile)
+    streamed = {r.index: r for r in runtime.stream(iter(videos), batch_size=8)}
+    assert_reproduces(streamed.__getitem__, reference, fragile)
+    assert excluded <= 2

@@ -1,20 +1,18 @@
 import pytest
 import torch
 
-from adafocus.model import PRESETS, AdaFocusV3, crop_cubes, get_preset, plan_cubes
+from adafocus.model import PRESETS, AdaFocusV3, build_model, get_preset
 from adafocus.model.networks import glance_frame_indices, stride32_size
 from adafocus.model.tsm import temporal_shift
 from conftest import random_videos
 
 
-def run_all_subnetworks(model: AdaFocusV3, videos: torch.Tensor) -> dict[str, torch.Tensor]:
-    p = model.preset
+def run_all_subnetworks(model, videos: torch.Tensor) -> dict[str, torch.Tensor]:
     maps, pooled = model.glance(model.glance_frames(videos))
     logits0, global_state = model.classifier.glance(pooled)
-    centres = model.policy(maps)
-    starts = plan_cubes(centres, p)
+    centres, starts = model.plan(maps, pooled)
     rows = torch.arange(videos.shape[0], device=videos.device)
-    cubes = crop_cubes(videos, rows, starts[:, 0], p.cube_size, p.cube_frames)
+    cubes = model.cut(videos, rows, centres[:, 0], starts[:, 0])
     features = model.local(cubes)
     step = torch.ones(videos.shape[0], dtype=torch.int64, device=videos.device)
     logits1, local_state = model.classifier.step(features, torch.zeros_like(global_state), global_state, step)
@@ -41,7 +39,7 @@ def expected_shapes(p, b: int) -> dict[str, tuple]:
         pooled=(b, p.glance_frames, c),
         logits0=(b, p.num_classes),
         global_state=(b, p.hidden_dim),
-        centres=(b, p.max_cubes, 3),
+        centres=(b, p.max_cubes, 4 if p.family == "uni" else 3),
         starts=(b, p.max_cubes, 3),
         cubes=(b, p.cube_frames, 3, p.cube_size, p.cube_size),
         features=(b, d),
@@ -56,7 +54,7 @@ def test_output_shapes_of_every_preset(name, batch):
     # Shape propagation through the real modules on meta tensors: every preset, no compute.
     p = get_preset(name)
     with torch.device("meta"):
-        model = AdaFocusV3(p).eval()
+        model = build_model(p)
         out = run_all_subnetworks(model, torch.empty(batch, *p.video_shape))
     assert {k: tuple(v.shape) for k, v in out.items()} == expected_shapes(p, batch)
 

@@ -9,10 +9,11 @@ import torch
 from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import update_manifest
-from adafocus.model import adaptive_inference, build_model, entropy, get_preset, load_checkpoint
+from adafocus.model import adaptive_inference, entropy, load_checkpoint
 from adafocus.runtime import Runtime
 from adafocus.runtime.arrivals import Arrivals
 from adafocus.weights import builtin_checkpoint
+from conftest import random_model
 
 PROB_TOL = 1e-4
 NO_CUDA = "no CUDA GPU: the PyTorch CUDA backend cannot run here"
@@ -47,8 +48,7 @@ BACKENDS = [
 def reference_model(name):
     if name == "demo":
         return load_checkpoint(builtin_checkpoint()).model
-    torch.manual_seed(0)  # the weights of the `exported` fixture
-    return build_model(get_preset(name))
+    return random_model(name)  # the weights of the `exported` fixture
 
 
 def spread_thresholds(model, videos):

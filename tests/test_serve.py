@@ -455,3 +455,46 @@ def test_serve_refuses_a_latency_target_without_calibration_before_starting(expo
     )
     assert done.returncode == 1
     assert "needs a calibrated export" in done.stderr and "run adafocus-calibrate" in done.stderr
+
+
+def test_a_uni_adafocus_export_serves_its_patches(exported, tmp_path):
+    """The published-weights family through the same server: PATCH_FRAMES and PATCH_BOXES equal
+    Runtime.predict's plan, and adafocus-predict --server writes the local engine's "patches"."""
+    from click.testing import CliRunner
+
+    from adafocus.cli import predict
+
+    export = exported("uni-small")
+    p = export.preset
+    generator = np.random.default_rng(4)
+    frames = generator.integers(0, 256, (6, p.num_frames, 3, p.frame_size, p.frame_size), dtype=np.uint8)
+    videos = np.stack([to_model_input(f).numpy() for f in frames])
+    expected = Runtime.load(export.path).predict(videos)
+    files = []
+    for i, clip in enumerate(frames):
+        files.append(tmp_path / f"uni-{i}.mkv")
+        write_lossless(files[-1], clip.transpose(0, 2, 3, 1))
+    served = start_server(export.path, tmp_path, "--batch-size", "4")
+    try:
+        answers = grpc_requests(served, "adafocus", [({"FRAMES": f}, None) for f in frames])
+        for row, (result, error) in enumerate(answers):
+            assert error is None, error
+            used = int(result.as_numpy("EXIT_STEP")[0])
+            assert used == expected.exit_step[row] == p.max_cubes  # uncalibrated: every patch is used
+            assert result.as_numpy("PATCH_FRAMES").tolist() == expected.cube_starts[row, :, 2].tolist()
+            np.testing.assert_allclose(result.as_numpy("PATCH_BOXES"), expected.centres[row], atol=1e-4, rtol=0)
+            np.testing.assert_allclose(result.as_numpy("PROBABILITIES"), expected.probs[row], atol=PROB_TOL, rtol=0)
+            assert result.as_numpy("CUBE_STARTS") is None  # this family answers patches, not cubes
+        paths = [str(f) for f in files]
+        local = CliRunner().invoke(predict, [*paths, "--export", str(export.path), "--out", str(tmp_path / "l")])
+        remote = CliRunner().invoke(predict, [*paths, "--server", served.grpc, "--out", str(tmp_path / "r")])
+        assert local.exit_code == 0 and remote.exit_code == 0, remote.output
+        here, there = ({r["path"]: r for r in map(strict_loads, read_lines(tmp_path / n))} for n in ("l", "r"))
+        for path in paths:
+            assert "cubes" not in here[path] and here[path].keys() == there[path].keys()
+            assert [x["frame"] for x in here[path]["patches"]] == [x["frame"] for x in there[path]["patches"]]
+            np.testing.assert_allclose(
+                [x["box"] for x in here[path]["patches"]], [x["box"] for x in there[path]["patches"]], atol=1e-4
+            )
+    finally:
+        assert served.stop() == 0, served.log.read_text(encoding="utf-8")[-3000:]

@@ -24,9 +24,10 @@ from adafocus.errors import AdaFocusError
 from adafocus.export.exporter import export_model
 from adafocus.export.manifest import Export, ManifestEncodingError, open_export, sha256_file
 from adafocus.files import cache_root
-from adafocus.model import AdaFocusV3, Preset, build_model, get_preset, load_checkpoint
+from adafocus.model import Preset, build_model, get_preset, load_checkpoint
 from adafocus.model.batchnorm import measure_batchnorm
 from adafocus.model.checkpoint import default_class_names
+from adafocus.model.families import Model
 from adafocus.weights import DEMO, DEMO_PIXEL, DEMO_SOURCE, builtin_checkpoint
 
 REVISION = 8  # bump whenever the exporter's output changes, so stale cached exports are not reused
@@ -106,7 +107,7 @@ def random_export(preset_name: str, seed: int = 0, log=_stderr) -> Export:
     )
 
 
-def random_model(preset: Preset, seed: int = 0) -> AdaFocusV3:
+def random_model(preset: Preset, seed: int = 0) -> Model:
     """Random weights (seed) with BatchNorm statistics measured on generated videos, so that the
     activations have a working network's scale: what speed-only benchmarks run."""
     torch.manual_seed(seed)

@@ -109,11 +109,16 @@ def path_key(path: str) -> str:
 # --- drawing ---------------------------------------------------------------------------------------
 
 
-def _numbered_boxes(result: dict, preset: Preset) -> list[tuple[int, int, int, int, int]]:
+def _numbered_boxes(result: dict, preset: Preset) -> list[tuple]:
+    """(number, frame, x0, y0, width, height) of each used cube on each of its frames, or of each
+    Uni-AdaFocus patch (a real-valued window on one frame)."""
     boxes = []
     for number, cube in enumerate(result.get("cubes", []), start=1):
         x0, y0, t0 = (int(v) for v in cube["start"])
-        boxes += [(number, t, x0, y0, preset.cube_size) for t in range(t0, t0 + preset.cube_frames)]
+        size = preset.cube_size
+        boxes += [(number, t, x0, y0, size, size) for t in range(t0, t0 + preset.cube_frames)]
+    for number, patch in enumerate(result.get("patches", []), start=1):
+        boxes.append((number, int(patch["frame"]), *(float(v) for v in patch["box"])))
     return boxes
 
 
@@ -124,7 +129,7 @@ def cube_boxes(result: dict, preset: Preset) -> list[tuple[int, int, int, int]]:
     frame_size² model input (the coordinates the runtime cropped in). A cube of cube_frames frames
     starting at t0 gives one box on each of frames t0 .. t0 + cube_frames - 1.
     """
-    return [box[1:] for box in _numbered_boxes(result, preset)]
+    return [box[1:5] for box in _numbered_boxes(result, preset) if "cubes" in result]
 
 
 def draw_result(frames: torch.Tensor, result: dict, preset: Preset, out_file: str | os.PathLike) -> None:
@@ -155,10 +160,10 @@ def draw_result(frames: torch.Tensor, result: dict, preset: Preset, out_file: st
             continue
         ax.imshow(images[t], interpolation="nearest", alpha=1.0 if t in used_frames else 0.45)
         ax.set_title(f"frame {t} (source {source[t]})", fontsize=8)
-    for number, t, x0, y0, size in boxes:
+    for number, t, x0, y0, width, height in boxes:
         colour = colours[(number - 1) % len(colours)]
         # pixel i covers [i - 0.5, i + 0.5] in imshow's coordinates
-        axes[t].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), size, size, fill=False, edgecolor=colour, linewidth=2))
+        axes[t].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), width, height, fill=False, edgecolor=colour, linewidth=2))
         axes[t].text(
             x0 + 1,
             y0 + 1,
@@ -170,7 +175,13 @@ def draw_result(frames: torch.Tensor, result: dict, preset: Preset, out_file: st
             bbox={"facecolor": colour, "edgecolor": "none", "pad": 1},
         )
     steps = result["exit_step"]
-    cubes = "exited at the glance (no cubes)" if steps == 0 else f"exit after {steps} cube{'s' if steps != 1 else ''}"
+    unit = "patch" if "patches" in result else "cube"
+    plural = "es" if unit == "patch" else "s"
+    cubes = (
+        f"exited at the glance (no {unit}{plural})"
+        if steps == 0
+        else f"exit after {steps} {unit}{plural if steps != 1 else ''}"
+    )
     probability = result["top_k"][0][1] if result.get("top_k") else None
     confidence = f" ({probability:.0%})" if probability is not None else ""
     figure.suptitle(

@@ -28,8 +28,10 @@ from adafocus.calibration.thresholds import SOLVERS, budget_table, search_table,
 from adafocus.errors import AdaFocusError, InternalError
 from adafocus.export.manifest import Export, open_export, update_manifest
 from adafocus.files import write_json
+from adafocus.model.families import Model
 from adafocus.model.networks import AdaFocusV3
 from adafocus.model.reference import adaptive_inference, entropy
+from adafocus.model.uni import UniAdaFocus
 from adafocus.runtime import Runtime
 
 METHODS = {
@@ -64,16 +66,16 @@ class StepOutputs:
         return len(self.labels)
 
 
-def reference_model(source) -> AdaFocusV3:
-    """The PyTorch model behind an AdaFocusV3 / Runtime / Export / export directory."""
-    if isinstance(source, AdaFocusV3):
+def reference_model(source) -> Model:
+    """The PyTorch model behind a model / Runtime / Export / export directory."""
+    if isinstance(source, AdaFocusV3 | UniAdaFocus):
         return source.eval()
     export = getattr(source, "export", source)  # a Runtime holds its Export
     if isinstance(export, str | os.PathLike):
         export = open_export(export)
     if not isinstance(export, Export):
         raise AdaFocusError(
-            f"cannot calibrate a {type(source).__name__}", "pass an AdaFocusV3, a Runtime, an Export or a directory"
+            f"cannot calibrate a {type(source).__name__}", "pass a model, a Runtime, an Export or a directory"
         )
     return export.load_model()
 
@@ -100,7 +102,7 @@ def collect(
 ) -> StepOutputs:
     """Entropy and prediction at every exit for each video.
 
-    `source`: an AdaFocusV3, a Runtime, an Export or an export directory (its PyTorch checkpoint is
+    `source`: a model (either family), a Runtime, an Export or an export directory (its PyTorch checkpoint is
     run; see the module docstring for why the reference stands for the deployed graphs). `videos`:
     a (N, T, 3, H, W) float32 tensor with `labels` (N,), or, with labels=None, an iterable of
     (videos, labels) batches such as `TaskVideos` or `DecodedBatches` (its len(), if any, sizes the

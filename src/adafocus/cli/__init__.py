@@ -73,6 +73,8 @@ def flops(preset: str, as_json: bool) -> None:
         ("local fL, one cube", r.cube),
         ("  per cube frame", r.local_per_frame),
         ("classifier, per cube", r.classifier_step),
+        # Uni-AdaFocus: the stacked step heads compute the other heads too, not in the costs below
+        *((("  + unused step heads (computed)", r.classifier_step_unused),) if r.classifier_step_unused else ()),
         *((f"exit after {t} cube{'s' if t != 1 else ''}", g) for t, g in enumerate(r.exit_cumulative)),
         ("dense baseline", r.dense_baseline),
     ]
@@ -193,13 +195,19 @@ def _training_start(preset, data, init, glance_weights, local_weights):
     import dataclasses
     import os
 
+    from adafocus.model import build_model
     from adafocus.model.checkpoint import default_class_names, load_checkpoint
-    from adafocus.model.networks import build_model
     from adafocus.model.presets import get_preset
     from adafocus.model.pretrained import load_encoder_weights
 
     loaded = load_checkpoint(init) if init else None
     chosen = get_preset(preset) if preset else (loaded.preset if loaded else get_preset("demo"))
+    if chosen.family != "adafocusv3":
+        raise AdaFocusError(
+            f"preset {chosen.name!r} is a Uni-AdaFocus model: `adafocus train` trains AdaFocusV3 models only",
+            "start from the published Uni-AdaFocus weights (adafocus-export --checkpoint FILE --preset "
+            f"{chosen.name}) or pick an AdaFocusV3 preset",
+        )
     if loaded is not None:
         if chosen.to_dict() != loaded.preset.to_dict():
             raise AdaFocusError(f"{init} is a {loaded.preset.name!r} model, not {chosen.name!r}", "drop --preset")

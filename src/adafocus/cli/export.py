@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from adafocus.cli.common import CONTEXT, Command, parse_batch_range
@@ -12,10 +14,18 @@ from adafocus.cli.common import CONTEXT, Command, parse_batch_range
     "--checkpoint",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
-    help="Trained model (adafocus checkpoint or a foreign state dict with --preset) "
+    help="Trained model (adafocus checkpoint, or a foreign state dict with --preset: e.g. the published "
+    "Uni-AdaFocus actnet_p128.pth.tar with --preset uni-actnet-p128) "
     "[default: the built-in demo model; with --preset alone: random weights of that preset].",
 )
 @click.option("--preset", default=None, help="Preset of the model (see `adafocus presets`).")
+@click.option(
+    "--classes",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Class names, one per line in class-index order (a foreign checkpoint has none) "
+    "[default: the checkpoint's, else class_0, class_1, ...].",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights (--preset alone).")
 @click.option(
     "--out",
@@ -87,6 +97,7 @@ from adafocus.cli.common import CONTEXT, Command, parse_batch_range
 def export(
     checkpoint,
     preset,
+    classes,
     seed,
     out,
     opset,
@@ -125,6 +136,8 @@ def export(
             _write_triton_repo(into, triton_repo, triton_backend, device)
         return
     model, class_names, weights = _model_to_export(checkpoint, preset, seed)
+    if classes is not None:
+        class_names = read_class_names(classes, model.preset)
     out = out or f"exports/{model.preset.name}"
     written = export_model(
         model,
@@ -171,5 +184,33 @@ def _model_to_export(checkpoint, preset_name, seed):
         return model, default_class_names(preset), {"source": "random", "seed": seed}
     path = checkpoint or builtin_checkpoint()
     loaded = load_checkpoint(path, preset=preset)
+    if loaded.report.ignored:
+        from adafocus.model.checkpoint import UNI_IGNORED
+
+        click.echo(
+            f"{path}: every key mapped; {len(loaded.report.ignored)} left out on purpose (inference never reads "
+            "them): " + "; ".join(f"{k}* {why}" for k, why in UNI_IGNORED.items())
+        )
     source = DEMO_SOURCE if checkpoint is None else str(path)
     return loaded.model, loaded.class_names, {"source": source, "sha256": sha256_file(path)}
+
+
+def read_class_names(path, preset) -> list[str]:
+    """One name per line (blank lines and surrounding spaces ignored), as many as the preset's classes."""
+    from adafocus.errors import AdaFocusError
+
+    try:
+        names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdaFocusError(
+            f"cannot read class names from {path}: {e}", "pass a UTF-8 text file, one name per line"
+        ) from None
+    if len(names) != preset.num_classes:
+        raise AdaFocusError(
+            f"{path} has {len(names)} class names; preset {preset.name!r} has {preset.num_classes} classes",
+            "one name per line, in class-index order",
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise AdaFocusError(f"{path} names {repeated[:5]} more than once", "give every class its own name")
+    return names

@@ -142,7 +142,8 @@ def predict(
     \b
     Each line holds the video's "path" and either
       "class", "class_index", "top_k" ([class, probability] pairs), "exit_step" (cubes used),
-      "cubes" ([{"centre": [x, y, t], "start": [x0, y0, t0]}]), "gflops", "frames" (the
+      "cubes" ([{"centre": [x, y, t], "start": [x0, y0, t0]}]; a Uni-AdaFocus export writes
+      "patches" ([{"frame": t, "box": [x0, y0, width, height]}]) instead), "gflops", "frames" (the
       sampled source frame indices), "decoded_by" ("seek": only the frames sampled were decoded;
       "sequential": from the first frame, "decode_fallback" saying why), plus "image" with --show;
     or "error", saying why the video could not be processed (unreadable, truncated, empty, too

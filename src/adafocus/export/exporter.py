@@ -36,7 +36,7 @@ from adafocus.files import partial_path, remove_stale_partials
 from adafocus.machine import package_versions
 from adafocus.model import flops
 from adafocus.model.checkpoint import save_checkpoint
-from adafocus.model.networks import AdaFocusV3
+from adafocus.model.families import Model
 from adafocus.model.preprocess import MEAN, STD
 
 DEFAULT_OPSET = 18
@@ -75,7 +75,7 @@ def _fp16_spec(spec: GraphSpec) -> GraphSpec:
 
 
 def export_model(
-    model: AdaFocusV3,
+    model: Model,
     out: str | os.PathLike,
     *,
     class_names: list[str],
@@ -152,7 +152,7 @@ def _pytorch_gflops(preset) -> dict[str, float]:
         "policy": count.policy,
         "crop": 0.0,
         "local": count.cube,
-        "classifier": count.classifier_step,
+        "classifier": count.classifier_step + count.classifier_step_unused,  # the graph computes every head
         # the dense graph has no p0 head: the baseline's cost less that one linear layer
         DENSE: count.dense_baseline - preset.hidden_dim * preset.num_classes / 1e9,
     }
@@ -188,11 +188,14 @@ def _export_one(spec: GraphSpec, preset, work: Path, cases, expected_gflops, ops
     return record, validation
 
 
-def _manifest(model: AdaFocusV3, class_names, weights, graphs, validation, engines, cases) -> dict:
+def _manifest(model: Model, class_names, weights, graphs, validation, engines, cases) -> dict:
     """The manifest before sealing (write_manifest adds the file list and the hashes)."""
     preset = model.preset
     k = preset.max_cubes
-    per_cube = graphs["local"]["gflops"] + graphs["classifier"]["gflops"]
+    count = flops.count_flops(preset)
+    # a Uni-AdaFocus step is costed with the one head it uses (the official accounting); the other
+    # heads the classifier graph computes are said separately
+    per_cube = graphs["local"]["gflops"] + graphs["classifier"]["gflops"] - count.classifier_step_unused
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -217,10 +220,12 @@ def _manifest(model: AdaFocusV3, class_names, weights, graphs, validation, engin
         "graphs": graphs,
         "gflops": {
             "per_exit_step": flops.exit_costs(graphs["glance"]["gflops"], graphs["policy"]["gflops"], per_cube, k),
-            "per_exit_step_pytorch": flops.count_flops(preset).exit_cumulative,
+            "per_exit_step_pytorch": count.exit_cumulative,
             "dense_baseline": graphs[DENSE]["gflops"],
-            "dense_baseline_pytorch": flops.count_flops(preset).dense_baseline,
+            "dense_baseline_pytorch": count.dense_baseline,
+            "classifier_step_unused": count.classifier_step_unused,
         },
+        "plan": PLANS[preset.family],
         "validation": validation,
         "tolerance": {
             "max_rel_error": FP32_RTOL,
@@ -257,6 +262,23 @@ def _build_engines(specs, graphs, work, precisions, batch_range, opset, exporter
     return engines
 
 
+# What the policy graph's plan means, per family (predict's JSONL and the server carry it under these names).
+PLANS = {
+    "adafocusv3": {
+        "family": "adafocusv3",
+        "centres": "(K, 3) cube centres (x, y, t) in [0, 1]",
+        "cube_starts": "(K, 3) int64 (x0, y0, t0): the cube covers [x0, x0 + w'), [y0, y0 + h'), [t0, t0 + T')",
+    },
+    "uni": {
+        "family": "uni",
+        "centres": "(K, 4) patch boxes (x0, y0, width, height) in frame pixels: the window resampled "
+        "(bilinear, affine_grid + grid_sample, align_corners=False) to the patch",
+        "cube_starts": "(K, 3) int64 (floor x0, floor y0, frame): t0 is the frame the patch is taken from",
+        "frame_positions": "(K,) float: the policy graph's real-valued frame positions (frames are their floors, "
+        "made distinct and increasing)",
+    },
+}
+
 PROTOCOL = {
     "version": PROTOCOL_VERSION,
     "document": "docs/runtime-protocol.md",
@@ -269,6 +291,7 @@ PROTOCOL = {
         "crop.pool": "the same videos tensor that went into the glance (uncompacted)",
         "crop.rows": "indices into crop.pool of the videos still running",
         "crop.starts": "policy.cube_starts[:, k - 1] of those videos, for cube k",
+        "crop.boxes": "Uni-AdaFocus only: policy.centres[:, k - 1] of those videos (the patch boxes)",
         "local.cubes": "crop.cubes",
         "classifier.features": "local.features",
         "classifier.local_state": "zeros (B, hidden) for cube 1, then classifier.next_local_state",

@@ -15,6 +15,11 @@ p0 head lives in the glance graph (step 0 is then one call), and the classifier 
 step only. Each graph also returns the entropy the exit rule reads, so only B floats per step reach
 the host. The crop rule (centre -> integer start, frame de-duplication) is inside the policy graph,
 so no backend re-implements it.
+
+A Uni-AdaFocus export has the same five graphs with the same roles: its policy graph plans K patches
+(`centres` = boxes (x0, y0, width, height) in pixels, `cube_starts` = (floor x0, floor y0, frame), and
+`frame_positions`, the real values the frames are floors of, so that a validator can check the
+frame rule exactly), and its crop graph resamples each box (bilinear), so it also takes `boxes`.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ import torch
 from torch import nn
 
 from adafocus.model.cubes import crop_cubes, plan_cubes
-from adafocus.model.networks import AdaFocusV3, stride32_size
+from adafocus.model.families import Model
+from adafocus.model.networks import stride32_size
 from adafocus.model.presets import Preset
 from adafocus.model.reference import entropy
+from adafocus.model.uni import crop_patches
 
 BATCH = "batch"  # the symbolic batch axis of every graph
 POOL = "pool"  # the crop graph's second batch-like axis: the videos the rows index into
@@ -62,7 +69,7 @@ class GraphSpec:
 
 
 class GlanceGraph(nn.Module):
-    def __init__(self, model: AdaFocusV3):
+    def __init__(self, model: Model):
         super().__init__()
         self.model = model
 
@@ -73,13 +80,22 @@ class GlanceGraph(nn.Module):
 
 
 class PolicyGraph(nn.Module):
-    def __init__(self, model: AdaFocusV3):
+    def __init__(self, model: Model):
         super().__init__()
         self.model = model
 
     def forward(self, maps: torch.Tensor):
         centres = self.model.policy(maps)
         return centres, plan_cubes(centres, self.model.preset)
+
+
+class UniPolicyGraph(nn.Module):
+    def __init__(self, model: Model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, maps: torch.Tensor):
+        return self.model.plan_with_positions(maps, maps.mean(dim=(-2, -1)))  # pooled = the maps' mean
 
 
 class CropGraph(nn.Module):
@@ -91,8 +107,19 @@ class CropGraph(nn.Module):
         return crop_cubes(pool, rows, starts, self.size, self.frames)
 
 
+class PatchGraph(nn.Module):
+    """The Uni-AdaFocus crop: each row's box on its frame, resampled to a patch (no weights)."""
+
+    def __init__(self, preset: Preset):
+        super().__init__()
+        self.size = preset.cube_size
+
+    def forward(self, pool: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, boxes: torch.Tensor):
+        return crop_patches(pool, rows, boxes, starts[:, 2], self.size)
+
+
 class LocalGraph(nn.Module):
-    def __init__(self, model: AdaFocusV3):
+    def __init__(self, model: Model):
         super().__init__()
         self.local = model.local
 
@@ -101,7 +128,7 @@ class LocalGraph(nn.Module):
 
 
 class ClassifierGraph(nn.Module):
-    def __init__(self, model: AdaFocusV3):
+    def __init__(self, model: Model):
         super().__init__()
         self.classifier = model.classifier
 
@@ -115,7 +142,7 @@ class DenseGraph(nn.Module):
     frame, with the glance and the last step's head. Not part of the loop: benchmarks run it to
     compare adaptive inference with the dense network it saves compute against."""
 
-    def __init__(self, model: AdaFocusV3):
+    def __init__(self, model: Model):
         super().__init__()
         self.model = model
 
@@ -135,7 +162,7 @@ GRAPH_NAMES = ("glance", "policy", "crop", "local", "classifier")  # the loop's 
 DENSE = "dense"
 
 
-def graph_specs(model: AdaFocusV3) -> dict[str, GraphSpec]:
+def graph_specs(model: Model) -> dict[str, GraphSpec]:
     """The five graphs of `model` in loop order, then the dense baseline."""
     p = model.preset
     model = model.eval()
@@ -161,7 +188,12 @@ def graph_specs(model: AdaFocusV3) -> dict[str, GraphSpec]:
             ],
             dim=1,
         )
-        return pool, rows, starts
+        if not uni:
+            return pool, rows, starts
+        side = p.window_min + (p.frame_size - p.window_min) * torch.rand(batch, 2, generator=g)
+        corner = (p.frame_size - side) * torch.rand(batch, 2, generator=g)
+        boxes = torch.cat([corner, side], dim=1)
+        return pool, rows, torch.cat([corner.floor().long(), starts[:, 2:]], dim=1), boxes
 
     def classifier_inputs(batch: int, g: torch.Generator):
         features = torch.randn(batch, model.local.out_dim, generator=g)
@@ -170,25 +202,29 @@ def graph_specs(model: AdaFocusV3) -> dict[str, GraphSpec]:
         step = torch.randint(1, p.max_cubes + 1, (batch,), generator=g)
         return features, local_state, global_state, step
 
+    uni = p.family == "uni"
     videos = TensorSpec("videos", (BATCH, *video), f32)
     maps_in = TensorSpec("maps", (BATCH, *maps), f32)
     cubes = TensorSpec("cubes", (BATCH, *cube), f32)
+    crop_in = (
+        TensorSpec("pool", (POOL, *video), f32),
+        TensorSpec("rows", (BATCH,), i64),
+        TensorSpec("starts", (BATCH, 3), i64),
+        *([TensorSpec("boxes", (BATCH, 4), f32)] if uni else []),
+    )
+    policy = (
+        GraphSpec(
+            "policy", UniPolicyGraph(model), (maps_in,), ("centres", "cube_starts", "frame_positions"), floats(maps_in)
+        )
+        if uni
+        else GraphSpec("policy", PolicyGraph(model), (maps_in,), ("centres", "cube_starts"), floats(maps_in))
+    )
     specs = [
         GraphSpec(
             "glance", GlanceGraph(model), (videos,), ("logits", "entropy", "global_state", "maps"), floats(videos)
         ),
-        GraphSpec("policy", PolicyGraph(model), (maps_in,), ("centres", "cube_starts"), floats(maps_in)),
-        GraphSpec(
-            "crop",
-            CropGraph(p),
-            (
-                TensorSpec("pool", (POOL, *video), f32),
-                TensorSpec("rows", (BATCH,), i64),
-                TensorSpec("starts", (BATCH, 3), i64),
-            ),
-            ("cubes",),
-            crop_inputs,
-        ),
+        policy,
+        GraphSpec("crop", PatchGraph(p) if uni else CropGraph(p), crop_in, ("cubes",), crop_inputs),
         GraphSpec("local", LocalGraph(model), (cubes,), ("features",), floats(cubes)),
         GraphSpec(
             "classifier",
@@ -208,26 +244,31 @@ def graph_specs(model: AdaFocusV3) -> dict[str, GraphSpec]:
 
 
 @torch.no_grad()
-def real_inputs(model: AdaFocusV3, videos: torch.Tensor, generator: torch.Generator) -> dict[str, tuple]:
+def real_inputs(model: Model, videos: torch.Tensor, generator: torch.Generator) -> dict[str, tuple]:
     """Inputs of every graph produced by running the preceding sub-networks in PyTorch on `videos`:
     what each graph sees in the real loop (a random cube step per video for the classifier)."""
     p = model.preset
     specs = graph_specs(model)
     _, _, global_state, maps = specs["glance"].module(videos)
-    _, starts = specs["policy"].module(maps)
+    centres, starts, *_ = specs["policy"].module(maps)
     batch = videos.shape[0]
     step = torch.randint(1, p.max_cubes + 1, (batch,), generator=generator)
     rows = torch.arange(batch)
-    these_starts = starts[rows, step - 1]
-    cubes = specs["crop"].module(videos, rows, these_starts)
+
+    def crop_feeds(pool_rows, step_index):  # what the loop feeds the crop graph for cube `step_index`
+        picked = (starts[rows, step_index],) + ((centres[rows, step_index],) if p.family == "uni" else ())
+        return (videos, pool_rows, *picked)
+
+    cubes = specs["crop"].module(*crop_feeds(rows, step - 1))
     features = specs["local"].module(cubes)
     # the running max after the cubes before this one: one earlier cube's features stand in
-    earlier = specs["local"].module(specs["crop"].module(videos, rows, starts[:, 0]))
+    earlier = specs["local"].module(specs["crop"].module(*crop_feeds(rows, torch.zeros_like(step))))
     local_state = model.classifier.local_mlp(earlier) * (step > 1)[:, None]
+    flipped = crop_feeds(rows.flip(0), step - 1)
     return {
         "glance": (videos,),
         "policy": (maps,),
-        "crop": (videos, rows.flip(0), these_starts),
+        "crop": flipped,
         "local": (cubes,),
         "classifier": (features, local_state, global_state, step),
         DENSE: (videos,),

@@ -7,7 +7,8 @@ where a value crosses zero). Past the tolerance the export fails, naming the gra
 
 Integer outputs (the policy's `cube_starts`) are checked exactly against the crop rule applied to the
 graph's own `centres`: a 1e-7 difference in a sigmoid may legitimately move a start across an integer
-boundary, but the graph must apply the rule exactly.
+boundary, but the graph must apply the rule exactly. For Uni-AdaFocus the rule is that of its frames
+(floors of the graph's own `frame_positions`, made distinct) and boxes (the corner's floor).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
 from adafocus.export.graphs import GraphSpec, graph_specs, real_inputs
 from adafocus.model.cubes import plan_cubes
-from adafocus.model.networks import AdaFocusV3
+from adafocus.model.families import Model
 from adafocus.model.presets import Preset
+from adafocus.model.uni import frames_at, plan_starts
 
 FP32_RTOL = 1e-4
 
@@ -53,7 +55,7 @@ def _errors(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
     return max_abs, (max_abs / scale if scale > 0 else max_abs)
 
 
-def validation_cases(model: AdaFocusV3, batch: int) -> dict[str, list[Case]]:
+def validation_cases(model: Model, batch: int) -> dict[str, list[Case]]:
     """Random and real inputs at batch 1 and `batch`, per graph: what every engine of a graph is
     checked on (ONNX graphs, AOTInductor packages)."""
     videos, _ = SyntheticTask.for_preset(model.preset, seed=0).batch("test", range(batch))
@@ -103,7 +105,7 @@ def compare_outputs(
                 )
             max_abs, max_rel = _errors(got[name], want)
             if name == "cube_starts":
-                rule = plan_cubes(torch.from_numpy(got["centres"]), preset).numpy()
+                rule = _starts_rule(got, preset)
                 if not np.array_equal(got[name], rule):
                     raise AdaFocusError(
                         f"{spec.name} graph, output 'cube_starts' ({case.label}) does not follow the crop rule "
@@ -120,3 +122,12 @@ def compare_outputs(
             worst[name]["max_abs_error"] = max(worst[name]["max_abs_error"], max_abs)
             worst[name]["max_rel_error"] = max(worst[name]["max_rel_error"], max_rel)
     return worst
+
+
+def _starts_rule(got: dict[str, np.ndarray], preset: Preset) -> np.ndarray:
+    """The integer plan the rule gives for the graph's own real-valued outputs."""
+    centres = torch.from_numpy(got["centres"])
+    if preset.family == "uni":
+        frames = frames_at(torch.from_numpy(got["frame_positions"]), preset.num_frames)
+        return plan_starts(centres, frames).numpy()
+    return plan_cubes(centres, preset).numpy()

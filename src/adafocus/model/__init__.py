@@ -1,10 +1,13 @@
-"""AdaFocusV3 in PyTorch: sub-networks, presets, the crop rule, checkpoints, reference inference."""
+"""AdaFocusV3 and Uni-AdaFocus in PyTorch: sub-networks, presets, the crop rule, checkpoints, reference
+inference."""
 
 from adafocus.model.checkpoint import Checkpoint, LoadReport, load_checkpoint, save_checkpoint
 from adafocus.model.cubes import crop_cubes, plan_cubes
-from adafocus.model.networks import AdaFocusV3, build_model
+from adafocus.model.families import build_model
+from adafocus.model.networks import AdaFocusV3
 from adafocus.model.presets import ALIASES, PRESETS, Preset, get_preset
 from adafocus.model.reference import AdaptiveResult, adaptive_inference, entropy
+from adafocus.model.uni import UniAdaFocus
 
 __all__ = [
     "ALIASES",
@@ -14,6 +17,7 @@ __all__ = [
     "Checkpoint",
     "LoadReport",
     "Preset",
+    "UniAdaFocus",
     "adaptive_inference",
     "build_model",
     "crop_cubes",

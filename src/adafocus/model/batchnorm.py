@@ -12,11 +12,11 @@ import math
 
 import torch
 
-from adafocus.model.networks import AdaFocusV3
+from adafocus.model.families import Model
 from adafocus.model.reference import adaptive_inference
 
 
-def measure_batchnorm(model: AdaFocusV3, videos: torch.Tensor) -> None:
+def measure_batchnorm(model: Model, videos: torch.Tensor) -> None:
     """Replace every BatchNorm's running statistics by those of `videos` passed through the whole
     loop (glance, policy, every cube), then return to eval mode."""
     for module in model.modules():

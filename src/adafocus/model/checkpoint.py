@@ -7,8 +7,11 @@ Python only, no pickled classes):
      "class_names": [...], "state_dict": {...}, "meta": {...}}
 
 A foreign checkpoint is a bare state dict or one under "state_dict"/"model" (the official code saves
-{'epoch', 'state_dict', ...} from DDP, keys prefixed `module.`). Its keys are mapped by the prefix
-table below; it needs a preset to say which shapes to build.
+{'epoch', 'state_dict', ...} from DDP, keys prefixed `module.`); it needs a preset to say which shapes
+to build. For an AdaFocusV3 preset its keys are mapped by the prefix table below. For a Uni-AdaFocus
+preset (the published weights) every official key is either taken (`uni_sources`: our modules carry
+the official names, apart from the classifier's heads, which are stacked) or left out on purpose
+(`UNI_IGNORED`); anything else, and anything missing, is one error naming the keys.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from adafocus.errors import AdaFocusError
 from adafocus.files import atomic_write
-from adafocus.model.networks import AdaFocusV3
+from adafocus.model.families import Model, model_class
 from adafocus.model.presets import Preset
 
 FORMAT = "adafocus-checkpoint"
@@ -45,6 +48,7 @@ class LoadReport:
 
     missing: list[str] = field(default_factory=list)  # our parameters the file did not have
     unexpected: list[str] = field(default_factory=list)  # file entries nothing of ours took
+    ignored: list[str] = field(default_factory=list)  # file entries left out on purpose (UNI_IGNORED)
 
     @property
     def complete(self) -> bool:
@@ -53,7 +57,7 @@ class LoadReport:
 
 @dataclass
 class Checkpoint:
-    model: AdaFocusV3
+    model: Model
     class_names: list[str]
     meta: dict
     report: LoadReport
@@ -69,7 +73,7 @@ def default_class_names(preset: Preset) -> list[str]:
 
 def save_checkpoint(
     path: str | os.PathLike,
-    model: AdaFocusV3,
+    model: Model,
     class_names: list[str] | None = None,
     meta: dict | None = None,
     *,
@@ -143,10 +147,14 @@ def load_checkpoint(path: str | os.PathLike, preset: Preset | None = None, *, st
             )
         stored, names, meta, foreign = preset, default_class_names(preset), {"source": str(path)}, True
 
-    model = AdaFocusV3(stored)
-    if foreign:
-        state = map_foreign_keys(state)
-    report = _load_state(model, state, path, strict)
+    model = model_class(stored)(stored)
+    if foreign and stored.family == "uni":
+        state, report = _map_uni_checkpoint(model, state, path, strict)
+        _load_state(model, state, path, strict=False)  # what is there; the report says what was not
+    elif foreign:
+        report = _load_state(model, map_foreign_keys(state), path, strict)
+    else:
+        report = _load_state(model, state, path, strict)
     return Checkpoint(model.eval(), list(names), dict(meta), report)
 
 
@@ -178,7 +186,7 @@ def map_foreign_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return mapped
 
 
-def _load_state(model: AdaFocusV3, state: dict[str, torch.Tensor], path: Path, strict: bool) -> LoadReport:
+def _load_state(model: Model, state: dict[str, torch.Tensor], path: Path, strict: bool) -> LoadReport:
     own = model.state_dict()
     wrong_shape = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -205,3 +213,83 @@ def _load_state(model: AdaFocusV3, state: dict[str, torch.Tensor], path: Path, s
 
 def _first(names: list[str], n: int = 8) -> str:
     return "[" + ", ".join(names[:n]) + (", ..." if len(names) > n else "") + "]"
+
+
+# Official Uni-AdaFocus keys that inference never reads, by prefix, and why they are left out.
+UNI_IGNORED = {
+    "global_CNN.classifier.": "MobileNetV2's ImageNet head (the glance stops at the feature maps)",
+    "local_CNN.fc.": "ResNet-50's ImageNet head (the local network stops at the pooled features)",
+    "global_CNN_fc.": "training-only head on the glance features",
+    "aux_fc.": "training-only head of the spatial policy's auxiliary loss",
+    "local_CNN_fc.": "training-only head on the local features",
+    "classifier.global_classifiers.": "glance heads 0..Tg-2: the official early exit reads only the last one",
+}
+
+
+def uni_sources(model: Model) -> dict[str, list[str]]:
+    """Each key of our Uni-AdaFocus state dict -> the official keys (DDP's `module.` stripped) it is
+    made of: the same name, the MLPs' `layers.` level, the last glance head as `glance_head`, and the
+    K local heads stacked into `step_heads` (rows of head i at i × N)."""
+    p = model.preset
+    sources = {}
+    for key in model.state_dict():
+        if key.startswith("classifier.glance_head."):
+            sources[key] = [f"classifier.global_classifiers.{p.glance_frames - 1}.1.{key.rsplit('.', 1)[1]}"]
+        elif key.startswith("classifier.step_heads."):
+            sources[key] = [f"classifier.local_classifiers.{i}.1.{key.rsplit('.', 1)[1]}" for i in range(p.max_cubes)]
+        elif key.startswith(("classifier.global_mlp.", "classifier.local_mlp.")):
+            head, rest = key.split(".", 2)[1:]
+            sources[key] = [f"classifier.{head}.layers.{rest}"]
+        else:
+            sources[key] = [key]
+    return sources
+
+
+def _uni_ignored(key: str, preset: Preset) -> bool:
+    if key.startswith("classifier.global_classifiers."):
+        index = key.split(".")[2]
+        return index.isdigit() and int(index) < preset.glance_frames - 1
+    return key.startswith(tuple(UNI_IGNORED))
+
+
+def _map_uni_checkpoint(
+    model: Model, state: dict[str, torch.Tensor], path: Path, strict: bool
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The official keys of `state` as our state dict, and what was missing, unknown or left out
+    (in the official names). With `strict` anything missing or unknown is one error naming it all."""
+    preset = model.preset
+    theirs = {key.removeprefix("module."): value for key, value in state.items()}
+    sources = uni_sources(model)
+    wanted = {name for names in sources.values() for name in names}
+    report = LoadReport(
+        missing=sorted(wanted - set(theirs)),
+        unexpected=sorted(k for k in set(theirs) - wanted if not _uni_ignored(k, preset)),
+        ignored=sorted(k for k in set(theirs) - wanted if _uni_ignored(k, preset)),
+    )
+    if strict and not report.complete:
+        raise AdaFocusError(
+            f"{path} is not a Uni-AdaFocus checkpoint of preset {preset.name!r}: "
+            f"{len(report.missing)} keys missing {_first(report.missing, 12)}, "
+            f"{len(report.unexpected)} keys unknown {_first(report.unexpected, 12)}",
+            "pass the official file of this preset (e.g. actnet_p128.pth.tar for uni-actnet-p128); "
+            "left out on purpose, and never an error: " + ", ".join(f"{k}* ({why})" for k, why in UNI_IGNORED.items()),
+        )
+    own = model.state_dict()
+    mapped, wrong_shape = {}, []
+    for key, names in sources.items():
+        if not all(name in theirs for name in names):
+            continue
+        expected = own[key].shape if len(names) == 1 else (own[key].shape[0] // len(names), *own[key].shape[1:])
+        wrong_shape += [
+            f"{n}: file {tuple(theirs[n].shape)} vs model {tuple(expected)}"
+            for n in names
+            if theirs[n].shape != expected
+        ]
+        mapped[key] = theirs[names[0]] if len(names) == 1 else torch.cat([theirs[n] for n in names], dim=0)
+    if wrong_shape:
+        raise AdaFocusError(
+            f"{path} does not fit preset {preset.name!r}; shapes differ for {len(wrong_shape)} tensors: "
+            + "; ".join(wrong_shape[:5]),
+            "pick the preset the checkpoint was trained with (uni-actnet-p128, uni-fcvid-p128, uni-minik-p128)",
+        )
+    return mapped, report

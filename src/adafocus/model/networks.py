@@ -29,20 +29,34 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
+from adafocus.errors import AdaFocusError
+from adafocus.model.cubes import crop_cubes, plan_cubes
 from adafocus.model.presets import LOCAL_ARCHS, Preset
 from adafocus.model.tsm import ShiftThen
 
 
 class GlanceEncoder(nn.Module):
-    """fG: a MobileNetV2 (torchvision's structure and key names) on every glance frame."""
+    """fG: a MobileNetV2 (torchvision's structure and key names, unless `features` brings another
+    layout of it) on every glance frame."""
 
-    def __init__(self, *, frames: int, input_size: int, width: float = 1.0, channels: int = 1280, tsm: bool = False):
+    def __init__(
+        self,
+        *,
+        frames: int,
+        input_size: int,
+        width: float = 1.0,
+        channels: int = 1280,
+        tsm: bool = False,
+        features: nn.Sequential | None = None,
+    ):
         super().__init__()
         self.input_size = input_size
-        self.features = torchvision.models.mobilenet_v2(width_mult=width).features
-        if channels != self.features[-1].out_channels:  # a narrower last 1×1 conv (the demo)
-            last_in = self.features[-1][0].in_channels
-            self.features[-1] = Conv2dNormActivation(last_in, channels, kernel_size=1, activation_layer=nn.ReLU6)
+        if features is None:
+            features = torchvision.models.mobilenet_v2(width_mult=width).features
+            if channels != features[-1].out_channels:  # a narrower last 1×1 conv (the demo)
+                last_in = features[-1][0].in_channels
+                features[-1] = Conv2dNormActivation(last_in, channels, kernel_size=1, activation_layer=nn.ReLU6)
+        self.features = features
         self.out_channels = channels
         if tsm:
             for block in self.features:
@@ -200,6 +214,7 @@ class AdaFocusV3(nn.Module):
 
     def __init__(self, preset: Preset):
         super().__init__()
+        check_family(preset, "adafocusv3")
         self.preset = preset
         self.glance = GlanceEncoder(
             frames=preset.glance_frames,
@@ -233,6 +248,17 @@ class AdaFocusV3(nn.Module):
         """(B, T, 3, H, W) -> the Tg glance frames (B, Tg, 3, H, W)."""
         return videos.index_select(1, self.glance_index)
 
+    def plan(self, maps: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole plan at once: centres (B, K, 3) and cube starts (B, K, 3) int64 (cubes.py)."""
+        centres = self.policy(maps)
+        return centres, plan_cubes(centres, self.preset)
+
+    def cut(
+        self, videos: torch.Tensor, rows: torch.Tensor, planned: torch.Tensor, starts: torch.Tensor
+    ) -> torch.Tensor:
+        """One step's cubes of some videos: starts (B, 3) of the rows -> (B, T', 3, h', w')."""
+        return crop_cubes(videos, rows, starts, self.preset.cube_size, self.preset.cube_frames)
+
 
 def glance_frame_indices(num_frames: int, glance_frames: int) -> list[int]:
     """The glance frames among the video's frames: the middle of Tg equal segments (TSN rule)."""
@@ -246,6 +272,9 @@ def stride32_size(size: int) -> int:
     return size
 
 
-def build_model(preset: Preset) -> AdaFocusV3:
-    """A model of `preset` with random weights, in eval mode."""
-    return AdaFocusV3(preset).eval()
+def check_family(preset: Preset, family: str) -> None:
+    if preset.family != family:
+        raise AdaFocusError(
+            f"preset {preset.name!r} is of the {preset.family!r} family, not {family!r}",
+            "build models with adafocus.model.build_model(preset), which picks the family",
+        )

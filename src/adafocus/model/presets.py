@@ -1,4 +1,5 @@
-"""The configurations of the paper (appendix A, sections 4.1-4.2) and a small demo, as plain data."""
+"""The configurations of the paper (appendix A, sections 4.1-4.2), of the published Uni-AdaFocus
+weights, and small demos, as plain data."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from adafocus.errors import AdaFocusError
 
 @dataclass(frozen=True)
 class Preset:
-    """Everything that fixes the shapes of an AdaFocusV3 model.
+    """Everything that fixes the shapes of a model of one of the FAMILIES.
 
     A video enters as `num_frames` frames of `frame_size`² pixels (TSN-sampled, centre-cropped,
     normalised). The glance network sees `glance_frames` of them, resized to `glance_size`². The
-    policy places `max_cubes` cubes of `cube_size`² pixels × `cube_frames` frames.
+    policy places `max_cubes` cubes of `cube_size`² pixels × `cube_frames` frames. In the
+    Uni-AdaFocus family a "cube" is one patch: a window of `window_min`..`frame_size` pixels on one
+    frame chosen by the temporal policy, resampled to `cube_size`²; `temporal_channels` and
+    `temperature` shape that temporal policy.
     """
 
     name: str
@@ -36,12 +40,17 @@ class Preset:
     # how a video file becomes this model's input, as the model was trained (PREPROCESSING)
     preprocessing: str = "imagenet"
     description: str = ""
+    family: str = "adafocusv3"
+    temporal_channels: int = 64  # Uni-AdaFocus only: the temporal policy's width
+    temperature: float = 1.0  # Uni-AdaFocus only: softmax temperature of the frame weights
+    window_min: int = 96  # Uni-AdaFocus only: the smallest patch window side (pixels)
 
     def __post_init__(self) -> None:
         def check(ok: bool, what: str) -> None:
             if not ok:
                 raise AdaFocusError(f"preset {self.name!r}: {what}", "fix the preset definition")
 
+        check(self.family in FAMILIES, f"family must be one of {sorted(FAMILIES)}")
         check(self.local_arch in LOCAL_ARCHS, f"local_arch must be one of {sorted(LOCAL_ARCHS)}")
         check(self.preprocessing in PREPROCESSING, f"preprocessing must be one of {sorted(PREPROCESSING)}")
         check(0 < self.glance_frames <= self.num_frames, "need 0 < glance_frames <= num_frames")
@@ -52,11 +61,30 @@ class Preset:
             not self.frame_wise or self.max_cubes <= self.num_frames,
             "frame-wise cubes never repeat a frame, so max_cubes must be <= num_frames",
         )
+        if self.family == "uni":
+            check(self.cube_frames == 1 and not self.tsm, "a Uni-AdaFocus patch is one frame (cube_frames 1, no TSM)")
+            check(
+                self.glance_size == self.frame_size,
+                "the Uni-AdaFocus glance sees whole frames (glance_size == frame_size)",
+            )
+            check(
+                self.num_frames % self.glance_frames == 0 and self.num_frames // self.glance_frames >= 2,
+                "Uni-AdaFocus glances at every (num_frames // glance_frames)-th frame: num_frames must be a "
+                "multiple (>= 2x) of glance_frames",
+            )
+            check(0 < self.window_min <= self.frame_size, "need 0 < window_min <= frame_size")
+            check(self.temperature > 0, "need temperature > 0")
 
     @property
     def frame_wise(self) -> bool:
         """Cubes one frame long (paper 4.1): a later cube never re-uses a frame."""
         return self.cube_frames == 1
+
+    @property
+    def plan_width(self) -> int:
+        """Floats per step of the policy's plan: a cube centre (x, y, t) in [0, 1], or a Uni-AdaFocus
+        patch box (x0, y0, width, height) in pixels."""
+        return 4 if self.family == "uni" else 3
 
     @property
     def num_exits(self) -> int:
@@ -102,6 +130,13 @@ class Preset:
             )
         return cls(**data)
 
+
+# What a preset builds (adafocus.model.build_model); docs/model.md says more.
+FAMILIES = {
+    "adafocusv3": "AdaFocusV3 (ECCV 2022): the policy places K cubes at once, cut integer-aligned",
+    "uni": "Uni-AdaFocus (TPAMI 2024, the published weights): a temporal policy picks K frames, a spatial "
+    "policy one patch window per frame, resampled bilinearly",
+}
 
 # How video files are turned into a preset's input (adafocus.data.video): always TSN frame sampling,
 # /255 and ImageNet mean/std; the resize differs.
@@ -175,6 +210,40 @@ DEMO = Preset(
     "up to 4 frame-wise 64² cubes for a slim ResNet-10",
 )
 
+
+def _uni(dataset: str, key: str, classes: int) -> Preset:
+    return Preset(
+        name=f"uni-{key}-p128",
+        dataset=dataset,
+        num_classes=classes,
+        num_frames=48,
+        glance_frames=16,
+        cube_size=128,
+        cube_frames=1,
+        max_cubes=16,
+        tsm=False,
+        family="uni",
+        description=f"{dataset}, the published Uni-AdaFocus weights ({key}_p128.pth.tar): MobileNetV2 glance on 16 "
+        "of 48 frames, 16 frames picked by a temporal policy, a 96-224 px patch of each resampled to 128² for a "
+        "ResNet-50",
+    )
+
+
+# The family's small member: the demo's networks in the Uni-AdaFocus roles (random weights in tests).
+UNI_SMALL = dataclasses.replace(
+    DEMO,
+    name="uni-small",
+    dataset="synthetic videos",
+    num_frames=12,
+    glance_frames=4,
+    glance_size=128,
+    family="uni",
+    temporal_channels=16,
+    window_min=56,
+    description="Uni-AdaFocus at test size: MobileNetV2x0.5 glance on 4 of 12 frames of 128², 4 frames picked, a "
+    "56-128 px patch of each resampled to 64² for a slim ResNet-10",
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -185,6 +254,10 @@ PRESETS: dict[str, Preset] = {
         *(_tsm("Something-Something V2", "sthsth-v2", 174, t) for t in (8, 12, 16)),
         *(_tsm("Diving48", "diving48", 48, t) for t in (8, 12, 16)),
         DEMO,
+        _uni("ActivityNet", "actnet", 200),
+        _uni("FCVID", "fcvid", 239),
+        _uni("Mini-Kinetics", "minik", 200),
+        UNI_SMALL,
     ]
 }
 

@@ -2,6 +2,8 @@
 
     glance -> p0 -> [exit?] -> policy plans all K cubes -> for t = 1..K: crop, fL, fC -> p_t -> [exit?]
 
+The same loop runs both families (presets.FAMILIES): a Uni-AdaFocus "cube" is one resampled patch.
+
 A video exits at the first step t whose prediction has entropy <= thresholds[t]; after the K-th cube
 every remaining video exits. Videos that exit leave the batch (the rest are compacted), so an exited
 video costs nothing more, and each video's result equals the one it gets when run alone.
@@ -17,7 +19,8 @@ import torch
 
 from adafocus.errors import AdaFocusError
 from adafocus.model.checks import check_thresholds, check_videos
-from adafocus.model.cubes import crop_cubes, plan_cubes
+from adafocus.model.cubes import plan_cubes
+from adafocus.model.families import Model
 from adafocus.model.flops import count_flops
 from adafocus.model.networks import AdaFocusV3
 
@@ -33,12 +36,13 @@ class AdaptiveResult:
     """Per-video results of one batch (B videos, K cubes, N classes).
 
     Steps a video never reached are NaN in `step_logits` and `centres` and -1 in `cube_starts`
-    (a video that exits at step 0 never runs the policy).
+    (a video that exits at step 0 never runs the policy). For Uni-AdaFocus `centres` holds the patch
+    boxes (B, K, 4) = (x0, y0, width, height) in pixels and `cube_starts` (floor x0, floor y0, frame).
     """
 
     logits: torch.Tensor  # (B, N) at the exit step
     exit_step: torch.Tensor  # (B,) int64 in 0..K = number of cubes processed
-    centres: torch.Tensor  # (B, K, 3) policy output (x, y, t) in [0, 1]
+    centres: torch.Tensor  # (B, K, 3) policy output (x, y, t) in [0, 1]; Uni-AdaFocus: boxes (B, K, 4)
     cube_starts: torch.Tensor  # (B, K, 3) int64 (x0, y0, t0) by the crop rule
     gflops: torch.Tensor  # (B,) float64 GMACs spent
     step_logits: torch.Tensor  # (B, K+1, N)
@@ -67,14 +71,14 @@ class AdaptiveResult:
 
 @torch.no_grad()
 def adaptive_inference(
-    model: AdaFocusV3,
+    model: Model,
     videos: torch.Tensor,
     thresholds: Sequence[float],
     centres: torch.Tensor | None = None,
 ) -> AdaptiveResult:
-    """Run AdaFocusV3 with early exit on a batch of preprocessed videos (B, T, 3, H, W).
+    """Run the model with early exit on a batch of preprocessed videos (B, T, 3, H, W).
 
-    `centres` (B, K, 3) replaces the policy's output, for ablations such as a random policy.
+    `centres` (B, K, 3) replaces an AdaFocusV3 policy's output, for ablations such as a random policy.
     """
     preset = model.preset
     if not isinstance(videos, torch.Tensor):
@@ -87,7 +91,9 @@ def adaptive_inference(
 
     step_logits = torch.full((n, k_max + 1, classes), math.nan, device=device)
     exit_step = torch.full((n,), k_max, dtype=torch.int64, device=device)
-    planned = torch.full((n, k_max, 3), math.nan, device=device)
+    if centres is not None and not isinstance(model, AdaFocusV3):
+        raise AdaFocusError("centres= replaces an AdaFocusV3 policy only", "drop centres= for a Uni-AdaFocus model")
+    planned = torch.full((n, k_max, preset.plan_width), math.nan, device=device)
     cube_starts = torch.full((n, k_max, 3), -1, dtype=torch.int64, device=device)
 
     maps, pooled = model.glance(model.glance_frames(videos))
@@ -97,16 +103,19 @@ def adaptive_inference(
     exit_step[~go_on] = 0
     rows = go_on.nonzero().flatten()  # the videos still running, as indices into the batch
 
-    if rows.numel():
-        planned[rows] = (model.policy(maps[rows]) if centres is None else centres[rows]).to(planned)
+    if rows.numel() and centres is not None:
+        planned[rows] = centres[rows].to(planned)
         cube_starts[rows] = plan_cubes(planned[rows], preset)
+    elif rows.numel():
+        plan, starts = model.plan(maps[rows], pooled[rows])
+        planned[rows], cube_starts[rows] = plan.to(planned), starts
     global_state = global_state[rows]
     local_state = torch.zeros_like(global_state)
 
     for step in range(1, k_max + 1):
         if rows.numel() == 0:
             break
-        cubes = crop_cubes(videos, rows, cube_starts[rows, step - 1], preset.cube_size, preset.cube_frames)
+        cubes = model.cut(videos, rows, planned[rows, step - 1], cube_starts[rows, step - 1])
         step_index = torch.full_like(rows, step)
         logits, local_state = model.classifier.step(model.local(cubes), local_state, global_state, step_index)
         step_logits[rows, step] = logits.to(step_logits)  # fp32 bookkeeping, also under fp16 autocast

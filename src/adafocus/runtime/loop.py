@@ -30,6 +30,9 @@ float summation order, ~1e-6), so the two modes agree per video.
 
 Only entropies (and, once per video, its logits and planned cubes) reach the host; videos, cubes
 and per-video states stay on the backend's device.
+
+Both model families run here: a Uni-AdaFocus plan is K patch boxes (`plan_width` 4 floats a step
+instead of a centre's 3), and its crop graph, which resamples, also takes each row's box (`boxes`).
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ class Finished:
     index: int
     logits: np.ndarray  # (N,) at the exit step
     exit_step: int  # number of cubes processed
-    centres: np.ndarray  # (K, 3) x, y, t in [0, 1]
-    cube_starts: np.ndarray  # (K, 3) x0, y0, t0
+    centres: np.ndarray  # (K, 3) x, y, t in [0, 1]; Uni-AdaFocus: (K, 4) boxes x0, y0, width, height
+    cube_starts: np.ndarray  # (K, 3) x0, y0, t0 (Uni-AdaFocus: t0 is the patch's frame)
 
 
 @dataclass
@@ -111,15 +114,15 @@ class _Running:
     slots: np.ndarray  # their rows in the caller's batch, or their slots in the pool of cubes
     steps: np.ndarray  # the cube each runs next (1..K)
     starts: np.ndarray  # (n, K, 3) the policy's plan
-    centres: np.ndarray  # (n, K, 3)
+    centres: np.ndarray  # (n, K, plan width)
     thresholds: np.ndarray  # (n, K + 1) float32, each video's own
     local_state: object = None  # (n, hidden) on the device
     global_state: object = None
 
     @classmethod
-    def empty(cls, k_max: int) -> _Running:
+    def empty(cls, k_max: int, plan_width: int) -> _Running:
         none = np.empty(0, np.int64)
-        starts, centres = np.empty((0, k_max, 3), np.int64), np.empty((0, k_max, 3), np.float32)
+        starts, centres = np.empty((0, k_max, 3), np.int64), np.empty((0, k_max, plan_width), np.float32)
         return cls(none, none, none, starts, centres, np.empty((0, k_max + 1), np.float32))
 
     def __len__(self) -> int:
@@ -169,10 +172,12 @@ def cube_loop(
     stats: LoopStats,
     timer: StageTimer | None = None,
     row_thresholds: RowThresholds | None = None,
+    plan_width: int = 3,
 ) -> Iterator[Finished | Failed]:
     """Run videos from `source` to their exits. capacity None = per-batch mode (one chunk, no copy).
     cube_shape: one cube, (T', 3, h', w'). Each video exits by `row_thresholds(its index)` when
-    given, else by `thresholds`; both K+1 entropies, compared as float32 like the reference."""
+    given, else by `thresholds`; both K+1 entropies, compared as float32 like the reference.
+    plan_width: floats per step of the policy's `centres` (the preset's)."""
     default = np.asarray(thresholds, dtype=np.float32)
 
     def thresholds_of(ids: np.ndarray) -> np.ndarray:
@@ -187,7 +192,8 @@ def cube_loop(
     batch = None  # per-batch mode: the caller's videos, which the turns crop from
     free = list(range(capacity or 0))
     refill_at = refill_size(capacity or 1)
-    running = _Running.empty(max_cubes)
+    running = _Running.empty(max_cubes, plan_width)
+    boxes = "boxes" in backend.inputs["crop"]  # a resampling crop (Uni-AdaFocus) takes each row's box
     exhausted = False
 
     while True:
@@ -206,18 +212,29 @@ def cube_loop(
                         batch, slots = videos, np.arange(len(new_ids))
                     row_thr = thresholds_of(new_ids)
                     yield from _admit(
-                        run, arrays, videos, new_ids, slots, row_thr, running, free, cubes, stats, backend.max_batch
+                        run,
+                        arrays,
+                        videos,
+                        new_ids,
+                        slots,
+                        row_thr,
+                        running,
+                        free,
+                        cubes,
+                        stats,
+                        boxes,
+                        backend.max_batch,
                     )
         if len(running) == 0:
             stats.in_pool = 0
             if exhausted:
                 return
             continue
-        yield from _cube_step(run, arrays, batch, cubes, max_cubes, running, free, stats)
+        yield from _cube_step(run, arrays, batch, cubes, max_cubes, running, free, stats, boxes)
 
 
 def _admit(
-    run, arrays, videos, ids, slots, thresholds, running: _Running, free: list, cubes, stats, max_rows=None
+    run, arrays, videos, ids, slots, thresholds, running: _Running, free: list, cubes, stats, boxes, max_rows=None
 ) -> Iterator[Finished]:
     """Glance at newly admitted videos: the confident ones leave at step 0, the policy plans the
     others' cubes (cut into their slots of `cubes` when there is a pool of cubes) and they join the
@@ -225,14 +242,14 @@ def _admit(
     glance = run("glance", {"videos": videos})
     go_on = arrays.to_host(glance["entropy"]) > thresholds[:, 0]
     k_max = running.starts.shape[1]
-    no_cubes = np.zeros((len(ids), k_max, 3))
+    no_centres, no_starts = np.zeros((len(ids), *running.centres.shape[1:])), np.zeros((len(ids), k_max, 3))
     at_glance = np.zeros(len(ids), np.int64)
-    yield from _leave(arrays, glance["logits"], np.flatnonzero(~go_on), ids, at_glance, no_cubes, no_cubes, stats)
+    yield from _leave(arrays, glance["logits"], np.flatnonzero(~go_on), ids, at_glance, no_centres, no_starts, stats)
     free.extend(slots[~go_on].tolist())
     rows = np.flatnonzero(go_on)
     if len(rows):
         plan = run("policy", {"maps": arrays.take(glance["maps"], rows)})
-        starts = arrays.to_host(plan["cube_starts"])
+        starts, centres = arrays.to_host(plan["cube_starts"]), arrays.to_host(plan["centres"])
         if cubes is not None:
             # All K cubes of every admitted video, video-major like the pool (slot s holds s*K .. s*K+K-1),
             # in calls of as many rows as videos were admitted (so no call outputs more than a batch of
@@ -240,30 +257,37 @@ def _admit(
             # and never past the engines' largest batch.
             flat_rows = np.repeat(rows, k_max)
             flat_slots = (slots[rows][:, None] * k_max + np.arange(k_max)).reshape(-1)
-            flat_starts = starts.reshape(-1, 3)
+            flat_starts, flat_centres = starts.reshape(-1, 3), centres.reshape(-1, centres.shape[-1])
             step = min(max_rows or len(flat_rows), max(len(rows), CROP_ROWS))
             for at in range(0, len(flat_rows), step):
                 part = slice(at, at + step)
                 feeds = {"pool": videos, "rows": arrays.from_host(flat_rows[part])}
                 feeds["starts"] = arrays.from_host(np.ascontiguousarray(flat_starts[part]))
+                if boxes:
+                    feeds["boxes"] = arrays.from_host(np.ascontiguousarray(flat_centres[part]))
                 arrays.put(cubes, flat_slots[part], run("crop", feeds)["cubes"])
         running.join(
             arrays,
             ids[rows],
             slots[rows],
             starts,
-            arrays.to_host(plan["centres"]),
+            centres,
             thresholds[rows],
             arrays.take(glance["global_state"], rows),
         )
 
 
-def _cube_step(run, arrays, batch, cubes, k_max: int, running: _Running, free: list, stats) -> Iterator[Finished]:
+def _cube_step(
+    run, arrays, batch, cubes, k_max: int, running: _Running, free: list, stats, boxes: bool
+) -> Iterator[Finished]:
     """One cube for every running video, whatever its step (cut from `batch`, or taken from the
     pool of `cubes` cut at admission); those that are done leave."""
     if cubes is None:
-        step_starts = running.starts[np.arange(len(running)), running.steps - 1]
+        this_step = (np.arange(len(running)), running.steps - 1)
+        step_starts = running.starts[this_step]
         feeds = {"pool": batch, "rows": arrays.from_host(running.slots), "starts": arrays.from_host(step_starts)}
+        if boxes:
+            feeds["boxes"] = arrays.from_host(np.ascontiguousarray(running.centres[this_step]))
         step_cubes = run("crop", feeds)["cubes"]
     else:
         step_cubes = arrays.take(cubes, running.slots * k_max + running.steps - 1)
@@ -298,7 +322,7 @@ def _leave(arrays, logits, rows, ids, steps, centres, starts, stats) -> Iterator
         used = int(steps[row])
         stats.exits[used] += 1
         stats.videos += 1
-        used_centres = np.full((k_max, 3), np.nan, np.float32)
+        used_centres = np.full(centres.shape[1:], np.nan, np.float32)
         used_starts = np.full((k_max, 3), -1, np.int64)
         used_centres[:used], used_starts[:used] = centres[row, :used], starts[row, :used]
         yield Finished(int(ids[row]), video_logits, used, used_centres, used_starts)

@@ -39,7 +39,7 @@ class VideoResult:
     index: int
     logits: np.ndarray | None
     exit_step: int
-    centres: np.ndarray | None  # (K, 3); rows past exit_step are NaN
+    centres: np.ndarray | None  # (K, 3), Uni-AdaFocus boxes (K, 4); rows past exit_step are NaN
     cube_starts: np.ndarray | None  # (K, 3); rows past exit_step are -1
     gflops: float
     error: str | None = None
@@ -68,9 +68,17 @@ class VideoResult:
             "class_index": self.prediction,
             "top_k": [[class_names[c], float(probs[c])] for c in top],
             "exit_step": used,
-            "cubes": [{"centre": self.centres[k].tolist(), "start": self.cube_starts[k].tolist()} for k in range(used)],
+            **self.plan_dict(),
             "gflops": self.gflops,
         }
+
+    def plan_dict(self) -> dict:
+        """The steps this video used, under the names of its family: "cubes" (centre, start), or
+        Uni-AdaFocus "patches" (frame, box = x0, y0, width, height in pixels)."""
+        used = range(self.exit_step)
+        if self.centres.shape[-1] == 4:
+            return {"patches": [{"frame": int(self.cube_starts[k, 2]), "box": self.centres[k].tolist()} for k in used]}
+        return {"cubes": [{"centre": self.centres[k].tolist(), "start": self.cube_starts[k].tolist()} for k in used]}
 
 
 @dataclass
@@ -79,7 +87,7 @@ class BatchResult:
 
     logits: np.ndarray  # (B, N)
     exit_step: np.ndarray  # (B,)
-    centres: np.ndarray  # (B, K, 3)
+    centres: np.ndarray  # (B, K, 3), Uni-AdaFocus boxes (B, K, 4)
     cube_starts: np.ndarray  # (B, K, 3)
     gflops: np.ndarray  # (B,)
 
@@ -226,7 +234,7 @@ class Runtime:
         result = BatchResult(
             np.zeros((n, classes), np.float32),
             np.zeros(n, np.int64),
-            np.full((n, k_max, 3), np.nan, np.float32),
+            np.full((n, k_max, self.preset.plan_width), np.nan, np.float32),
             np.full((n, k_max, 3), -1, np.int64),
             np.zeros(n, np.float64),
         )
@@ -261,6 +269,7 @@ class Runtime:
             thresholds=np.full(exits, -np.inf),
             max_cubes=self.preset.max_cubes,
             cube_shape=self.preset.cube_shape,
+            plan_width=self.preset.plan_width,
             capacity=None,
             stats=recorder.stats,
             timer=recorder,
@@ -324,6 +333,7 @@ class Runtime:
             thresholds=self.thresholds,
             max_cubes=self.preset.max_cubes,
             cube_shape=self.preset.cube_shape,
+            plan_width=self.preset.plan_width,
             capacity=capacity,
             stats=stats,
             timer=timer,

@@ -22,7 +22,7 @@ from pathlib import Path
 from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import Export, open_export
 from adafocus.files import atomic_write
-from adafocus.serve.service import ServeOptions
+from adafocus.serve.service import ServeOptions, plan_outputs
 
 CONTINUOUS, PER_BATCH, DENSE = "adafocus", "adafocus_per_batch", "adafocus_dense"
 MODEL_PY = '''"""Written by adafocus-deploy (docs/serving.md): this model is adafocus.serve.triton_model."""
@@ -112,8 +112,7 @@ def model_config(model: ModelEntry, options: ServeOptions, export: Export) -> st
     if model.mode != "dense":
         outputs += [
             _tensor("EXIT_STEP", "TYPE_INT32", [1]),
-            _tensor("CUBE_STARTS", "TYPE_INT32", [p.max_cubes, 3]),
-            _tensor("CUBE_CENTRES", "TYPE_FP32", [p.max_cubes, 3]),
+            *(_tensor(name, kind, shape) for name, kind, shape in plan_outputs(p.family, p.max_cubes)),
             _tensor("BUDGET_GFLOPS", "TYPE_FP32", [1]),
         ]
     parameters = options.to_parameters() | {

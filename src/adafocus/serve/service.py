@@ -294,8 +294,7 @@ class Service:
             "PROBABILITIES": result.probs.astype(np.float32),
             "EXIT_STEP": np.array([result.exit_step], np.int32),
             "GFLOPS": np.array([result.gflops], np.float32),
-            "CUBE_STARTS": result.cube_starts.astype(np.int32),
-            "CUBE_CENTRES": result.centres.astype(np.float32),
+            **plan_values(result),
             "BUDGET_GFLOPS": np.array([budget_gflops], np.float32),
         }
         return outputs | _source_outputs(source)
@@ -345,3 +344,31 @@ def _source_outputs(source) -> dict[str, np.ndarray]:
         "FRAME_INDICES": np.asarray(source.indices, np.int32),
         "DECODED_BY": np.array([source.decoding.encode("utf-8")], np.object_),
     }
+
+
+# The plan outputs of each model family (docs/serving.md): AdaFocusV3 answers its cubes, Uni-AdaFocus
+# its patches. The model configuration, the served values and the client's JSONL read them here.
+def plan_outputs(family: str, max_cubes: int) -> list[tuple[str, str, list[int]]]:
+    """(name, Triton type, shape) of the plan outputs of one video."""
+    if family == "uni":
+        return [("PATCH_FRAMES", "TYPE_INT32", [max_cubes]), ("PATCH_BOXES", "TYPE_FP32", [max_cubes, 4])]
+    return [("CUBE_STARTS", "TYPE_INT32", [max_cubes, 3]), ("CUBE_CENTRES", "TYPE_FP32", [max_cubes, 3])]
+
+
+def plan_values(result) -> dict[str, np.ndarray]:
+    """A VideoResult's plan as those outputs (-1 / NaN past its exit step)."""
+    if result.centres.shape[-1] == 4:
+        return {
+            "PATCH_FRAMES": result.cube_starts[:, 2].astype(np.int32),
+            "PATCH_BOXES": result.centres.astype(np.float32),
+        }
+    return {"CUBE_STARTS": result.cube_starts.astype(np.int32), "CUBE_CENTRES": result.centres.astype(np.float32)}
+
+
+def plan_record(outputs: dict[str, np.ndarray], used: int) -> dict:
+    """The JSONL fields of those outputs for the `used` steps, as VideoResult.plan_dict writes them."""
+    if "PATCH_BOXES" in outputs:
+        frames, boxes = outputs["PATCH_FRAMES"], outputs["PATCH_BOXES"]
+        return {"patches": [{"frame": int(frames[k]), "box": boxes[k].tolist()} for k in range(used)]}
+    centres, starts = outputs["CUBE_CENTRES"], outputs["CUBE_STARTS"]
+    return {"cubes": [{"centre": centres[k].tolist(), "start": starts[k].tolist()} for k in range(used)]}

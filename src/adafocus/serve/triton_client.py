@@ -20,6 +20,7 @@ import numpy as np
 from adafocus.errors import AdaFocusError
 from adafocus.predict import decoding_fields
 from adafocus.serve.repository import CONTINUOUS
+from adafocus.serve.service import plan_record
 
 RETRIES = 5  # tries of a request refused as overloaded, the pause doubling from RETRY_PAUSE_S
 RETRY_PAUSE_S = 0.2
@@ -58,8 +59,9 @@ def predict_on_server(
     """One dict per path, in completion order: the keys of `adafocus.predict.predict_paths`
     (path, class, class_index, top_k, exit_step, cubes, gflops, frames), or path and error."""
     client, grpcclient = _client(address)
-    parameters = client.get_model_config(CONTINUOUS, as_json=True)["config"]["parameters"]
-    class_names = json.loads(parameters["class_names"]["string_value"])
+    config = client.get_model_config(CONTINUOUS, as_json=True)["config"]
+    class_names = json.loads(config["parameters"]["class_names"]["string_value"])
+    outputs = [o["name"] for o in config["output"] if o["name"] in OUTPUTS]  # the family's plan outputs among them
     answers: queue.Queue = queue.Queue()  # filled by the client's callbacks, emptied here
     request_parameters = {} if budget is None else {"budget_gflops": float(budget)}
 
@@ -95,7 +97,7 @@ def predict_on_server(
             if error is not None:
                 yield {"path": path, "error": error.message()}
             else:
-                yield record_of(path, {name: result.as_numpy(name) for name in OUTPUTS}, class_names, top_k)
+                yield record_of(path, {name: result.as_numpy(name) for name in outputs}, class_names, top_k)
     finally:
         client.close()
 
@@ -107,6 +109,8 @@ OUTPUTS = (
     "GFLOPS",
     "CUBE_STARTS",
     "CUBE_CENTRES",
+    "PATCH_FRAMES",
+    "PATCH_BOXES",
     "FRAME_INDICES",
     "DECODED_BY",
 )
@@ -117,14 +121,13 @@ def record_of(path: str, outputs: dict, class_names: list[str], top_k: int) -> d
     probs = outputs["PROBABILITIES"].astype(np.float64)
     top = np.argsort(-probs, kind="stable")[:top_k]
     used = int(outputs["EXIT_STEP"][0])
-    centres, starts = outputs["CUBE_CENTRES"], outputs["CUBE_STARTS"]
     return {
         "path": path,
         "class": class_names[int(outputs["CLASS_INDEX"][0])],
         "class_index": int(outputs["CLASS_INDEX"][0]),
         "top_k": [[class_names[c], float(probs[c])] for c in top],
         "exit_step": used,
-        "cubes": [{"centre": centres[k].tolist(), "start": starts[k].tolist()} for k in range(used)],
+        **plan_record(outputs, used),
         "gflops": float(outputs["GFLOPS"][0]),
         "frames": outputs["FRAME_INDICES"].tolist(),
         **decoding_fields(outputs["DECODED_BY"].reshape(-1)[0].decode("utf-8")),

@@ -35,7 +35,7 @@ from adafocus.data.synthetic import TASK_ID, SyntheticTask, TaskVideos
 from adafocus.errors import AdaFocusError
 from adafocus.files import atomic_write
 from adafocus.model.checkpoint import save_checkpoint, torch_bytes
-from adafocus.model.networks import AdaFocusV3, build_model
+from adafocus.model.networks import AdaFocusV3
 from adafocus.model.presets import Preset
 from adafocus.model.reference import adaptive_inference
 from adafocus.train.cube_gradients import CUBE_FEATURES
@@ -286,7 +286,7 @@ def train(
 def _start(preset: Preset, config: TrainConfig, state_path: Path, resume: bool, data: dict, start_from, log) -> _Run:
     """A fresh run, or the saved one to resume (refused when its settings or data differ)."""
     torch.manual_seed(config.seed)
-    model = build_model(preset)
+    model = AdaFocusV3(preset).eval()
     saved = None
     if resume and state_path.exists():
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
