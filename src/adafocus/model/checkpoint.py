@@ -280,11 +280,14 @@ def _map_uni_checkpoint(
         if not all(name in theirs for name in names):
             continue
         expected = own[key].shape if len(names) == 1 else (own[key].shape[0] // len(names), *own[key].shape[1:])
-        wrong_shape += [
+        wrong = [
             f"{n}: file {tuple(theirs[n].shape)} vs model {tuple(expected)}"
             for n in names
             if theirs[n].shape != expected
         ]
+        if wrong:
+            wrong_shape += wrong
+            continue
         mapped[key] = theirs[names[0]] if len(names) == 1 else torch.cat([theirs[n] for n in names], dim=0)
     if wrong_shape:
         raise AdaFocusError(
