@@ -31,8 +31,9 @@ float summation order, ~1e-6), so the two modes agree per video.
 Only entropies (and, once per video, its logits and planned cubes) reach the host; videos, cubes
 and per-video states stay on the backend's device.
 
-Both model families run here: a Uni-AdaFocus plan is K patch boxes (`plan_width` 4 floats a step
-instead of a centre's 3), and its crop graph, which resamples, also takes each row's box (`boxes`).
+Both model families run here: a Uni-AdaFocus plan is K patch boxes (4 floats a step instead of a
+centre's 3), and its crop graph, which resamples, also takes each row's box (`boxes`). Both are read
+from the graphs' declarations in the manifest.
 """
 
 from __future__ import annotations
@@ -172,12 +173,10 @@ def cube_loop(
     stats: LoopStats,
     timer: StageTimer | None = None,
     row_thresholds: RowThresholds | None = None,
-    plan_width: int = 3,
 ) -> Iterator[Finished | Failed]:
     """Run videos from `source` to their exits. capacity None = per-batch mode (one chunk, no copy).
     cube_shape: one cube, (T', 3, h', w'). Each video exits by `row_thresholds(its index)` when
-    given, else by `thresholds`; both K+1 entropies, compared as float32 like the reference.
-    plan_width: floats per step of the policy's `centres` (the preset's)."""
+    given, else by `thresholds`; both K+1 entropies, compared as float32 like the reference."""
     default = np.asarray(thresholds, dtype=np.float32)
 
     def thresholds_of(ids: np.ndarray) -> np.ndarray:
@@ -192,7 +191,8 @@ def cube_loop(
     batch = None  # per-batch mode: the caller's videos, which the turns crop from
     free = list(range(capacity or 0))
     refill_at = refill_size(capacity or 1)
-    running = _Running.empty(max_cubes, plan_width)
+    centres = next(t for t in backend.specs["policy"].outputs if t.name == "centres")
+    running = _Running.empty(max_cubes, int(centres.shape[-1]))  # floats per step of the plan
     boxes = "boxes" in backend.inputs["crop"]  # a resampling crop (Uni-AdaFocus) takes each row's box
     exhausted = False
 
