@@ -2,12 +2,16 @@
 left out (and --max-bad), calibration and evaluation from real files against the same videos as
 tensors, calibration on a deployed engine, and the cache of step outputs."""
 
+import hashlib
 import json
+import os
+import re
 import shutil
 import threading
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import adafocus.data.video
@@ -19,6 +23,7 @@ from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import open_export, update_manifest
 from adafocus.model.preprocess import normalize
 from adafocus.runtime import Runtime
+from adafocus.train.sources import FileSource
 from adafocus.weights import DEMO_PIXEL, builtin_checkpoint
 from conftest import OWN_VIDEOS, strict_loads
 
@@ -217,3 +222,138 @@ def test_decode_ahead_keeps_the_order_hands_out_errors_and_bounds_the_work():
     assert isinstance(first[3][2], ValueError) and all(e is None for i, _, e in first if i != 3)
     decoded.close()
     assert len(started) <= 5 + 4  # five handed out, at most four ahead: never the whole input
+
+
+def write_list(path, own_videos, labels) -> str:
+    """A `path label` list of the first len(labels) val videos, with these label fields."""
+    folder = own_videos["val"].parent
+    lines = [f"{folder}/val-{i:06d}.mkv {label}" for i, label in enumerate(labels)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def multi_hot(rows, classes: int = 10) -> np.ndarray:
+    expected = np.zeros((len(rows), classes), bool)
+    for row, indices in enumerate(rows):
+        expected[row, indices] = True
+    return expected
+
+
+def test_several_labels_make_a_multi_label_set_of_multi_hot_rows(own_videos, exported, tmp_path):
+    classes = exported("demo").class_names
+    expected = multi_hot([[1, 7], [3], [0, 2, 9]])
+    listed = read_labelled(write_list(tmp_path / "multi.txt", own_videos, ["7;1", "3", "2;0;9"]), classes)
+    assert listed.multi_label and listed.labels.dtype == np.bool_ and listed.labels.shape == (3, 10)
+    np.testing.assert_array_equal(listed.labels, expected)
+    (tmp_path / "multi.csv").write_text(
+        "path,label\nval/val-000000.mkv,glyph-7;glyph-1\n"
+        'val/val-000001.mkv,glyph-3\nval/val-000002.mkv,"2; 0;glyph-9"\n',
+        encoding="utf-8",
+    )
+    from_csv = read_labelled(tmp_path / "multi.csv", classes, root=own_videos["root"])
+    assert from_csv.multi_label and from_csv.paths == listed.paths
+    np.testing.assert_array_equal(from_csv.labels, expected)
+
+    for single in (read_labelled(own_videos["val"], classes), read_labelled(own_videos["tree"], classes)):
+        assert not single.multi_label and single.labels.dtype == np.int64 and single.labels.shape == (OWN_VIDEOS,)
+    (tmp_path / "odd.csv").write_text("path,label\na.mkv,x;y\nb.mkv,z\n", encoding="utf-8")
+    odd = read_labelled(tmp_path / "odd.csv", ["z", "x;y"])  # a class name that holds `;` is one label
+    assert not odd.multi_label and odd.labels.tolist() == [1, 0]
+
+
+def test_every_unknown_part_of_several_labels_is_named_with_its_line(own_videos, exported, tmp_path, decodes):
+    classes = exported("demo").class_names
+    listing = write_list(tmp_path / "bad.txt", own_videos, ["1;12", "3", "99;4;x"])
+    with pytest.raises(AdaFocusError, match=r"3 labels are not a class.*line 1: '12', line 3: '99', line 3: 'x'"):
+        read_labelled(listing, classes)
+    (tmp_path / "bad.csv").write_text("path,label\nval/val-000000.mkv,glyph-1;cat\n", encoding="utf-8")
+    with pytest.raises(AdaFocusError, match=r"(?s)1 label is not a class.*line 2: 'cat'.*class names"):
+        read_labelled(tmp_path / "bad.csv", classes, root=own_videos["root"])
+    assert decodes == []
+
+
+@pytest.mark.parametrize(
+    ("field", "problem"),
+    [("1;", "'1;' has an empty label"), (";", "';' has an empty label"), ("1;;2", "has an empty label")]
+    + [("3;3", "'3;3' gives 'glyph-3' twice"), ("glyph-3;3", "gives 'glyph-3' twice")],
+)
+def test_an_empty_part_or_a_class_twice_is_an_error_naming_the_line(
+    own_videos, exported, tmp_path, decodes, field, problem
+):
+    classes = exported("demo").class_names
+    if field.startswith("glyph"):  # by name: a CSV
+        listing = tmp_path / "bad.csv"
+        listing.write_text(f"path,label\nval/val-000000.mkv,4\nval/val-000001.mkv,{field}\n", encoding="utf-8")
+        number = 3
+    else:
+        listing, number = write_list(tmp_path / "bad.txt", own_videos, ["4", field]), 2
+    with pytest.raises(AdaFocusError) as raised:
+        read_labelled(listing, classes, root=own_videos["root"] if str(listing).endswith(".csv") else None)
+    assert f"{listing}: 1 field of several labels is malformed (line {number}: " in raised.value.what
+    assert problem in raised.value.what and "each class once and no part empty" in raised.value.fix
+    assert decodes == []
+
+
+def test_malformed_fields_are_all_named_and_a_space_after_the_separator_is_refused(own_videos, exported, tmp_path):
+    classes = exported("demo").class_names
+    listing = write_list(tmp_path / "bad.txt", own_videos, ["2;", "5", "6;6;1"])
+    with pytest.raises(AdaFocusError, match=r"2 fields .* are malformed \(line 1: '2;' .*, line 3: '6;6;1' gives"):
+        read_labelled(listing, classes)
+    (tmp_path / "spaced.txt").write_text(f"{own_videos['val'].parent}/val-000000.mkv 2; 5\n", encoding="utf-8")
+    with pytest.raises(AdaFocusError, match=r"spaced\.txt:1: a space after `;`"):
+        read_labelled(tmp_path / "spaced.txt", classes)
+
+
+def test_decoded_batches_of_a_multi_label_set_give_bool_rows(own_videos, exported, tmp_path):
+    preset, classes = exported("demo").preset, exported("demo").class_names
+    broken = tmp_path / "notes.mp4"
+    broken.write_text("not a video\n", encoding="utf-8")
+    listing = write_list(tmp_path / "multi.txt", own_videos, ["1;7", "3", "0;2;9", "5", "4;8"])
+    with open(listing, "a", encoding="utf-8") as f:
+        f.write(f"{broken} 6;2\n")
+    videos = read_labelled(listing, classes)
+    left_out = []
+    batches = list(DecodedBatches(videos, preset, batch_size=2, max_bad=0.5, progress=False, log=left_out.append))
+    assert [tuple(labels.shape) for _, labels in batches] == [(2, 10), (2, 10), (1, 10)]
+    assert all(labels.dtype == torch.bool for _, labels in batches) and len(left_out) == 1
+    np.testing.assert_array_equal(np.concatenate([y.numpy() for _, y in batches]), videos.labels[:5])
+    assert [frames.shape[0] for frames, _ in batches] == [2, 2, 1]
+
+    single = read_labelled(write_list(tmp_path / "single.txt", own_videos, ["1", "3", "0"]), classes)
+    (_, labels), *_ = DecodedBatches(single, preset, batch_size=4, progress=False)
+    assert labels.dtype == torch.int64 and labels.tolist() == [1, 3, 0]
+
+
+def old_digest(paths, labels) -> str:
+    """What digest() computes, written out: `abspath<TAB>label<TAB>size mtime_ns` per video."""
+    h = hashlib.sha256()
+    for path, label in zip(paths, labels):
+        stat = os.stat(path)
+        h.update(f"{os.path.abspath(path)}\t{label}\t{stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def test_digest_is_unchanged_for_single_labels_and_follows_a_rows_label_set(own_videos, exported, tmp_path):
+    classes = exported("demo").class_names
+    single = read_labelled(own_videos["val"], classes)
+    assert single.digest() == old_digest(single.paths, single.labels.tolist())
+    multi = read_labelled(write_list(tmp_path / "a.txt", own_videos, ["7;1", "3", "2;0;9"]), classes)
+    assert multi.digest() == old_digest(multi.paths, ["1;7", "3", "0;2;9"])
+    reordered = read_labelled(write_list(tmp_path / "b.txt", own_videos, ["1;7", "3", "9;2;0"]), classes)
+    changed = read_labelled(write_list(tmp_path / "c.txt", own_videos, ["1;7", "3", "0;2"]), classes)
+    assert reordered.digest() == multi.digest() != changed.digest()
+
+
+def test_training_refuses_a_multi_label_set_before_decoding(own_videos, exported, tmp_path, decodes):
+    preset, classes = exported("demo").preset, exported("demo").class_names
+    listing = write_list(tmp_path / "multi.txt", own_videos, ["1;7", "3", "0;2;9"])
+    multi, single = read_labelled(listing, classes), read_labelled(own_videos["val"], classes)
+    said = rf"{re.escape(listing)}: a multi-label set, 2 of its 3 videos with several classes.*one label per video"
+    with pytest.raises(AdaFocusError, match=said):
+        FileSource(multi, None, preset, seed=0)
+    with pytest.raises(AdaFocusError, match=said):
+        FileSource(single, multi, preset, seed=0)
+    assert FileSource(single, single, preset, seed=0).class_names == list(classes)
+    result = CliRunner().invoke(main, ["train", "--data", listing, "--out", str(tmp_path / "run"), "--steps", "1"])
+    assert result.exit_code != 0 and "training takes one label per video" in result.output
+    assert decodes == [] and not (tmp_path / "run" / "model.pt").exists()

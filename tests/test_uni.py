@@ -377,6 +377,39 @@ def test_a_result_names_its_patches(exported, small_data):
     assert [p["frame"] for p in line["patches"]] == sorted({p["frame"] for p in line["patches"]})
 
 
+def test_calibration_by_map_on_a_multi_label_set_runs_on_the_export(exported, tmp_path):
+    """`--metric map` (ActivityNet, FCVID) on this family's export: the budgets carry map and
+    heldout_map, and ONNX Runtime with a budget set exits where the held-out entropies say."""
+    import shutil
+
+    from adafocus.calibration.calibrate import calibrate_export
+    from adafocus.calibration.thresholds import exit_steps, thresholds_from_json
+
+    target = shutil.copytree(exported("uni-small").path, tmp_path / "uni-small")
+    p = exported("uni-small").preset
+    videos = random_videos(p, 48, seed=9)
+    rng = np.random.default_rng(0)
+    labels = rng.random((48, p.num_classes)) < 0.3  # several classes per video
+    labels[np.arange(48), rng.integers(0, p.num_classes, 48)] = True
+    cal, held = (videos[:24], torch.as_tensor(labels[:24])), (videos[24:], torch.as_tensor(labels[24:]))
+    result = calibrate_export(target, cal, held, progress=False, metric="map", solver="msdnet")
+    assert result.export.budget_metric == "map" and len(result.table) >= 2
+    assert all({"map", "heldout_map", "accuracy"} <= set(e) for e in result.table)
+    runtime = Runtime.load(target)
+    entropy = result.heldout.entropy
+    compared = 0
+    for entry in result.table:
+        runtime.set_budget(entry["gflops"])
+        out = runtime.predict(videos[24:])
+        expected = exit_steps(entropy, entry["thresholds"])
+        thr = np.asarray(thresholds_from_json(entry["thresholds"]))[None, :4]
+        # a video whose entropy lies within ONNX Runtime's resampling noise of a threshold is left out
+        clear = (np.abs(entropy[:, :4] - thr) > 1e-3).all(axis=1)
+        assert (out.exit_step[clear] == expected[clear]).all()
+        compared += int(clear.sum())
+    assert compared >= len(result.table) * 24 // 2
+
+
 def test_adafocus_export_reads_the_official_file_with_class_names(actnet_file, tmp_path):
     from click.testing import CliRunner
 

@@ -24,7 +24,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from adafocus.calibration.thresholds import SOLVERS, budget_table, search_table, simulate
+from adafocus.calibration.thresholds import (
+    METRICS,
+    SOLVERS,
+    MeanAveragePrecision,
+    budget_table,
+    search_table,
+    simulate,
+)
+from adafocus.data.labelled import top1_hits
 from adafocus.errors import AdaFocusError, InternalError
 from adafocus.export.manifest import Export, open_export, update_manifest
 from adafocus.files import write_json
@@ -41,6 +49,7 @@ METHODS = {
     "ascent, for a sweep of λ, from the MSDNet and fixed-number-of-cubes settings), thresholds midway between "
     "calibration samples; the front of those, the MSDNet entries and the fixed settings",
 }
+METRIC_NAMES = {"accuracy": "accuracy", "map": "mAP"}
 DEFAULT_MAX_DROP = 0.01  # the default operating point: within 1 accuracy point of the best entry
 RANDOM_EXIT_SEED = 0
 
@@ -51,11 +60,24 @@ class StepOutputs:
 
     entropy: np.ndarray  # (N, K+1) float32, nats
     predictions: np.ndarray  # (N, K+1) int64
-    labels: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64 class indices, or (N, classes) bool for a multi-label set
+    scores: np.ndarray | None = None  # (N, K+1, classes) float32 class probabilities, kept for --metric map
 
     @property
     def correct(self) -> np.ndarray:
-        return self.predictions == self.labels[:, None]
+        """(N, K+1) whether the top class at each exit is the video's label (one of its labels)."""
+        return top1_hits(self.predictions, self.labels)
+
+    def metric(self, name: str):
+        """The set metric behind a budget table: None for "accuracy" (a mean over videos, which the
+        solvers compute from `correct`), a `MeanAveragePrecision` for "map"."""
+        if name not in METRICS:
+            raise AdaFocusError(f"unknown metric {name!r}", f"choose one of {', '.join(METRICS)}")
+        if name == "accuracy":
+            return None
+        if self.scores is None:
+            raise InternalError("mAP needs the class probabilities: collect with keep_scores=True")
+        return MeanAveragePrecision(self.scores, self.labels)
 
     @property
     def accuracy_per_step(self) -> list[float]:
@@ -99,6 +121,7 @@ def collect(
     desc: str = "collect",
     device: str = "cpu",
     engine: Runtime | None = None,
+    keep_scores: bool = False,
 ) -> StepOutputs:
     """Entropy and prediction at every exit for each video.
 
@@ -108,7 +131,9 @@ def collect(
     (videos, labels) batches such as `TaskVideos` or `DecodedBatches` (its len(), if any, sizes the
     progress bar). `device`: where the reference runs (a GPU makes paper presets fast to calibrate).
     `engine`: a Runtime whose own graphs give the entropies instead (`Runtime.step_outputs`), to
-    calibrate the thresholds of an fp16 or INT8 deployment on what it computes.
+    calibrate the thresholds of an fp16 or INT8 deployment on what it computes. `keep_scores`: keep
+    every exit's class probabilities too (`StepOutputs.scores`, for mAP). Labels may be (B,) class
+    indices or (B, classes) multi-hot rows.
     """
     if engine is None:
         model = reference_model(source).to(device)
@@ -116,20 +141,21 @@ def collect(
 
         def outputs(batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
             logits = adaptive_inference(model, batch.to(device), never).step_logits.cpu()  # (B, K+1, classes)
-            return entropy(logits).numpy(), logits.argmax(dim=-1).numpy()
+            return entropy(logits).numpy(), logits.numpy()
     else:
 
         def outputs(batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-            step_entropy, step_logits = engine.step_outputs(np.ascontiguousarray(batch, dtype=np.float32))
-            return step_entropy, step_logits.argmax(axis=-1)
+            return engine.step_outputs(np.ascontiguousarray(batch, dtype=np.float32))
 
     total = len(videos) if hasattr(videos, "__len__") else None
-    entropies, predictions, targets = [], [], []
+    entropies, predictions, targets, scores = [], [], [], []
     with tqdm(total=total, desc=desc, unit="video", disable=not progress, leave=False) as bar:
         for batch, batch_labels in _batches(videos, labels, batch_size):
-            step_entropy, step_predictions = outputs(batch)
+            step_entropy, step_logits = outputs(batch)
             entropies.append(step_entropy)
-            predictions.append(step_predictions)
+            predictions.append(step_logits.argmax(axis=-1))
+            if keep_scores:
+                scores.append(torch.softmax(torch.as_tensor(step_logits, dtype=torch.float64), -1).float().numpy())
             targets.append(torch.as_tensor(batch_labels).numpy())
             bar.update(len(batch))
     if not targets:
@@ -137,8 +163,15 @@ def collect(
     return StepOutputs(
         np.concatenate(entropies).astype(np.float32),
         np.concatenate(predictions).astype(np.int64),
-        np.concatenate(targets).astype(np.int64),
+        _labels(np.concatenate(targets)),
+        np.concatenate(scores) if keep_scores else None,
     )
+
+
+def _labels(values: np.ndarray) -> np.ndarray:
+    """(N,) int64 class indices, or (N, classes) bool multi-hot rows."""
+    values = np.asarray(values)
+    return values.astype(bool) if values.ndim == 2 else values.astype(np.int64)
 
 
 # --- the cache of step outputs -----------------------------------------------------------------------
@@ -159,9 +192,12 @@ def engine_key(export: Export, engine: Runtime | None) -> dict:
     return key | {"engine": {k: described[k] for k in ("backend", "device", "precision")}, "files": own}
 
 
-def load_cached(path: str | os.PathLike, role: str, key: dict, log=None) -> tuple[StepOutputs, dict] | None:
+def load_cached(
+    path: str | os.PathLike, role: str, key: dict, log=None, need_scores: bool = False
+) -> tuple[StepOutputs, dict] | None:
     """The `role` entry ("calibration", "heldout", ...) of a cache file if it was made for `key`
-    (None otherwise, said through `log` when the file holds an entry for something else)."""
+    (None otherwise, said through `log` when the file holds an entry for something else, or one
+    without the class probabilities that `need_scores` asks for)."""
     import json
 
     path = os.fspath(path)
@@ -179,12 +215,32 @@ def load_cached(path: str | os.PathLike, role: str, key: dict, log=None) -> tupl
         if log is not None:
             log(f"{path}: holds no {role} outputs of this export and these videos (either changed): collecting again")
         return None
+    if need_scores and "scores" not in entry:
+        if log is not None:
+            log(f"{path}: its {role} outputs hold no class probabilities (needed for mAP): collecting again")
+        return None
     outputs = StepOutputs(
         np.asarray(entry["entropy"], np.float32),
         np.asarray(entry["predictions"], np.int64),
-        np.asarray(entry["labels"], np.int64),
+        _labels(entry["labels"]),
+        _array_from_json(entry["scores"]) if "scores" in entry else None,
     )
     return outputs, entry["meta"]
+
+
+def _array_to_json(values: np.ndarray) -> dict:
+    """A float32 array as strict JSON, exactly and compactly: its shape and its bytes (little-endian) in
+    base64 (a 10 000-video ActivityNet set's probabilities are 34 M numbers)."""
+    import base64
+
+    values = np.ascontiguousarray(values, dtype="<f4")
+    return {"shape": list(values.shape), "float32_base64": base64.b64encode(values.tobytes()).decode("ascii")}
+
+
+def _array_from_json(record: dict) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(record["float32_base64"]), "<f4").reshape(record["shape"]).astype(np.float32)
 
 
 def save_cached(path: str | os.PathLike, role: str, key: dict, outputs: StepOutputs, meta: dict) -> None:
@@ -205,20 +261,24 @@ def save_cached(path: str | os.PathLike, role: str, key: dict, outputs: StepOutp
         "meta": meta,
         "entropy": outputs.entropy.tolist(),
         "predictions": outputs.predictions.tolist(),
-        "labels": outputs.labels.tolist(),
+        "labels": outputs.labels.astype(np.int64).tolist(),  # multi-hot rows as 0/1
     }
+    if outputs.scores is not None:
+        cache["entries"][role]["scores"] = _array_to_json(outputs.scores)
     write_json(path, cache)
 
 
-def add_heldout(table: list[dict], heldout: StepOutputs, cost) -> list[dict]:
-    """Each entry + its held-out accuracy, realised GFLOPs/video (and that mean's standard error),
-    the difference from the calibration cost, and the held-out exit mix."""
+def add_heldout(table: list[dict], heldout: StepOutputs, cost, metric: str = "accuracy") -> list[dict]:
+    """Each entry + its held-out accuracy (and, for metric "map", heldout_map), realised GFLOPs/video
+    (and that mean's standard error), the difference from the calibration cost, and the held-out exit mix."""
+    scored = heldout.metric(metric)
     out = []
     for entry in table:
         outcome = simulate(heldout.entropy, heldout.correct, cost, entry["thresholds"])
         out.append(
             {
                 **entry,
+                **({f"heldout_{scored.name}": scored(outcome.exit_step)} if scored else {}),
                 "heldout_accuracy": outcome.accuracy,
                 "heldout_gflops": outcome.gflops,
                 "heldout_gflops_stderr": outcome.gflops_stderr,
@@ -237,8 +297,11 @@ def _counts(fractions, n: int) -> np.ndarray:
     return counts
 
 
-def baselines(outputs: StepOutputs, cost, table: list[dict], seed: int = RANDOM_EXIT_SEED) -> dict:
-    """The paper's Fig. 6 comparisons on `outputs`:
+def baselines(
+    outputs: StepOutputs, cost, table: list[dict], seed: int = RANDOM_EXIT_SEED, metric: str = "accuracy"
+) -> dict:
+    """The paper's Fig. 6 comparisons on `outputs` (each point with its accuracy and, for metric "map",
+    its map):
 
     - fixed_cubes: every video uses exactly t cubes, t = 0..K (points);
     - random_exit: for each table entry, videos exit at a random step, with the entry's calibration
@@ -247,31 +310,31 @@ def baselines(outputs: StepOutputs, cost, table: list[dict], seed: int = RANDOM_
     """
     cost = np.asarray(cost, dtype=np.float64)
     correct = outputs.correct
+    scored = outputs.metric(metric)
     n, exits = correct.shape
-    fixed = [{"cubes": t, "gflops": float(cost[t]), "accuracy": float(correct[:, t].mean())} for t in range(exits)]
+
+    def point(steps: np.ndarray) -> dict:
+        figures = {"gflops": float(cost[steps].mean()), "accuracy": float(correct[np.arange(n), steps].mean())}
+        return figures | ({scored.name: scored(steps)} if scored else {})
+
+    fixed = [{"cubes": t} | point(np.full(n, t)) for t in range(exits)]
     rng = np.random.default_rng(seed)
     random_exit = []
     for entry in table:
         steps = np.repeat(np.arange(exits), _counts(entry["exit_fractions"], n))[rng.permutation(n)]
-        random_exit.append(
-            {
-                "p": entry.get("p"),
-                "gflops": float(cost[steps].mean()),
-                "accuracy": float(correct[np.arange(n), steps].mean()),
-                "exit_fractions": (np.bincount(steps, minlength=exits) / n).tolist(),
-            }
-        )
+        fractions = (np.bincount(steps, minlength=exits) / n).tolist()
+        random_exit.append({"p": entry.get("p")} | point(steps) | {"exit_fractions": fractions})
     return {"fixed_cubes": fixed, "random_exit": random_exit, "seed": seed}
 
 
-def default_entry(table: list[dict], max_drop: float = DEFAULT_MAX_DROP) -> int:
-    """Index of the cheapest entry whose calibration accuracy is within `max_drop` (absolute) of the
-    most accurate entry: nearly full accuracy for less compute (the knee of the curve)."""
+def default_entry(table: list[dict], max_drop: float = DEFAULT_MAX_DROP, metric: str = "accuracy") -> int:
+    """Index of the cheapest entry whose calibration `metric` ("accuracy" or "map") is within `max_drop`
+    (absolute) of the best entry's: nearly the best for less compute (the knee of the curve)."""
     if not table:
         raise AdaFocusError("the budget table is empty")
-    best = max(e["accuracy"] for e in table)
+    best = max(e[metric] for e in table)
     return min(
-        (i for i, e in enumerate(table) if e["accuracy"] >= best - max_drop - 1e-12), key=lambda i: table[i]["gflops"]
+        (i for i, e in enumerate(table) if e[metric] >= best - max_drop - 1e-12), key=lambda i: table[i]["gflops"]
     )
 
 
@@ -302,16 +365,25 @@ class Calibration:
     baselines: dict
     info: dict
     fronts: dict  # solver -> its front (with held-out figures when measured); `table` is one of them
+    metric: str = "accuracy"  # what the fronts and the default entry were chosen by ("accuracy" | "map")
 
     def to_dict(self) -> dict:
+        def per_step(outputs: StepOutputs | None) -> dict:
+            if outputs is None:
+                return {"accuracy": None} | ({"map": None} if self.metric == "map" else {})
+            scored = outputs.metric(self.metric)
+            return {"accuracy": outputs.accuracy_per_step} | ({scored.name: scored.per_step()} if scored else {})
+
+        cal, held = per_step(self.calibration), per_step(self.heldout)
         return _plain(
             {
                 "export": str(self.export.path),
                 "preset": self.export.preset.name,
                 **self.info,
+                "metric": self.metric,
                 "exit_gflops": list(self.export.exit_gflops),
-                "calibration_accuracy_per_step": self.calibration.accuracy_per_step,
-                "heldout_accuracy_per_step": self.heldout.accuracy_per_step if self.heldout is not None else None,
+                **{f"calibration_{name}_per_step": values for name, values in cal.items()},
+                **{f"heldout_{name}_per_step": values for name, values in held.items()},
                 "default_entry": self.default,
                 "thresholds": self.table[self.default]["thresholds"],
                 "budgets": self.table,
@@ -333,6 +405,7 @@ def calibrate_export(
     info: dict | None = None,
     engine: Runtime | None = None,
     solver: str = "search",
+    metric: str = "accuracy",
 ) -> Calibration:
     """Solve the budget table on `calibration` videos, evaluate it on `heldout` ones, write it.
 
@@ -341,7 +414,10 @@ def calibrate_export(
     this Runtime's graphs instead of the PyTorch reference (see `collect`). `solver`: "search"
     (per-step thresholds searched beyond MSDNet's family, `search_table`) or "msdnet" (the paper's
     q_k ∝ p^k, `budget_table`); both fronts are measured and returned (`Calibration.fronts`), the
-    chosen one is written.
+    chosen one is written. `metric`: what the fronts and the default entry are chosen by: "accuracy"
+    (top-1; on a multi-label set, the top class being one of the video's labels) or "map" (mean
+    average precision over the set, `MeanAveragePrecision`: for multi-label sets such as ActivityNet
+    and FCVID; every entry then carries `map` beside `accuracy`, and `heldout_map`).
     The manifest gets `budgets` (the table: gflops, accuracy, thresholds, p, exit_fractions and, with
     held-out data, heldout_accuracy, heldout_gflops, heldout_gflops_stderr, heldout_gflops_minus_budget,
     heldout_exit_fractions), `thresholds` = the `default_entry` (the cheapest entry within `max_drop`
@@ -351,32 +427,49 @@ def calibrate_export(
     export = open_export(export_dir)
     cost = np.asarray(export.exit_gflops, dtype=np.float64)
 
+    if solver not in SOLVERS:
+        raise AdaFocusError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
+    if metric not in METRICS:
+        raise AdaFocusError(f"unknown metric {metric!r}", f"choose one of {', '.join(METRICS)}")
+
     def run(data, desc):
         if isinstance(data, StepOutputs):
+            if metric == "map" and data.scores is None:
+                raise AdaFocusError(f"the {desc}' outputs hold no class probabilities", "collect with keep_scores=True")
             return data
         videos, labels = data if isinstance(data, tuple) else (data, None)
-        return collect(export, videos, labels, batch_size=batch_size, progress=progress, desc=desc, engine=engine)
+        keep_scores = metric == "map"
+        return collect(
+            export,
+            videos,
+            labels,
+            batch_size=batch_size,
+            progress=progress,
+            desc=desc,
+            engine=engine,
+            keep_scores=keep_scores,
+        )
 
     cal = run(calibration, "calibration videos")
     if cal.entropy.shape[1] != len(cost):
         raise AdaFocusError(f"the model has {cal.entropy.shape[1]} exits but the manifest costs {len(cost)}")
-    if solver not in SOLVERS:
-        raise AdaFocusError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
+    scored = cal.metric(metric)
     fronts = {
-        "msdnet": budget_table(cal.entropy, cal.correct, cost, ps=ps),
-        "search": search_table(cal.entropy, cal.correct, cost, ps=ps),
+        "msdnet": budget_table(cal.entropy, cal.correct, cost, ps=ps, metric=scored),
+        "search": search_table(cal.entropy, cal.correct, cost, ps=ps, metric=scored),
     }
     held = run(heldout, "held-out videos") if heldout is not None else None
     if held is not None:
-        fronts = {name: add_heldout(front, held, cost) for name, front in fronts.items()}
+        fronts = {name: add_heldout(front, held, cost, metric) for name, front in fronts.items()}
     table = fronts[solver]
-    chosen = default_entry(table, max_drop)
-    compared = baselines(held if held is not None else cal, cost, table)
+    chosen = default_entry(table, max_drop, metric)
+    compared = baselines(held if held is not None else cal, cost, table, metric=metric)
     table = _plain(table)
     record = _plain(
         {
             "method": METHODS[solver],
             "solver": solver,
+            "metric": metric,
             "outputs_from": f"PyTorch reference loop on {export.model_path.name}"
             if engine is None
             else engine_key(export, engine)["engine"],
@@ -384,7 +477,7 @@ def calibrate_export(
             "calibration_videos": len(cal),
             "heldout_videos": len(held) if held is not None else 0,
             "default_entry": chosen,
-            "default_rule": f"cheapest entry within {max_drop:g} of the best calibration accuracy",
+            "default_rule": f"cheapest entry within {max_drop:g} of the best calibration {METRIC_NAMES[metric]}",
             "threshold_sentinels": {"always_exit": 1e9, "never_exit": -1e9},
             **(info or {}),
         }
@@ -396,4 +489,4 @@ def calibrate_export(
         manifest["calibration"] = record
 
     written = update_manifest(export.path, change)
-    return Calibration(written, table, chosen, cal, held, _plain(compared), info or {}, _plain(fronts))
+    return Calibration(written, table, chosen, cal, held, _plain(compared), info or {}, _plain(fronts), metric)

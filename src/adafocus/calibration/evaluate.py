@@ -16,21 +16,29 @@ from __future__ import annotations
 import numpy as np
 
 from adafocus.calibration.calibrate import StepOutputs, collect
-from adafocus.calibration.thresholds import simulate
+from adafocus.calibration.thresholds import METRICS, simulate
 from adafocus.errors import AdaFocusError
 from adafocus.runtime import Runtime
 
 
-def evaluate_export(engine: Runtime, videos, *, progress: bool = False) -> dict:
-    """`videos`: (videos, labels) batches (`DecodedBatches`, `TaskVideos`) or `StepOutputs` already
-    collected on this engine. Returns accuracy_per_step, gflops_per_exit_step, fixed_cubes,
-    budgets ([{budget_gflops, gflops, accuracy, exit_fractions, thresholds}], cheapest first), videos."""
+def evaluate_export(engine: Runtime, videos, *, progress: bool = False, metric: str = "accuracy") -> dict:
+    """`videos`: (videos, labels) batches (`DecodedBatches`, `TaskVideos`; labels (B,) or multi-hot
+    (B, classes)) or `StepOutputs` already collected on this engine (with scores for "map").
+    `metric`: "accuracy", or "map" to measure mean average precision as well (multi-label sets).
+    Returns metric, accuracy_per_step (and map_per_step), gflops_per_exit_step, fixed_cubes,
+    budgets ([{budget_gflops, gflops, accuracy (, map), exit_fractions, thresholds}], cheapest first), videos."""
+    if metric not in METRICS:
+        raise AdaFocusError(f"unknown metric {metric!r}", f"choose one of {', '.join(METRICS)}")
     export = engine.export
-    outputs = videos if isinstance(videos, StepOutputs) else collect(export, videos, engine=engine, progress=progress)
+    if isinstance(videos, StepOutputs):
+        outputs = videos
+    else:
+        outputs = collect(export, videos, engine=engine, progress=progress, keep_scores=metric == "map")
     if len(outputs) == 0:
         raise AdaFocusError("no videos to evaluate on")
+    scored = outputs.metric(metric)
     cost = np.asarray(export.exit_gflops, dtype=np.float64)
-    per_step = outputs.accuracy_per_step
+    per_step = {"accuracy": outputs.accuracy_per_step} | ({scored.name: scored.per_step()} if scored else {})
     budgets = []
     for entry in export.budgets or []:
         outcome = simulate(outputs.entropy, outputs.correct, cost, entry["thresholds"])
@@ -39,6 +47,7 @@ def evaluate_export(engine: Runtime, videos, *, progress: bool = False) -> dict:
                 "budget_gflops": entry["gflops"],
                 "gflops": outcome.gflops,
                 "accuracy": outcome.accuracy,
+                **({scored.name: scored(outcome.exit_step)} if scored else {}),
                 "exit_fractions": outcome.exit_fractions.tolist(),
                 "thresholds": entry["thresholds"],
             }
@@ -48,10 +57,12 @@ def evaluate_export(engine: Runtime, videos, *, progress: bool = False) -> dict:
         "preset": export.preset.name,
         "engine": engine.backend.describe(),
         "videos": len(outputs),
-        "accuracy_per_step": per_step,
+        "metric": metric,
+        **{f"{name}_per_step": values for name, values in per_step.items()},
         "gflops_per_exit_step": cost.tolist(),
         "fixed_cubes": [
-            {"cubes": t, "gflops": float(cost[t]), "accuracy": accuracy} for t, accuracy in enumerate(per_step)
+            {"cubes": t, "gflops": float(cost[t])} | {name: values[t] for name, values in per_step.items()}
+            for t in range(len(cost))
         ],
         "budgets": budgets,
     }

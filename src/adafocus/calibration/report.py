@@ -6,29 +6,32 @@ SE_NOISE = 1e-9  # a standard error below this share of the mean cost is roundin
 
 
 def format_table(report: dict) -> str:
-    """The budget table as text, from `Calibration.to_dict()` (or the --json output)."""
+    """The budget table as text, from `Calibration.to_dict()` (or the --json output), in the metric the
+    table was chosen by (accuracy or mAP)."""
     exits = len(report["exit_gflops"])
+    metric = report.get("metric", "accuracy")
+    short = {"accuracy": "acc", "map": "mAP"}[metric]
     lines = [
         f"{report['preset']} export {report['export']}",
         _sets_line(report),
         "GFLOPs/video by exit step: " + ", ".join(f"{g:.4f}" for g in report["exit_gflops"]),
     ]
     held = report["heldout_accuracy_per_step"] is not None
-    head = f"  {'budget':>8} {'cal acc':>8}"
+    head = f"  {'budget':>8} {'cal ' + short:>8}"
     if held:
-        head += f" {'held acc':>8} {'realised':>9} {'diff':>8} {'diff/se':>7}"
+        head += f" {'held ' + short:>8} {'realised':>9} {'diff':>8} {'diff/se':>7}"
     head += "  exit fractions t=0.." + str(exits - 1)
     lines += ["", head]
     for i, e in enumerate(report["budgets"]):
         mark = "*" if i == report["default_entry"] else " "
-        row = f"{mark} {e['gflops']:8.4f} {100 * e['accuracy']:7.1f}%"
+        row = f"{mark} {e['gflops']:8.4f} {100 * e[metric]:7.1f}%"
         if held:
             diff = e["heldout_gflops_minus_budget"]
             se = e["heldout_gflops_stderr"]
             # every held-out video costing the same (one exit step) leaves float noise, ~1e-19, as
             # the standard error: there is no spread to divide by
             z = f"{diff / se:7.2f}" if se > SE_NOISE * e["heldout_gflops"] else f"{'—':>7}"
-            row += f" {100 * e['heldout_accuracy']:7.1f}% {e['heldout_gflops']:9.4f} {diff:+8.4f} {z}"
+            row += f" {100 * e['heldout_' + metric]:7.1f}% {e['heldout_gflops']:9.4f} {diff:+8.4f} {z}"
         row += "  " + " ".join(f"{f:.3f}" for f in e["exit_fractions"])
         lines.append(row)
     lines.append("")
@@ -37,9 +40,9 @@ def format_table(report: dict) -> str:
         lines.append(
             "diff = realised held-out GFLOPs - calibration GFLOPs; se = standard error of the held-out mean cost"
         )
-    per_step = report["heldout_accuracy_per_step"] if held else report["calibration_accuracy_per_step"]
+    per_step = report[f"heldout_{metric}_per_step"] if held else report[f"calibration_{metric}_per_step"]
     lines.append(
-        f"fixed t cubes for every video ({'held-out' if held else 'calibration'}): "
+        f"fixed t cubes for every video ({'held-out' if held else 'calibration'}, {short}): "
         + ", ".join(f"t={t}: {100 * a:.1f}% @ {g:.4f}" for t, (a, g) in enumerate(zip(per_step, report["exit_gflops"])))
     )
     if not report.get("accuracy_meaningful", True):

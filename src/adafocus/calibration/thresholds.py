@@ -172,6 +172,73 @@ def simulate(E: np.ndarray, C: np.ndarray, cost: Sequence[float], thresholds: Se
     return Outcome(steps, C[rows, steps], cost[steps], np.bincount(steps, minlength=C.shape[1]))
 
 
+METRICS = ("accuracy", "map")  # what a budget table is chosen by: top-1 accuracy, or mean average precision
+
+
+def multi_hot(labels: np.ndarray, classes: int) -> np.ndarray:
+    """(N, classes) bool targets from (N,) class indices, or (N, classes) multi-hot labels as they are."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        if labels.shape[1] != classes:
+            raise AdaFocusError(f"multi-hot labels have {labels.shape[1]} classes, the scores {classes}")
+        return labels.astype(bool)
+    targets = np.zeros((len(labels), classes), bool)
+    targets[np.arange(len(labels)), labels] = True
+    return targets
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """mAP of (n, C) scores against (n, C) bool targets, as multi-label sets (ActivityNet, FCVID) are
+    scored: per class, the videos ranked by that class's score (highest first; equal scores kept in
+    video order), AP = the mean of the precision at each positive's rank; then the mean over the
+    classes that have at least one positive among these videos. (The official Uni-AdaFocus code
+    averages over every class, counting a class without positives as 0: on a full validation set,
+    where every class occurs, the two agree; on a small set theirs is lowered by the absent classes.)"""
+    scores, targets = np.asarray(scores), np.asarray(targets, dtype=bool)
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise AdaFocusError(f"scores {scores.shape} and targets {targets.shape} must be the same (videos, classes)")
+    positives = targets.sum(axis=0)
+    present = positives > 0
+    if not present.any():
+        raise AdaFocusError("no video has a label: mean average precision is undefined", "give labelled videos")
+    order = np.argsort(-scores[:, present], axis=0, kind="stable")
+    truth = np.take_along_axis(targets[:, present], order, axis=0)
+    precision = np.cumsum(truth, axis=0) / np.arange(1, len(scores) + 1)[:, None]
+    return float(((precision * truth).sum(axis=0) / positives[present]).mean())
+
+
+class MeanAveragePrecision:
+    """The "map" metric of a set of videos whose exits differ: each video scored by its exit's class
+    probabilities (N, K+1, C), all of them ranked together (`mean_average_precision`), as the official
+    early-exit evaluation does. Unlike accuracy it is not a mean over videos, so the solvers get it as
+    a whole: `metric(steps, rows)` = mAP of videos `rows` (default all) exiting at `steps`."""
+
+    name = "map"
+
+    def __init__(self, scores: np.ndarray, labels: np.ndarray):
+        self.scores = np.asarray(scores, dtype=np.float32)
+        if self.scores.ndim != 3 or len(self.scores) != len(labels):
+            raise AdaFocusError(f"need (N, K+1, classes) scores for N = {len(labels)} videos, got {self.scores.shape}")
+        self.targets = multi_hot(labels, self.scores.shape[2])
+
+    def __call__(self, steps: np.ndarray, rows: np.ndarray | None = None) -> float:
+        rows = np.arange(len(self.scores)) if rows is None else np.asarray(rows)
+        return mean_average_precision(self.scores[rows, np.asarray(steps)], self.targets[rows])
+
+    def per_step(self) -> list[float]:
+        """mAP when every video exits at t, t = 0..K."""
+        n, exits = self.scores.shape[:2]
+        return [self(np.full(n, t)) for t in range(exits)]
+
+
+def _with_metric(entries: list[dict], E: np.ndarray, metric, rows: np.ndarray | None = None) -> list[dict]:
+    """Each entry + metric.name: the metric of its thresholds on videos `rows` (default all)."""
+    if metric is None:
+        return entries
+    chosen = slice(None) if rows is None else rows
+    return [e | {metric.name: metric(exit_steps(E[chosen], e["thresholds"]), rows)} for e in entries]
+
+
 def thresholds_to_json(thresholds: Sequence[float]) -> list[float]:
     """±inf -> ±1e9 (ALWAYS / NEVER); finite values as Python floats."""
     out = []
@@ -205,7 +272,9 @@ def sweep(
     return out
 
 
-def budget_table(E: np.ndarray, C: np.ndarray, cost: Sequence[float], ps: Sequence[float] | None = None) -> list[dict]:
+def budget_table(
+    E: np.ndarray, C: np.ndarray, cost: Sequence[float], ps: Sequence[float] | None = None, metric=None
+) -> list[dict]:
     """Operating points for a sweep of p (default: 60 values log-spaced over 0.01..100, from nearly all
     videos exiting at the glance to nearly all using K cubes).
 
@@ -214,6 +283,9 @@ def budget_table(E: np.ndarray, C: np.ndarray, cost: Sequence[float], ps: Sequen
     are dropped: an entry is kept only if it is strictly more accurate than every cheaper one, so the
     table is monotone — more budget never means lower calibration accuracy — and Eq. 7 for a budget B
     is answered by the last entry with gflops <= B.
+
+    `metric` (a `MeanAveragePrecision`): each entry also gets metric.name ("map"), and the front is
+    kept by it instead of accuracy.
     """
     E = _check_entropies(E)
     entries = [
@@ -226,7 +298,7 @@ def budget_table(E: np.ndarray, C: np.ndarray, cost: Sequence[float], ps: Sequen
         }
         for p, thresholds, outcome in sweep(E, C, cost, DEFAULT_PS if ps is None else ps)
     ]
-    return pareto_front(entries)
+    return pareto_front(_with_metric(entries, E, metric), key=metric.name if metric else "accuracy")
 
 
 SOLVERS = ("search", "msdnet")
@@ -328,6 +400,7 @@ def search_table(
     cost: Sequence[float],
     ps: Sequence[float] | None = None,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    metric=None,
 ) -> list[dict]:
     """The accuracy-vs-GFLOPs front over a wider family than MSDNet's: for each trade-off λ,
     per-step thresholds optimised for accuracy − λ·cost (`ascend_thresholds`), started from the best
@@ -344,11 +417,18 @@ def search_table(
     half (videos they were not fitted to; the front lies on or above the fixed settings there), and by
     their cost on all the videos (choosing by the other half's cost too would pick entries that
     happened to be cheap there: on the demo they then cost 3 % more on held-out videos, twice the
-    drift of costs measured on all). Held-out videos say what of it is real."""
+    drift of costs measured on all). Held-out videos say what of it is real.
+
+    `metric` (a `MeanAveragePrecision`, which is not a mean over videos and so cannot be searched
+    per step as accuracy is): the candidates are still searched for accuracy, each also gets
+    metric.name ("map", on the choosing half from MIN_SPLIT videos on), and the front is kept by it;
+    the MSDNet entries and the fixed settings are among the candidates, so this front lies on or
+    above MSDNet's by that metric."""
     E = _check_entropies(E)
     C = np.asarray(C, dtype=bool)
+    key = metric.name if metric else "accuracy"
     if len(E) < MIN_SPLIT:
-        return pareto_front(_search_candidates(E, C, cost, ps, lambdas))
+        return pareto_front(_with_metric(_search_candidates(E, C, cost, ps, lambdas), E, metric), key=key)
     fit, check = selection_halves(len(E))
 
     def chosen_on_both(entry: dict) -> dict:  # accuracy where not fitted; cost on every video (less noisy)
@@ -360,7 +440,8 @@ def search_table(
             "exit_fractions": outcome.exit_fractions.tolist(),
         }
 
-    return pareto_front([chosen_on_both(e) for e in _search_candidates(E[fit], C[fit], cost, ps, lambdas)])
+    candidates = [chosen_on_both(e) for e in _search_candidates(E[fit], C[fit], cost, ps, lambdas)]
+    return pareto_front(_with_metric(candidates, E, metric, rows=check), key=key)
 
 
 def _search_candidates(E, C, cost, ps, lambdas) -> list[dict]:
@@ -419,11 +500,11 @@ def thresholds_for_budget(E: np.ndarray, cost: Sequence[float], budget: float) -
     return [float(t) for t in thresholds], realised
 
 
-def pareto_front(entries: list[dict]) -> list[dict]:
-    """Sort by gflops; keep each entry only if it beats the accuracy of every cheaper one (at equal
-    cost, the more accurate one, then the smaller p, wins)."""
+def pareto_front(entries: list[dict], key: str = "accuracy") -> list[dict]:
+    """Sort by gflops; keep each entry only if it beats the `key` ("accuracy" or "map") of every
+    cheaper one (at equal cost, the better one, then the smaller p, wins)."""
     front: list[dict] = []
-    for entry in sorted(entries, key=lambda e: (e["gflops"], -e["accuracy"], e.get("p", 0.0))):
-        if not front or entry["accuracy"] > front[-1]["accuracy"]:
+    for entry in sorted(entries, key=lambda e: (e["gflops"], -e[key], e.get("p", 0.0))):
+        if not front or entry[key] > front[-1][key]:
             front.append(entry)
     return front

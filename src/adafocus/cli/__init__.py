@@ -257,6 +257,14 @@ def _training_start(preset, data, init, glance_weights, local_weights):
     "--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None, help="With --export: graph precision."
 )
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="With --export: write the front (PNG).")
+@click.option(
+    "--metric",
+    type=click.Choice(["accuracy", "map"]),
+    default="accuracy",
+    show_default=True,
+    help="With --export: measure mean average precision too (map: for multi-label sets, labels written `12;57`) "
+    "and show it instead of accuracy.",
+)
 @set_options
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Videos per forward pass.")
 @click.option(
@@ -280,6 +288,7 @@ def evaluate(
     device,
     precision,
     plot,
+    metric,
     batch_size,
     checkpoint,
     pixel_checkpoint,
@@ -292,14 +301,14 @@ def evaluate(
     With --export (or --data): the export runs through the runtime on --backend, early exit off,
     on your videos (--data) or synthetic ones: accuracy after t cubes for every video (t = 0..K) and
     the accuracy-vs-GFLOPs front of the export's calibrated budgets (paper Fig. 3), each realised on
-    these videos. JSON keys: accuracy_per_step (list over t), budgets ([{gflops, accuracy, ...}]),
-    videos, left_out, fixed_cubes, gflops_per_exit_step.
+    these videos. JSON keys: metric, accuracy_per_step (list over t; and map_per_step with --metric
+    map), budgets ([{gflops, accuracy, (map,) ...}]), videos, left_out, fixed_cubes, gflops_per_exit_step.
 
     Without: a PyTorch checkpoint on the synthetic task: accuracy after t cubes with the learned
     policy, a random one and pixel-based gradients, and early exit at a few thresholds.
     """
     if export_dir is not None or data is not None:
-        report = _evaluate_export(export_dir, data, backend, device, precision, plot, batch_size, videos, sets)
+        report = _evaluate_export(export_dir, data, backend, device, precision, plot, metric, batch_size, videos, sets)
         if as_json:
             click.echo(dumps(report))
             return
@@ -307,12 +316,13 @@ def evaluate(
             f"{report['preset']} export {report['export']} on {report['engine']['backend']} "
             f"({report['engine']['device']}, {report['engine']['precision']}): {report['videos']} videos"
         )
-        click.echo("accuracy after t cubes, every video (no exit):")
+        name = {"accuracy": "accuracy", "map": "mAP"}[metric]
+        click.echo(f"{name} after t cubes, every video (no exit):")
         for point in report["fixed_cubes"]:
-            click.echo(f"  t={point['cubes']}  {100 * point['accuracy']:5.1f}%  @ {point['gflops']:.4f} GFLOPs")
-        click.echo("calibrated budgets (entropy exit), realised on these videos:")
+            click.echo(f"  t={point['cubes']}  {100 * point[metric]:5.1f}%  @ {point['gflops']:.4f} GFLOPs")
+        click.echo(f"calibrated budgets (entropy exit), {name} realised on these videos:")
         for b in report["budgets"]:
-            click.echo(f"  budget {b['budget_gflops']:.4f}: {100 * b['accuracy']:5.1f}% @ {b['gflops']:.4f} GFLOPs")
+            click.echo(f"  budget {b['budget_gflops']:.4f}: {100 * b[metric]:5.1f}% @ {b['gflops']:.4f} GFLOPs")
         if not report["budgets"]:
             click.echo("  none: the export is not calibrated (adafocus-calibrate)")
         if plot:
@@ -320,6 +330,8 @@ def evaluate(
         return
     if any(sets[k] != v for k, v in (("root", None), ("workers", 2), ("max_bad", 0.05))):
         raise AdaFocusError("--root, --workers and --max-bad are for your videos", "give --data")
+    if metric != "accuracy":
+        raise AdaFocusError("--metric is measured on an export", "give --export (or --data)")
     from adafocus.data.synthetic import SyntheticTask
     from adafocus.model.checkpoint import load_checkpoint
     from adafocus.train.evaluate import evaluate as run_evaluation
@@ -351,7 +363,7 @@ def evaluate(
         )
 
 
-def _evaluate_export(export_dir, data, backend, device, precision, plot, batch_size, videos, sets) -> dict:
+def _evaluate_export(export_dir, data, backend, device, precision, plot, metric, batch_size, videos, sets) -> dict:
     """evaluate --export: the export through the runtime on your videos or the synthetic task's."""
     from adafocus.builtin import demo_export, task_for_export
     from adafocus.calibration.evaluate import evaluate_export
@@ -366,19 +378,20 @@ def _evaluate_export(export_dir, data, backend, device, precision, plot, batch_s
     engine = Runtime.load(export.path, backend, device, **options)
     if labelled is not None:
         batches = files.batches(labelled, batch_size, "evaluating")
-        report = evaluate_export(engine, batches)
+        report = evaluate_export(engine, batches, metric=metric)
         report |= {"data": labelled.source} | report_left_out(f"videos ({labelled.source})", batches.report)
     else:
         from adafocus.data.synthetic import TaskVideos
 
         task, seed, meaningful = task_for_export(export)
-        report = evaluate_export(engine, TaskVideos(task, "test", videos, batch_size), progress=True)
+        report = evaluate_export(engine, TaskVideos(task, "test", videos, batch_size), progress=True, metric=metric)
         report |= {"data": {"synthetic": {"seed": seed, "split": "test"}, "accuracy_meaningful": meaningful}}
         report |= {"used": report["videos"], "left_out": []}
     if plot:
-        table = [{"gflops": b["gflops"], "accuracy": b["accuracy"]} for b in report["budgets"]]
+        table = [{"gflops": b["gflops"], metric: b[metric]} for b in report["budgets"]]
         title = f"{report['preset']}: calibrated budgets on {report['videos']} videos ({backend})"
-        report["plot"] = str(plot_curve(table, {"fixed_cubes": report["fixed_cubes"]}, plot, title=title))
+        baselines = {"fixed_cubes": report["fixed_cubes"]}
+        report["plot"] = str(plot_curve(table, baselines, plot, title=title, metric=metric))
     return report
 
 

@@ -75,6 +75,16 @@ INT8_GRAPHS = ("glance", "policy", "local", "classifier", "dense")
     "express 'nobody exits at the glance', which MSDNet's q_k ∝ p^k cannot), or the paper's MSDNet rule. Both "
     "fronts are measured and in --json.",
 )
+@click.option(
+    "--metric",
+    type=click.Choice(["accuracy", "map"]),
+    default="accuracy",
+    show_default=True,
+    help="What the budgets are chosen by: top-1 accuracy (on a multi-label set: the top class is one of the "
+    "video's labels), or mean average precision over the set (map: for multi-label sets such as ActivityNet and "
+    "FCVID, labels written `12;57`; each budget then carries map and heldout_map beside accuracy, and the runtime "
+    "and server pick budgets by it).",
+)
 @set_options
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Videos per forward pass.")
 @click.option(
@@ -82,8 +92,8 @@ INT8_GRAPHS = ("glance", "policy", "local", "classifier", "dense")
     type=click.FloatRange(0, 1),
     default=0.01,
     show_default=True,
-    help="Default operating point (manifest thresholds): the cheapest budget whose calibration accuracy is "
-    "within this much (absolute, 0.01 = 1 point) of the best.",
+    help="Default operating point (manifest thresholds): the cheapest budget whose calibration accuracy (or "
+    "mAP, with --metric map) is within this much (absolute, 0.01 = 1 point) of the best.",
 )
 @click.option(
     "--plot", type=click.Path(dir_okay=False), default=None, help="Write the accuracy-GFLOPs curve here (PNG)."
@@ -203,7 +213,7 @@ class _Sets:
         from adafocus.builtin import task_for_export
 
         self.files = FileSets(export.class_names, export.preset, **{k: options[k] for k in DEFAULTS})
-        self.batch_size = options["batch_size"]
+        self.batch_size, self.metric = options["batch_size"], options["metric"]
         self.task, self.seed, self.meaningful = task_for_export(export, seed)
         self.calibration = self.files.read(data) if data else None
         self.calibration_videos = calibration_videos
@@ -256,18 +266,24 @@ def _collect(export: Export, sets: _Sets, role: str, engine, cache, progress: bo
     described = sets.describe(role, videos)
     key = engine_key(export, engine) | {"videos": described}
     log = lambda line: click.echo(line, err=True)  # noqa: E731
-    hit = load_cached(cache, role, key, log) if cache else None
+    need_scores = sets.metric == "map"
+    hit = load_cached(cache, role, key, log, need_scores) if cache else None
     if hit is not None:
         outputs, meta = hit
         click.echo(f"{role} videos: {len(outputs)} from {cache} (nothing decoded)", err=True)
         return outputs, described | meta
     if videos is None:
         split, count = ("val", sets.calibration_videos) if role == "calibration" else ("test", sets.heldout_videos)
-        outputs = collect(export, sets.synthetic(split, count), engine=engine, progress=progress, desc=f"{role} videos")
+        videos = sets.synthetic(split, count)
+        outputs = collect(
+            export, videos, engine=engine, progress=progress, desc=f"{role} videos", keep_scores=need_scores
+        )
         meta = {"used": len(outputs), "left_out": []}
     else:
         batches = sets.files.batches(videos, sets.batch_size, f"{role} videos", progress)
-        outputs = collect(export, batches, engine=engine, progress=False, batch_size=sets.batch_size)
+        outputs = collect(
+            export, batches, engine=engine, progress=False, batch_size=sets.batch_size, keep_scores=need_scores
+        )
         meta = report_left_out(f"{role} videos ({videos.source})", batches.report)
     if cache:
         save_cached(cache, role, key, outputs, meta)
@@ -275,6 +291,7 @@ def _collect(export: Export, sets: _Sets, role: str, engine, cache, progress: bo
 
 
 def _calibrate(export: Export, sets: _Sets, engine, cache, options: dict) -> dict:
+    metric = options["metric"]
     from adafocus.calibration.calibrate import calibrate_export
     from adafocus.calibration.plot import plot_curve
 
@@ -304,6 +321,7 @@ def _calibrate(export: Export, sets: _Sets, engine, cache, options: dict) -> dic
         info=info,
         engine=engine,
         solver=options["solver"],
+        metric=metric,
     )
     report = result.to_dict() | {"default_rule": result.export.calibration["default_rule"]}
     report["left_out"] = {"calibration": cal_info["left_out"], "heldout": held_info["left_out"] if held_info else []}
@@ -311,7 +329,8 @@ def _calibrate(export: Export, sets: _Sets, engine, cache, options: dict) -> dic
         title = f"{report['preset']}: early exit by entropy, {len(calibration)} calibration videos"
         title += f", {len(heldout)} held-out" if heldout is not None else ""
         others = {name: front for name, front in result.fronts.items() if name != options["solver"]}
-        report["plot"] = str(plot_curve(result.table, result.baselines, options["plot"], title=title, others=others))
+        curve = plot_curve(result.table, result.baselines, options["plot"], title=title, others=others, metric=metric)
+        report["plot"] = str(curve)
     if options["int8"]:
         report["int8"] = _quantise(result.export, sets, options, int(options["int8_weight_bits"]))
     return report

@@ -7,7 +7,10 @@ import click
 
 LIST_FORMATS = (
     "a labels list (`path label` per line, label = class index; `#` comments), a CSV with a `path,label` "
-    "header (label = class name or index), or a class-per-folder tree ROOT/<class name>/<videos>"
+    "header (label = class name or index), or a class-per-folder tree ROOT/<class name>/<videos>; in a "
+    "list or CSV a video's several classes go in one label field separated by `;` (`a.mp4 12;57`), which "
+    "makes the set multi-label: for --metric map, top-1 accuracy counting a video right when its top "
+    "class is one of its labels, and not for training"
 )
 
 

@@ -14,9 +14,19 @@ Three ways to name a set (`read_labelled` picks by what SOURCE is):
 - a directory: a class-per-folder tree, ROOT/<class name>/<video files>; its classes, in sorted
   order, must be exactly the model's.
 
+In lists and CSVs a video may carry several classes (ActivityNet, FCVID): its label field holds
+them separated by `;`, each written as a single label would be and each class at most once
+(`videos/a.mp4 12;57`, or in a CSV `videos/a.mp4,Archery;Getting a haircut`; no spaces around `;`
+in a list, whose label is its last whitespace-separated field). A set with at least one such row is
+multi-label: its `labels` are an (N, C) bool multi-hot array instead of (N,) class indices, for
+`--metric map` (mean average precision) in calibration and evaluation; top-1 accuracy on it counts
+a video right when its top class is one of its labels. Training takes one label per video. A
+class-per-folder tree is always single-label.
+
 In lists, blank lines and lines starting with `#` are skipped, and relative paths are taken against
 the list file's folder (or `root=`). Labels are checked against the model's class names when the
-set is read, before anything is decoded: one error names the first offenders and the fix.
+set is read, before anything is decoded: one error names the first offenders and the fix (and one
+names every field of several labels with an empty part or a class given twice).
 
 Decoding is `adafocus.data.video.load_clip_for`, the code adafocus-predict runs, in a pool of
 decoder threads (PyAV releases the GIL) that works at most two batches ahead, so memory is bounded
@@ -48,27 +58,40 @@ if TYPE_CHECKING:
     from adafocus.model.presets import Preset
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+LABEL_SEPARATOR = ";"  # between the classes of a video that carries several (a multi-label set)
 DEFAULT_MAX_BAD = 0.05  # the share of a set that may be unreadable before a command refuses it
 T, R = TypeVar("T"), TypeVar("R")
 
 
 @dataclass(frozen=True)
 class LabelledVideos:
-    """Video files and their class indices (into `class_names`), in the order the source gives."""
+    """Video files and their labels, in the order the source gives: one class index (into
+    `class_names`) per video, or, in a multi-label set (a row of its list names several classes),
+    a multi-hot row of C = len(class_names) flags per video."""
 
     source: str  # the list file or the tree's root, as given
     paths: tuple[str, ...]
-    labels: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64 class indices; (N, C) bool multi-hot rows when the set is multi-label
     class_names: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether a video may carry several classes: `labels` is (N, C) bool, not (N,) int64."""
+        return self.labels.ndim == 2
+
     def digest(self) -> str:
-        """sha256 of what the set is: every path (absolute), its label, and its file's size and
-        modification time, so that a cache keyed by it goes stale when a file is replaced."""
+        """sha256 of what the set is: every path (absolute), its label (in a multi-label set its
+        sorted class indices joined by `;`), and its file's size and modification time, so that a
+        cache keyed by it goes stale when a file is replaced."""
+        if self.multi_label:
+            written = [LABEL_SEPARATOR.join(str(i) for i in np.flatnonzero(row).tolist()) for row in self.labels]
+        else:
+            written = self.labels.tolist()
         h = hashlib.sha256()
-        for path, label in zip(self.paths, self.labels.tolist()):
+        for path, label in zip(self.paths, written):
             try:
                 stat = os.stat(path)
                 seen = f"{stat.st_size} {stat.st_mtime_ns}"
@@ -106,16 +129,42 @@ def read_labelled(
         by_name = False
     if not rows:
         raise AdaFocusError(f"{name}: lists no videos", "give one `path label` line per video")
-    labels, offenders = [], []
+    label_sets, offenders, malformed = [], [], []
     for number, _, label in rows:
-        index = _label_index(label, class_names, by_name)
-        if index is None:
-            offenders.append(f"line {number}: {label!r}")
-        labels.append(index)
+        indices, unknown, problem = _label_set(label, class_names, by_name)
+        offenders += [f"line {number}: {part!r}" for part in unknown]
+        if problem is not None:
+            malformed.append(f"line {number}: {label!r} {problem}")
+        label_sets.append(indices)
+    if malformed:
+        raise AdaFocusError(
+            f"{name}: {len(malformed)} field{'s' if len(malformed) != 1 else ''} of several labels "
+            f"{'are' if len(malformed) != 1 else 'is'} malformed ({first_of(malformed)}); nothing was decoded",
+            f"separate a video's classes with `{LABEL_SEPARATOR}`, each class once and no part empty "
+            f"(e.g. `12{LABEL_SEPARATOR}57`)",
+        )
     if offenders:
         raise _label_error(name, offenders, class_names, by_name)
     paths = tuple(p if os.path.isabs(p) else os.path.join(folder, p) for _, p, _ in rows)
-    return LabelledVideos(name, paths, np.asarray(labels, np.int64), class_names)
+    if any(len(indices) > 1 for indices in label_sets):
+        labels = np.zeros((len(label_sets), len(class_names)), bool)
+        for row, indices in enumerate(label_sets):
+            labels[row, indices] = True
+    else:
+        labels = np.asarray([indices[0] for indices in label_sets], np.int64)
+    return LabelledVideos(name, paths, labels, class_names)
+
+
+def top1_hits(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Whether each predicted class is right: (N,) or (N, steps) class indices against (N,) labels, or
+    against (N, C) multi-hot rows of a multi-label set, where a video is right when its top class is
+    one of its labels."""
+    classes, labels = np.asarray(classes), np.asarray(labels)
+    if labels.ndim == 2:
+        rows = classes if classes.ndim == 2 else classes[:, None]
+        hits = np.take_along_axis(labels.astype(bool), rows, axis=1)
+        return hits if classes.ndim == 2 else hits[:, 0]
+    return classes == (labels[:, None] if classes.ndim == 2 else labels)
 
 
 def tree_classes(root: str | os.PathLike) -> list[str]:
@@ -165,6 +214,11 @@ def _list_row(name: str, number: int, line: str) -> tuple[int, str, str]:
     fields = line.rsplit(None, 1)
     if len(fields) != 2:
         raise AdaFocusError(f"{name}:{number}: expected `path label`, got {line!r}", "write one `path label` per line")
+    if fields[0].endswith(LABEL_SEPARATOR):  # `a.mp4 12; 57`: the label is the last field, the rest the path
+        raise AdaFocusError(
+            f"{name}:{number}: a space after `{LABEL_SEPARATOR}` in {line!r} splits its labels",
+            f"write several labels without spaces: `path 12{LABEL_SEPARATOR}57`",
+        )
     return number, fields[0], fields[1]
 
 
@@ -181,6 +235,29 @@ def _csv_rows(name: str, lines: list[tuple[int, str]]) -> list[tuple[int, str, s
             raise AdaFocusError(f"{name}:{number}: expected {len(header)} columns, got {row}", "fix that line")
         out.append((number, row[at_path].strip(), row[at_label].strip()))
     return out
+
+
+def _label_set(label: str, class_names: tuple[str, ...], by_name: bool) -> tuple[list[int], list[str], str | None]:
+    """One label field: its class indices, its parts that are no class of the model, and what is
+    wrong with its form (an empty part, a class given twice), or None. A field without `;` is one
+    label, checked exactly as before there were several."""
+    if LABEL_SEPARATOR not in label or (by_name and label in class_names):  # a class name may hold `;`
+        index = _label_index(label, class_names, by_name)
+        return ([], [label], None) if index is None else ([index], [], None)
+    parts = [part.strip() for part in label.split(LABEL_SEPARATOR)]
+    indices, unknown = [], []
+    for part in filter(None, parts):
+        index = _label_index(part, class_names, by_name)
+        if index is None:
+            unknown.append(part)
+        else:
+            indices.append(index)
+    if not all(parts):
+        return indices, unknown, "has an empty label"
+    twice = sorted({index for index in indices if indices.count(index) > 1})
+    if twice:
+        return indices, unknown, f"gives {first_of(repr(class_names[i]) for i in twice)} twice"
+    return indices, unknown, None
 
 
 def _label_index(label: str, class_names: tuple[str, ...], by_name: bool) -> int | None:
@@ -265,8 +342,10 @@ def decode_ahead(
 
 
 class DecodedBatches:
-    """Iterable of (frames (B, T, 3, S, S) float32, labels (B,) int64) batches of a set's videos,
-    decoded for `preset` by `workers` threads; `report` says what was used and left out.
+    """Iterable of (frames (B, T, 3, S, S) float32, labels) batches of a set's videos, decoded for
+    `preset` by `workers` threads; `report` says what was used and left out. Labels are the rows of
+    the set's `labels` for the videos used: (B,) int64 class indices, or (B, C) torch.bool multi-hot
+    rows for a multi-label set (`videos.multi_label`).
 
     `load` decodes one path (default: `load_clip_for(path, preset).frames`, what adafocus-predict
     feeds the runtime). A video that fails is written to `log` and left out; once more than
@@ -308,8 +387,8 @@ class DecodedBatches:
         from tqdm import tqdm
 
         self.report = report = DecodeReport(len(self.videos))
-        items = zip(self.videos.paths, self.videos.labels.tolist())
-        frames, labels = [], []
+        items = zip(self.videos.paths, range(len(self.videos)))  # (path, row of videos.labels)
+        frames, rows = [], []
         ahead = max(2 * self.batch_size, self.workers)
         decoded = decode_ahead(items, lambda item: self.load(item[0]), self.workers, ahead)
         with (
@@ -317,20 +396,25 @@ class DecodedBatches:
             contextlib.closing(decoded),  # the decoders stop at once when this pass ends early (an error, a break)
         ):
             log = self.log or (lambda line: bar.write(line, file=sys.stderr))
-            for (path, label), clip, error in decoded:
+            for (path, row), clip, error in decoded:
                 if error is not None:
                     report.left_out.append((path, error_text(error)))
                     log(f"left out {path}: {error_text(error)}")
                     check_left_out(self.videos, len(report.left_out), self.max_bad)
                 else:
                     frames.append(clip)
-                    labels.append(label)
+                    rows.append(row)
                     report.used += 1
                 bar.update(1)
                 if len(frames) == self.batch_size:
-                    yield torch.stack(frames), torch.tensor(labels, dtype=torch.int64)
-                    frames, labels = [], []
+                    yield torch.stack(frames), self._labels(rows)
+                    frames, rows = [], []
             if frames:
-                yield torch.stack(frames), torch.tensor(labels, dtype=torch.int64)
+                yield torch.stack(frames), self._labels(rows)
         if report.used == 0:
             raise AdaFocusError(f"{self.videos.source}: none of its videos could be used (see above)")
+
+    def _labels(self, rows: list[int]) -> torch.Tensor:
+        """The labels of these rows of the set: (B,) int64, or (B, C) bool for a multi-label set."""
+        labels = self.videos.labels[np.asarray(rows, np.intp)]
+        return torch.from_numpy(labels.astype(bool if self.videos.multi_label else np.int64))

@@ -189,6 +189,12 @@ class Export:
         return self.manifest.get("calibration")
 
     @property
+    def budget_metric(self) -> str:
+        """What the budget table is ranked by: "accuracy", or "map" for a table calibrated with
+        `--metric map` (each entry then holds `map` beside `accuracy`)."""
+        return (self.calibration or {}).get("metric", "accuracy")
+
+    @property
     def files(self) -> dict[str, dict]:
         """Every file of the export but the manifest: name -> sha256 and size."""
         return self.manifest["files"]

@@ -106,7 +106,8 @@ class BatchResult:
 
 
 def budget_entry(export: Export, gflops: float) -> dict:
-    """The calibrated entry of `export` with the best accuracy among those costing <= `gflops`."""
+    """The calibrated entry of `export` with the best accuracy (or mAP, for a table calibrated by it:
+    `Export.budget_metric`) among those costing <= `gflops`."""
     budgets = export.budgets
     if not budgets:
         raise AdaFocusError(f"{export.path} has no calibrated budgets", "run adafocus-calibrate on it first")
@@ -117,7 +118,8 @@ def budget_entry(export: Export, gflops: float) -> dict:
             f"no calibrated operating point costs <= {gflops} GFLOPs/video (the cheapest is {cheapest:.4f})",
             f"ask for at least {cheapest:.4f}",
         )
-    return max(affordable, key=lambda b: (b["accuracy"], -b["gflops"]))
+    metric = export.budget_metric
+    return max(affordable, key=lambda b: (b[metric], -b["gflops"]))
 
 
 class Runtime:

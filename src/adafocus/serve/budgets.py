@@ -44,7 +44,7 @@ class Budgets:
         self.export = export
         entries = export.budgets
         self._by_entry: dict[int, OperatingPoint] = {id(e): _point(e) for e in entries}
-        # the front: each distinct entry budget_entry picks, cheapest first (accuracy rises along it)
+        # the front: each distinct entry budget_entry picks, cheapest first (accuracy, or mAP: budget_metric, rises)
         picked = {id(budget_entry(export, e["gflops"])): e for e in entries} if entries else {}
         self.front = sorted((self._by_entry[key] for key in picked), key=lambda p: p.gflops)
         if budget is not None:

@@ -9,7 +9,9 @@ adafocus-predict runs (`adafocus.data.video`), each training clip sampled with T
 videos in a permutation drawn from (seed, e); step s takes the next batch_size of that sequence, and
 each clip's offsets come from (seed, step, position), so step s sees the same frames however the
 run was interrupted. A video that cannot be decoded is named once and left out of its batches;
-more than `max_bad` of the training set that way stops the run.
+more than `max_bad` of the training set that way stops the run. Training takes one label per
+video: a multi-label set (adafocus.data.labelled) is refused, for training or validation, before
+anything is decoded.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from adafocus.data.labelled import DEFAULT_MAX_BAD, DecodedBatches, LabelledVideos, check_left_out
 from adafocus.data.synthetic import TASK_ID, SyntheticTask, TaskVideos
-from adafocus.errors import error_text
+from adafocus.errors import AdaFocusError, error_text
 from adafocus.model.presets import Preset
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -115,6 +117,9 @@ class FileSource:
         max_bad: float = DEFAULT_MAX_BAD,
         log=None,
     ):
+        for videos in (train, val):
+            if videos is not None:
+                _refuse_multi_label(videos)
         self.train, self.val, self.preset = train, val, preset
         self.seed, self.workers, self.max_bad = seed, workers, max_bad
         self.log = log or (lambda line: print(line, file=sys.stderr))
@@ -147,3 +152,18 @@ class FileSource:
         return DecodedBatches(
             self.val, self.preset, workers=self.workers, max_bad=self.max_bad, progress=False, log=self.log
         )
+
+
+def _refuse_multi_label(videos: LabelledVideos) -> None:
+    """Training's loss and validation accuracy take one class per video: a set whose videos may
+    carry several is an error naming it (and its first video with several), before any decoding."""
+    if not videos.multi_label:
+        return
+    several = np.flatnonzero(videos.labels.sum(axis=1) > 1)
+    which = f", {len(several)} of its {len(videos)} videos with several classes" if len(several) else ""
+    example = f", e.g. {videos.paths[several[0]]}" if len(several) else ""
+    raise AdaFocusError(
+        f"{videos.source}: a multi-label set{which}{example}; training takes one label per video",
+        "train on a list with one class per video (no `;` in a label); multi-label sets are for "
+        "`adafocus calibrate` and `adafocus evaluate` (--metric map)",
+    )
