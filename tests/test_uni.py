@@ -410,6 +410,33 @@ def test_calibration_by_map_on_a_multi_label_set_runs_on_the_export(exported, tm
     assert compared >= len(result.table) * 24 // 2
 
 
+def test_an_int8_local_network_keeps_the_plan(exported, tmp_path):
+    """INT8 on this family's export (`adafocus calibrate --int8`'s quantisation): with only the local
+    network in int8 the policy sees the same glance, so every video gets the same frames and boxes
+    as in fp32, while the logits are the int8 graph's own."""
+    import shutil
+
+    from adafocus.quantize.int8 import quantize_export
+
+    target = shutil.copytree(exported("uni-small").path, tmp_path / "uni-small")
+    p = exported("uni-small").preset
+    quantize_export(target, random_videos(p, 16, seed=11), graphs=("local",), progress=False)
+    videos = random_videos(p, 12, seed=12).numpy()
+    results = {}
+    for precision in ("fp32", "int8"):
+        runtime = Runtime.load(target, "onnxruntime", precision=precision)
+        runtime.set_thresholds([-math.inf] * p.num_exits)  # every video uses every patch
+        results[precision] = runtime.predict(videos)
+    fp32, int8 = results["fp32"], results["int8"]
+    np.testing.assert_array_equal(int8.cube_starts, fp32.cube_starts)  # frames and box corners
+    np.testing.assert_allclose(int8.centres, fp32.centres, rtol=0, atol=1e-5)  # the boxes
+    assert not np.array_equal(int8.logits, fp32.logits)  # the int8 local graph ran
+    # ... on the right patches: each video's int8 logits are nearer its own fp32 logits than any other
+    # video's (measured: at most 0.007 from its own, at least 0.012 from another's)
+    distance = np.abs(int8.logits[:, None] - fp32.logits[None]).max(-1)
+    assert distance.argmin(axis=1).tolist() == list(range(12))
+
+
 def test_adafocus_export_reads_the_official_file_with_class_names(actnet_file, tmp_path):
     from click.testing import CliRunner
 
