@@ -421,9 +421,8 @@ def search_table(
 
     `metric` (a `MeanAveragePrecision`, which is not a mean over videos and so cannot be searched
     per step as accuracy is): the candidates are still searched for accuracy, each also gets
-    metric.name ("map", on the choosing half from MIN_SPLIT videos on), and the front is kept by it;
-    the MSDNet entries and the fixed settings are among the candidates, so this front lies on or
-    above MSDNet's by that metric."""
+    metric.name ("map", on the choosing half from MIN_SPLIT videos on), and the front is kept by it,
+    with the MSDNet entries and the fixed settings among the candidates, as for accuracy."""
     E = _check_entropies(E)
     C = np.asarray(C, dtype=bool)
     key = metric.name if metric else "accuracy"
