@@ -25,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from adafocus.calibration.thresholds import (
-    METRICS,
     SOLVERS,
     MeanAveragePrecision,
     budget_table,
+    check_metric,
     search_table,
     simulate,
 )
@@ -71,9 +71,7 @@ class StepOutputs:
     def metric(self, name: str):
         """The set metric behind a budget table: None for "accuracy" (a mean over videos, which the
         solvers compute from `correct`), a `MeanAveragePrecision` for "map"."""
-        if name not in METRICS:
-            raise AdaFocusError(f"unknown metric {name!r}", f"choose one of {', '.join(METRICS)}")
-        if name == "accuracy":
+        if check_metric(name) == "accuracy":
             return None
         if self.scores is None:
             raise InternalError("mAP needs the class probabilities: collect with keep_scores=True")
@@ -429,8 +427,7 @@ def calibrate_export(
 
     if solver not in SOLVERS:
         raise AdaFocusError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
-    if metric not in METRICS:
-        raise AdaFocusError(f"unknown metric {metric!r}", f"choose one of {', '.join(METRICS)}")
+    check_metric(metric)
 
     def run(data, desc):
         if isinstance(data, StepOutputs):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from adafocus.calibration.calibrate import StepOutputs, collect
-from adafocus.calibration.thresholds import METRICS, simulate
+from adafocus.calibration.thresholds import check_metric, simulate
 from adafocus.errors import AdaFocusError
 from adafocus.runtime import Runtime
 
@@ -27,8 +27,7 @@ def evaluate_export(engine: Runtime, videos, *, progress: bool = False, metric: 
     `metric`: "accuracy", or "map" to measure mean average precision as well (multi-label sets).
     Returns metric, accuracy_per_step (and map_per_step), gflops_per_exit_step, fixed_cubes,
     budgets ([{budget_gflops, gflops, accuracy (, map), exit_fractions, thresholds}], cheapest first), videos."""
-    if metric not in METRICS:
-        raise AdaFocusError(f"unknown metric {metric!r}", f"choose one of {', '.join(METRICS)}")
+    check_metric(metric)
     export = engine.export
     if isinstance(videos, StepOutputs):
         outputs = videos

@@ -175,6 +175,13 @@ def simulate(E: np.ndarray, C: np.ndarray, cost: Sequence[float], thresholds: Se
 METRICS = ("accuracy", "map")  # what a budget table is chosen by: top-1 accuracy, or mean average precision
 
 
+def check_metric(name: str) -> str:
+    """`name` if it is one of METRICS, else one error naming the choices (before any work)."""
+    if name not in METRICS:
+        raise AdaFocusError(f"unknown metric {name!r}", f"choose one of {', '.join(METRICS)}")
+    return name
+
+
 def multi_hot(labels: np.ndarray, classes: int) -> np.ndarray:
     """(N, classes) bool targets from (N,) class indices, or (N, classes) multi-hot labels as they are."""
     labels = np.asarray(labels)
