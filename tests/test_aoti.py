@@ -17,10 +17,11 @@ import torch
 
 from adafocus.errors import AdaFocusError
 from adafocus.export.aoti import compile_packages, package_file, vector_isa
-from adafocus.export.graphs import GRAPH_NAMES
+from adafocus.export.graphs import DENSE, GRAPH_NAMES
 from adafocus.export.manifest import MANIFEST, content_hash, open_export
 from adafocus.model import adaptive_inference
 from adafocus.runtime import Runtime
+from adafocus.runtime.backends import make_backend
 from test_runtime import assert_fp16_agrees, assert_same
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,7 +301,11 @@ def test_aoti_backend_runs_the_uni_adafocus_family(exported, tmp_path):
 
     target = tmp_path / "uni-small"
     shutil.copytree(exported("uni-small").path, target)
-    export = compile_packages(target, device="cpu", batch_range=(1, 32, 32), log=lambda _: None)
+    # the loop's five graphs only (the dense baseline's package took a third of the compile time)
+    export = compile_packages(target, device="cpu", batch_range=(1, 32, 32), dense=False, log=lambda _: None)
+    assert set(export.manifest["engines"]["aoti"]["cpu"]["fp32"]) == set(GRAPH_NAMES)
+    with pytest.raises(AdaFocusError, match="has no AOTInductor cpu fp32 package of the dense graph"):
+        make_backend(export, "aoti", graphs=(DENSE,))
     model, videos, thresholds, fragile = small_plan_data()
     reference = adaptive_inference(model, videos, thresholds)
     runtime = Runtime.load(export.path, "aoti")

@@ -1,9 +1,13 @@
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from adafocus import cli
+from adafocus.bench import bench_videos
+from adafocus.calibration.thresholds import thresholds_from_json
 from adafocus.machine import cpu_flags, cpu_record
+from adafocus.runtime import Runtime
 from conftest import strict_loads
 
 
@@ -28,16 +32,30 @@ def test_bench_reports_every_method_and_the_realisation(exported, tmp_path):
 
 
 def test_bench_solves_thresholds_for_a_budget_without_a_calibrated_table(exported, tmp_path):
+    """Also times several batches (--videos): compute and exits are those of all the videos."""
     export = exported("demo")
     budget = (export.exit_gflops[1] + export.exit_gflops[3]) / 2
     out = tmp_path / "bench.json"
-    args = [str(export.path), "--batch", "16", "--repeats", "1", "--warmup", "0", "--no-reference"]
+    args = [str(export.path), "--batch", "8", "--videos", "24", "--repeats", "1", "--warmup", "0", "--no-reference"]
     result = CliRunner().invoke(cli.bench, [*args, "--budget", str(budget), "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = strict_loads(out.read_text(encoding="utf-8"))
     assert report["thresholds_from"].startswith(f"solved for budget {budget}")
-    assert "torch_eager" not in report["backends"][0]["videos_per_s"]
-    assert report["backends"][0]["exits_per_step"][-1] < 16  # some videos left early
+    (b,) = report["backends"]
+    assert "torch_eager" not in b["videos_per_s"]
+    assert report["videos"] == b["videos"] == 24 and report["batch"] == b["batch"] == 8
+    assert sum(b["exits_per_step"]) == 24 and b["exits_per_step"][-1] < 24  # some videos left early
+    runtime = Runtime.load(export.path, "onnxruntime")
+    runtime.set_thresholds(thresholds_from_json(report["thresholds"]))
+    every = runtime.predict(bench_videos(export, 24))  # the same 24 videos in one call
+    assert b["gflops_per_video"]["adaptive"] == pytest.approx(float(every.gflops.mean()))
+    assert b["exits_per_step"] == np.bincount(every.exit_step, minlength=len(b["exits_per_step"])).tolist()
+    assert "(24 videos)" in result.stdout
+
+
+def test_bench_refuses_videos_that_do_not_fill_whole_batches(exported):
+    result = CliRunner().invoke(cli.bench, [str(exported("demo").path), "--batch", "8", "--videos", "12"])
+    assert result.exit_code == 2 and "12 is not a multiple of --batch 8" in result.output
 
 
 def test_bench_refuses_wrong_thresholds(exported):

@@ -36,6 +36,17 @@ def test_export_round_trips_within_tolerance(exported, name):
         assert all(t["shape"][0] in ("batch", "pool") for t in m["graphs"][graph]["inputs"])
 
 
+def test_temporal_shifts_export_without_pad_or_a_reshape_per_block(exported):
+    """The form model/tsm.py chose for ONNX Runtime's INT8 kernels: no Pad (run in float between a
+    Dequantize and a Quantize) and no Reshape per shifted block (its channels-last Transposes cannot
+    cross one); the masks are Muls."""
+    export = exported("sthsth-v1-t8")  # TSM in the glance (10 blocks) and the local ResNet-50 (16)
+    for graph, blocks in (("glance", 10), ("local", 16)):
+        ops = [n.op_type for n in onnx.load(str(export.graph_path(graph)), load_external_data=False).graph.node]
+        assert "Pad" not in ops and ops.count("Mul") >= 2 * blocks, graph
+        assert ops.count("Reshape") < blocks, graph
+
+
 @pytest.mark.parametrize("name", ["demo", *PAPER_PRESETS])
 def test_gflops_counted_from_the_graphs_match_pytorch(exported, name):
     m = exported(name).manifest

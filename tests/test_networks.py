@@ -89,6 +89,21 @@ def test_temporal_shift_moves_an_eighth_each_way():
     assert temporal_shift(x, 1) is x
 
 
+@pytest.mark.parametrize("clips, frames", [(1, 8), (3, 12), (2, 16)])
+def test_temporal_shift_equals_the_obvious_shift_bit_for_bit(clips, frames):
+    """The rolled-and-masked form (written for ONNX Runtime's INT8 layout) against zeros filled by
+    slice assignment; a frame count that does not split into clips raises."""
+    x = torch.randn(clips * frames, 24, 5, 7)
+    v, fold = x.view(clips, frames, 24, 5, 7), 3
+    expected = v.clone()
+    expected[:, :, : 2 * fold] = 0
+    expected[:, :-1, :fold] = v[:, 1:, :fold]
+    expected[:, 1:, fold : 2 * fold] = v[:, :-1, fold : 2 * fold]
+    assert torch.equal(temporal_shift(x, frames), expected.view_as(x))
+    with pytest.raises(RuntimeError):
+        temporal_shift(x[1:], frames)
+
+
 def test_tsm_presets_shift_and_frame_wise_presets_do_not(model_of):
     shifted = [m for m in AdaFocusV3(get_preset("diving48-t8")).modules() if type(m).__name__ == "ShiftThen"]
     assert len(shifted) == 16 + 10  # every ResNet-50 bottleneck + the residual MobileNetV2 blocks

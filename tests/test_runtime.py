@@ -1,5 +1,6 @@
 """Every backend, in both modes, reproduces the PyTorch reference loop (adafocus.model.reference)."""
 
+import functools
 import math
 
 import numpy as np
@@ -130,13 +131,20 @@ def test_each_video_may_carry_its_own_thresholds(exported, demo_data, backend):
         runtime.predict(videos[:4], thresholds=rows[:3])
 
 
-@pytest.mark.parametrize("name", ["sthsth-v1-t8", "activitynet-p96"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_paper_presets_reproduce_the_reference(exported, name, backend):
+@functools.cache
+def paper_case(name: str):
+    """Seven videos of a paper preset, thresholds spread over its exits, and the reference loop's
+    result: computed once per preset for all backends (two full reference passes each)."""
     model = reference_model(name)
     videos = torch.randn(7, *model.preset.video_shape, generator=torch.Generator().manual_seed(3))
     thresholds = spread_thresholds(model, videos)
-    reference = adaptive_inference(model, videos, thresholds)
+    return videos, thresholds, adaptive_inference(model, videos, thresholds)
+
+
+@pytest.mark.parametrize("name", ["sthsth-v1-t8", "activitynet-p96"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paper_presets_reproduce_the_reference(exported, name, backend):
+    videos, thresholds, reference = paper_case(name)
     runtime = Runtime.load(exported(name).path, **backend)
     runtime.set_thresholds(thresholds)
     assert_same(runtime.predict(videos).video, reference, 7)

@@ -6,10 +6,11 @@ the same backend, plus the PyTorch-eager reference loop.
     print(format_report(report))
 
 Method (per backend): `warmup` untimed runs, then `repeats` timed runs of each method on the same
-batch of videos; medians and spread are reported. Two warm-ups by default: ONNX Runtime plans the
-memory of a new input shape on its first run and allocates that plan, touching fresh pages, on the
-second (the demo's dense graph at batch 128: ~90k page faults and 4x a steady run's time there,
-none after), so with one warm-up the first timed run is a warm-up too and p99 reports it.
+videos (one batch, or `videos` of them in batches of `batch`); medians and spread are reported. Two
+warm-ups by default: ONNX Runtime plans the memory of a new input shape on its first run and
+allocates that plan, touching fresh pages, on the second (the demo's dense graph at batch 128: ~90k
+page faults and 4x a steady run's time there, none after), so with one warm-up the first timed run
+is a warm-up too and p99 reports it.
 
 The realisation says how much of the compute saving turns into speed: (adaptive videos/s ÷ dense
 videos/s) ÷ (dense GFLOPs ÷ adaptive GFLOPs); 1.0 means time scales exactly with GFLOPs.
@@ -64,6 +65,7 @@ def run(
     backends: Sequence[str] = ("onnxruntime",),
     *,
     batch: int = 128,
+    videos: int | None = None,
     repeats: int = 5,
     warmup: int = 2,
     threads: int | None = None,
@@ -78,30 +80,39 @@ def run(
 ) -> dict:
     """The whole benchmark of `export` on each of `backends`: one report, strict JSON.
     `max_call_gflops`: the backends' bound on one graph call ("default": theirs; None: no bound);
-    `call_workers`: ONNX Runtime's parts of a call run at once on the CPU (None: its default)."""
+    `call_workers`: ONNX Runtime's parts of a call run at once on the CPU (None: its default).
+    `videos`: how many videos are timed, in batches of `batch` (None: one batch). An adaptive method's
+    compute depends on which videos come, so a small batch alone is a small sample of it."""
+    count = batch if videos is None else videos
+    if count % batch:
+        raise AdaFocusError(
+            f"{count} videos do not make whole batches of {batch}", f"give a multiple of {batch} videos"
+        )
     others = [b for b in backends if b != "onnxruntime"]
     if call_workers is not None and others:
         raise AdaFocusError(
             f"call_workers is ONNX Runtime's setting, not {' or '.join(others)}'s (they run a call's parts in turn)",
             "benchmark those backends without it",
         )
-    chosen, how = choose_thresholds(export, thresholds, budget, batch, device or "cpu")
-    log(f"preset {export.preset.name}, batch {batch}, {repeats} runs after {warmup} warm-up")
+    chosen, how = choose_thresholds(export, thresholds, budget, count, device or "cpu")
+    log(f"preset {export.preset.name}, {count} videos in batches of {batch}, {repeats} runs after {warmup} warm-up")
     log(f"thresholds {', '.join(f'{t:.4g}' for t in chosen)} ({how})")
-    videos = bench_videos(export, batch)
+    timed = bench_videos(export, count)
     options = {"repeats": repeats, "warmup": warmup, "threads": threads, "precision": precision, "device": device}
     options |= {"max_call_gflops": max_call_gflops, "call_workers": call_workers}
     return {
         "preset": export.preset.name,
         "export": str(export.path),
         "batch": batch,
+        "videos": count,
         "thresholds": thresholds_to_json(chosen),  # ±1e9 for ±inf: JSON has no infinities
         "thresholds_from": how,
         "precision": precision or "backend default",
         "inputs_on_device": True,
         "machine": machine(),
         "backends": [
-            bench_backend(export, name, videos, chosen, reference=reference, log=log, **options) for name in backends
+            bench_backend(export, name, timed, chosen, batch=batch, reference=reference, log=log, **options)
+            for name in backends
         ],
     }
 
@@ -145,6 +156,7 @@ def bench_backend(
     videos: torch.Tensor,
     thresholds: list[float],
     *,
+    batch: int | None = None,
     repeats: int,
     warmup: int,
     threads: int | None,
@@ -155,8 +167,9 @@ def bench_backend(
     reference: bool,
     log: Callable[[str], None],
 ) -> dict:
-    """All methods on one backend, on the same batch. The videos are moved to the backend's device
-    once, before timing: the figure is the device's throughput, not the host-to-device copy's."""
+    """All methods on one backend, on the same videos, in batches of `batch` (None: one batch). The
+    videos are moved to the backend's device once, before timing: the figure is the device's
+    throughput, not the host-to-device copy's. Times are per batch."""
     if not export.has_graph(DENSE):
         raise AdaFocusError(f"{export.path} has no dense baseline graph", "re-export it with this adafocus-deploy")
     options = {"threads": threads} if backend == "onnxruntime" and threads else {}
@@ -166,9 +179,9 @@ def bench_backend(
         options["max_call_gflops"] = max_call_gflops
     runtime = Runtime.load(export.path, backend, device, precision=precision, **options)
     runtime.set_thresholds(thresholds)
-    videos = videos.to(runtime.backend.device)
-    methods = _adaptive_methods(runtime, videos, repeats, warmup, log)
-    _, profile = runtime.profile_predict(videos)
+    batches = videos.to(runtime.backend.device).split(batch or len(videos))
+    methods = _adaptive_methods(runtime, batches, repeats, warmup, log)
+    _, profile = runtime.profile_predict(batches[0])
     peak = {"after_adaptive": _peak_rss_mib()}  # the process's high-water mark so far
     described, settings = runtime.backend.describe(), runtime.backend.settings
     # each method's sessions and memory arenas go before the next starts: at batch 128 of a paper
@@ -176,24 +189,25 @@ def bench_backend(
     runtime = None
     gc.collect()
     log(f"[{backend}] dense baseline")
-    methods["dense"] = _dense_method(export, backend, settings, videos, repeats, warmup)
+    methods["dense"] = _dense_method(export, backend, settings, batches, repeats, warmup)
     peak["after_dense"] = _peak_rss_mib()
     gc.collect()
     if settings["precision"] == "int8":  # the same batch in fp32 beside it, in the same run
         log(f"[{backend}] adaptive and dense in fp32, beside int8")
-        methods |= _fp32_methods(export, backend, settings, videos, thresholds, repeats, warmup)
+        methods |= _fp32_methods(export, backend, settings, batches, thresholds, repeats, warmup)
         peak["after_fp32"] = _peak_rss_mib()
         gc.collect()
     if reference:
         log(f"[{backend}] PyTorch-eager reference loop")
         gflops = methods["adaptive"]["gflops_per_video"]  # the same exits, so the same compute
         methods["torch_eager"] = _eager_method(
-            export, videos, thresholds, settings["precision"], repeats, warmup, gflops
+            export, batches, thresholds, settings["precision"], repeats, warmup, gflops
         )
     a, d = methods["adaptive"], methods["dense"]
     report = {
         "backend": described,
-        "batch": len(videos),
+        "batch": len(batches[0]),
+        "videos": len(videos),
         "videos_per_s": {name: m["videos_per_s"] for name, m in methods.items()},
         "gflops_per_video": {name: m["gflops_per_video"] for name, m in methods.items()},
         "realisation": (a["videos_per_s"] / d["videos_per_s"]) / (d["gflops_per_video"] / a["gflops_per_video"]),
@@ -219,38 +233,48 @@ def bench_backend(
             if methods["dense"]["precision"] == "int8"
             else None,
         }
-    if videos.device.type == "cuda":
-        report["peak_cuda_mib"] = torch.cuda.max_memory_allocated(videos.device) / 2**20
+    if batches[0].device.type == "cuda":
+        report["peak_cuda_mib"] = torch.cuda.max_memory_allocated(batches[0].device) / 2**20
     return report
 
 
-def _adaptive_methods(runtime: Runtime, videos, repeats: int, warmup: int, log) -> dict[str, dict]:
-    name, batch, sync = runtime.backend.name, len(videos), runtime.backend.synchronize
+def _adaptive_methods(runtime: Runtime, batches, repeats: int, warmup: int, log) -> dict[str, dict]:
+    name, batch, sync = runtime.backend.name, len(batches[0]), runtime.backend.synchronize
     log(f"[{name}] adaptive, per-batch mode")
-    adaptive = _per_batch_method(runtime, videos, repeats, warmup)
+    adaptive = _per_batch_method(runtime, batches, repeats, warmup)
     gflops = adaptive["gflops_per_video"]
-    log(f"[{name}] adaptive, streaming mode ({STREAM_BATCHES} batches' worth through a pool of {batch})")
+    rounds = max(STREAM_BATCHES, len(batches))
+    log(f"[{name}] adaptive, streaming mode ({rounds} batches' worth through a pool of {batch})")
     # one video per item (as a decoder hands them over: each is copied into the staging batch), then
     # the same videos a batch per item (as a DataLoader yields them: admitted as views, no copy)
-    single = [videos[i % batch] for i in range(STREAM_BATCHES * batch)]  # slots freed by exits get refilled
-    batches = [videos] * STREAM_BATCHES
+    videos = [video for part in batches for video in part]
+    single = [videos[i % len(videos)] for i in range(rounds * batch)]  # slots freed by exits get refilled
+    whole = [batches[i % len(batches)] for i in range(rounds)]
     methods = {"adaptive": adaptive}
-    for method, items in (("adaptive_stream", single), ("adaptive_stream_batches", batches)):
+    for method, items in (("adaptive_stream", single), ("adaptive_stream_batches", whole)):
         seconds = _timed(lambda items=items: list(runtime.stream(iter(items), batch_size=batch)), repeats, warmup, sync)
-        methods[method] = _summary([s / STREAM_BATCHES for s in seconds], batch, gflops)
+        methods[method] = _summary([s / rounds for s in seconds], batch, gflops)
     return methods
 
 
-def _per_batch_method(runtime: Runtime, videos, repeats: int, warmup: int) -> dict:
-    """`Runtime.predict` on the whole batch, timed; with the compute and the exits of an untimed run."""
-    result = runtime.predict(videos)
-    seconds = _timed(lambda: runtime.predict(videos), repeats, warmup, runtime.backend.synchronize)
-    method = _summary(seconds, len(videos), float(result.gflops.mean()))
-    method["exits_per_step"] = np.bincount(result.exit_step, minlength=runtime.preset.num_exits).tolist()
+def _per_batch_method(runtime: Runtime, batches, repeats: int, warmup: int) -> dict:
+    """`Runtime.predict` on each batch in turn, timed (seconds per batch); with the compute and the
+    exits of an untimed run."""
+    results = [runtime.predict(videos) for videos in batches]
+
+    def every_batch():
+        for videos in batches:
+            runtime.predict(videos)
+
+    seconds = _timed(every_batch, repeats, warmup, runtime.backend.synchronize)
+    gflops = float(np.concatenate([r.gflops for r in results]).mean())
+    method = _summary([s / len(batches) for s in seconds], len(batches[0]), gflops)
+    exits = np.concatenate([r.exit_step for r in results])
+    method["exits_per_step"] = np.bincount(exits, minlength=runtime.preset.num_exits).tolist()
     return method
 
 
-def _dense_method(export: Export, backend: str, settings: dict, videos, repeats: int, warmup: int) -> dict:
+def _dense_method(export: Export, backend: str, settings: dict, batches, repeats: int, warmup: int) -> dict:
     """The dense graph on the same kind of backend (same device, provider and binding); an int8 run's
     baseline is the int8 dense graph where the export has one (`adafocus-calibrate --int8-graphs`),
     else fp32."""
@@ -258,32 +282,42 @@ def _dense_method(export: Export, backend: str, settings: dict, videos, repeats:
     if precision == "int8" and "int8" not in export.graph(DENSE).variants:
         precision = "fp32"
     dense = make_backend(export, backend, **(settings | {"precision": precision, "graphs": (DENSE,)}))
-    seconds = _timed(lambda: dense.run(DENSE, {"videos": dense.videos(videos)}), repeats, warmup, dense.synchronize)
-    return _summary(seconds, len(videos), export.dense_gflops) | {"precision": precision}
+
+    def every_batch():
+        for videos in batches:
+            dense.run(DENSE, {"videos": dense.videos(videos)})
+
+    seconds = _timed(every_batch, repeats, warmup, dense.synchronize)
+    return _summary([s / len(batches) for s in seconds], len(batches[0]), export.dense_gflops) | {
+        "precision": precision
+    }
 
 
-def _fp32_methods(export: Export, backend: str, settings: dict, videos, thresholds, repeats: int, warmup: int):
+def _fp32_methods(export: Export, backend: str, settings: dict, batches, thresholds, repeats: int, warmup: int):
     """Adaptive (per batch, same thresholds) and dense in fp32: what an int8 run is compared with."""
     fp32 = settings | {"precision": "fp32"}
     runtime = Runtime(export, make_backend(export, backend, **fp32))
     runtime.set_thresholds(thresholds)
-    adaptive = _per_batch_method(runtime, videos, repeats, warmup) | {"precision": "fp32"}
+    adaptive = _per_batch_method(runtime, batches, repeats, warmup) | {"precision": "fp32"}
     runtime = None
     gc.collect()
-    return {"adaptive_fp32": adaptive, "dense_fp32": _dense_method(export, backend, fp32, videos, repeats, warmup)}
+    return {"adaptive_fp32": adaptive, "dense_fp32": _dense_method(export, backend, fp32, batches, repeats, warmup)}
 
 
-def _eager_method(export: Export, videos, thresholds, precision: str, repeats: int, warmup: int, gflops) -> dict:
+def _eager_method(export: Export, batches, thresholds, precision: str, repeats: int, warmup: int, gflops) -> dict:
     """The PyTorch reference loop, in the backend's arithmetic (fp16 autocast for an fp16 GPU run)."""
-    model = export.load_model().to(videos.device)
-    fp16 = precision == "fp16" and videos.device.type == "cuda"
+    device = batches[0].device
+    model = export.load_model().to(device)
+    fp16 = precision == "fp16" and device.type == "cuda"
 
     def eager():
         with strict_fp32(), torch.autocast("cuda", torch.float16, enabled=fp16):
-            return adaptive_inference(model, videos, thresholds)
+            for videos in batches:
+                adaptive_inference(model, videos, thresholds)
 
-    sync = torch.cuda.synchronize if videos.device.type == "cuda" else lambda: None
-    return _summary(_timed(eager, repeats, warmup, sync), len(videos), gflops)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    seconds = _timed(eager, repeats, warmup, sync)
+    return _summary([s / len(batches) for s in seconds], len(batches[0]), gflops)
 
 
 def _peak_rss_mib() -> float:
@@ -371,7 +405,7 @@ def plot_report(report: dict, path: Path) -> Path:
     labels = [f"{backend}\n{name}" for backend, name, _, _ in rows]
     left.bar(labels, [r[2] for r in rows], color="tab:blue")
     left.set_ylabel("videos / s")
-    left.set_title(f"throughput, batch {report['batch']}")
+    left.set_title(f"throughput, batch {report['batch']}{_over(report)}")
     right.bar(labels, [r[3] for r in rows], color="tab:orange")
     right.set_ylabel("GFLOPs / video")
     right.set_title("compute")
@@ -383,11 +417,16 @@ def plot_report(report: dict, path: Path) -> Path:
     return save_png(fig, path)
 
 
+def _over(report: dict) -> str:
+    videos = report.get("videos", report["batch"])  # reports before `videos` timed one batch
+    return f" ({videos} videos)" if videos != report["batch"] else ""
+
+
 def format_report(report: dict) -> str:
     """The report as the table the command prints."""
     lines = []
     for r in report["backends"]:
-        lines.append(f"\n{r['backend']['backend']} ({r['backend']['device']}), batch {report['batch']}")
+        lines.append(f"\n{r['backend']['backend']} ({r['backend']['device']}), batch {report['batch']}{_over(report)}")
         lines.append(f"  {'method':<23} {'videos/s':>9} {'ms/batch p50':>13} {'p99':>9} {'GFLOPs/video':>13}")
         for name, m in r["methods"].items():
             lines.append(

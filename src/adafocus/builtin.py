@@ -30,7 +30,7 @@ from adafocus.model.checkpoint import default_class_names
 from adafocus.model.families import Model
 from adafocus.weights import DEMO, DEMO_PIXEL, DEMO_SOURCE, builtin_checkpoint
 
-REVISION = 8  # bump whenever the exporter's output changes, so stale cached exports are not reused
+REVISION = 9  # bump whenever the exporter's output changes, so stale cached exports are not reused
 CALIBRATION_VIDEOS = 1000  # the built-in demo export's calibration and held-out sets
 BATCHNORM_VIDEOS = 8
 

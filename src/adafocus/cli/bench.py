@@ -22,6 +22,13 @@ RESULTS_DIR = "adafocus-results"  # where reports go by default: untracked, git-
     help="Backend(s) to measure; repeat the option for several.",
 )
 @click.option("--batch", type=click.IntRange(1), default=128, show_default=True, help="Videos per batch.")
+@click.option(
+    "--videos",
+    type=click.IntRange(1),
+    default=None,
+    help="Videos timed, run in batches of --batch (a multiple of it) [default: one batch]. The adaptive "
+    "methods' compute depends on the videos, so a small batch alone is a small sample of it: time 128 or more.",
+)
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed runs per method.")
 @click.option(
     "--warmup",
@@ -83,6 +90,7 @@ def bench(
     preset,
     backends,
     batch,
+    videos,
     repeats,
     warmup,
     threads,
@@ -115,6 +123,8 @@ def bench(
         raise click.UsageError("give EXPORT_DIR or --preset, not both")
     if thresholds is not None and budget is not None:
         raise click.UsageError("give --thresholds or --budget, not both")
+    if videos is not None and videos % batch:
+        raise click.BadParameter(f"{videos} is not a multiple of --batch {batch}", param_hint="--videos")
     export = open_export(export_dir) if export_dir else random_export(preset) if preset else demo_export()
     if thresholds is not None and len(thresholds) != export.preset.num_exits:
         k1 = export.preset.num_exits
@@ -123,6 +133,7 @@ def bench(
         export,
         backends,
         batch=batch,
+        videos=videos,
         repeats=repeats,
         warmup=warmup,
         threads=threads,

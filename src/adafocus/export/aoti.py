@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 
 from adafocus.errors import AdaFocusError
 from adafocus.export.exporter import Fp16Graph
-from adafocus.export.graphs import GraphSpec, graph_specs
+from adafocus.export.graphs import DENSE, GraphSpec, graph_specs
 from adafocus.export.manifest import Export, open_export, sha256_file, update_manifest
 from adafocus.export.onnx_export import EXAMPLE_BATCH
 from adafocus.export.validate import FP32_RTOL, compare_outputs, validation_cases
@@ -64,14 +64,16 @@ def compile_packages(
     precision: str | None = None,
     batch_range: tuple[int, int, int] = DEFAULT_BATCH_RANGE,
     validate_batch: int = 5,
+    dense: bool = True,
     log: Callable[[str], None] = print,
 ) -> Export:
-    """Compile, validate and add one package per graph (the five loop graphs and the dense
-    baseline) for `device`/`precision` to the export in `export_dir`, then reseal it."""
+    """Compile, validate and add one package per graph (the five loop graphs and, with `dense`, the
+    dense baseline that adafocus-bench compares with: the loop itself does not need it) for
+    `device`/`precision` to the export in `export_dir`, then reseal it."""
     export = open_export(export_dir)
     precision = _check(device, precision, batch_range)
     model = export.load_model().to(device)
-    specs = graph_specs(model)
+    specs = {name: spec for name, spec in graph_specs(model).items() if dense or name != DENSE}
     cases = _on(device, validation_cases(model, validate_batch))
     remove_stale_partials(export.path)
     staged = {
@@ -177,9 +179,10 @@ def _compile_one(spec: GraphSpec, path: Path, device, precision, batch_range, ca
     }
 
 
-def packages_for(export: Export, device: str, precision: str) -> dict[str, dict]:
+def packages_for(export: Export, device: str, precision: str, graphs: Sequence[str] = ()) -> dict[str, dict]:
     """The package records of `device`/`precision`, after checking they can run here: the same torch
-    and, on the CPU, a vector ISA this CPU has; on CUDA, the GPU's compute capability."""
+    and, on the CPU, a vector ISA this CPU has; on CUDA, the GPU's compute capability; and that
+    `graphs` are among them."""
     built = export.manifest["engines"].get(KIND, {})
     records = built.get(device, {}).get(precision)
     rebuild = f"adafocus-export --aoti --device {device} --precision {precision} --into {export.path}"
@@ -207,6 +210,12 @@ def packages_for(export: Export, device: str, precision: str) -> dict[str, dict]
             f"{export.path}: its CUDA packages were compiled for compute capability {sample.get('compute_capability')} "
             f"({sample.get('gpu')}); this GPU is {here['compute_capability']} ({here['gpu']})",
             f"recompile them on this GPU: {rebuild}",
+        )
+    if missing := [g for g in graphs if g not in records]:
+        raise AdaFocusError(
+            f"{export.path} has no AOTInductor {device} {precision} package of the {', '.join(missing)} graph "
+            f"(it has: {', '.join(records)})",
+            f"compile them all: {rebuild}",
         )
     return records
 

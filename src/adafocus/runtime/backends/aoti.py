@@ -33,7 +33,7 @@ class AotiBackend(Backend):
     ):
         super().__init__(export, device, precision, graphs)
         kind = device.split(":")[0]
-        records = packages_for(export, kind, self.precision)  # refuses packages that cannot run here
+        records = packages_for(export, kind, self.precision, self.graphs)  # refuses packages that cannot run here
         self.arrays = TorchArrays(torch.device(device))
         self.packages = {
             g: torch._inductor.aoti_load_package(str(export.path / records[g]["file"])) for g in self.graphs
