@@ -89,7 +89,7 @@ def footage_frames(count: int, width: int, height: int, start: int, source: Path
         yield cycle[(start + k) % len(cycle)]
 
 
-GRAIN_SIGMA = 3.0  # sensor noise of a camera in ordinary light, in 8-bit levels; fixed before any run
+GRAIN_SIGMA = 3.0  # in 8-bit levels; chosen before any run, not tuned to the results
 
 
 def with_grain(frames, seed: int):
@@ -120,8 +120,7 @@ def encode(path: Path, width: int, height: int, gop: int, seed: int, seconds: in
 
 
 def bit_rate(path: Path) -> float:
-    """The file's mean bit rate as its container states it (bits/s): what decoding a frame costs
-    follows it more than the frame size does."""
+    """The file's mean bit rate as its container states it (bits/s)."""
     with av.open(str(path)) as container:
         return float(container.bit_rate)
 
