@@ -179,12 +179,15 @@ def resize_crop(rgb: np.ndarray, frame_size: int, resize_shorter_side: int | Non
 
 
 class _Resizes:
-    """The seek path's resizes on one helper thread while it decodes on: a keyframe decodes on one
-    thread and leaves the other core idle, and a 720p frame's resize takes ~4 ms. Paired A/B on 2
-    cores (10 x264 files, T = 8 and 16, 7 rounds): medians 1.04x (this code) and 1.10x (a first
-    version), 0.97-1.23x, most on 720p GOP 15 (1.11-1.20x); the same pixels (the same function on the
-    same array). At most two frames wait, so memory stays bounded by T cropped frames plus two
-    whole ones. The sequential pass resizes inline: benchmarks/decode.py's baseline runs it."""
+    """The seek path's RGB conversions and resizes on one helper thread while it decodes on: a
+    keyframe decodes on one thread and leaves the other core idle, and a 720p frame's resize takes
+    ~4 ms, its conversion ~1.4 ms. Paired A/B of the resize alone on 2 cores (10 x264 files, T = 8
+    and 16, 7 rounds): medians 1.04x (this code) and 1.10x (a first version), 0.97-1.23x, most on
+    720p GOP 15 (1.11-1.20x). The same pixels: the same functions on the same decoded frame, which
+    the decoder no longer writes to (its buffers are reference-counted), and which only the helper
+    thread converts (PyAV keeps one converter per frame; two threads converting one frame crash).
+    At most two frames wait, so memory stays bounded by T cropped frames plus two whole ones. The
+    sequential pass converts and resizes inline: benchmarks/decode.py's baseline runs it."""
 
     def __init__(self, frame_size: int, resize_shorter_side):
         self.frame_size, self.resize_shorter_side = frame_size, resize_shorter_side
@@ -192,12 +195,16 @@ class _Resizes:
         self._waiting: deque[Future] = deque()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adafocus-resize")
 
-    def add(self, key: int, rgb: np.ndarray) -> None:
+    def add(self, key: int, frame: av.VideoFrame) -> None:
+        """Hand `frame` over: the caller must not touch it again."""
         while len(self._waiting) >= 2:
             self._waiting.popleft().result()
-        future = self._pool.submit(resize_crop, rgb, self.frame_size, self.resize_shorter_side)
+        future = self._pool.submit(self._crop, frame)
         self.kept[key] = future
         self._waiting.append(future)
+
+    def _crop(self, frame: av.VideoFrame) -> torch.Tensor:
+        return resize_crop(frame.to_ndarray(format="rgb24"), self.frame_size, self.resize_shorter_side)
 
     def __contains__(self, key: int) -> bool:
         return key in self.kept
@@ -515,17 +522,18 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
         """One frame out of the decoder: checked, kept if wanted; `todo` moves past what is kept."""
         nonlocal decoded, last_shown, todo, back, missed, size
         decoded += 1
-        if frame.pts not in position or (last_shown is not None and frame.pts <= last_shown):
-            raise _NotExact(f"a frame out of timestamp order (pts {frame.pts})")
+        pts = frame.pts
+        if pts not in position or (last_shown is not None and pts <= last_shown):
+            raise _NotExact(f"a frame out of timestamp order (pts {pts})")
         if frame.is_corrupt:  # concealment may depend on the frames skipped
-            raise _NotExact(f"a damaged frame (pts {frame.pts})")
-        last_shown = frame.pts
-        if frame.pts in wanted_set and frame.pts not in kept:
-            kept.add(frame.pts, frame.to_ndarray(format="rgb24"))
+            raise _NotExact(f"a damaged frame (pts {pts})")
+        last_shown = pts
+        if pts in wanted_set and pts not in kept:
             size = (frame.width, frame.height)
+            kept.add(pts, frame)  # converted to RGB and resized on the helper thread
         while todo < len(wanted) and wanted[todo] in kept:
             todo, back = todo + 1, 0
-        if todo < len(wanted) and frame.pts > wanted[todo]:
+        if todo < len(wanted) and pts > wanted[todo]:
             missed = True  # the decoder went past a wanted frame without showing it
 
     while todo < len(wanted):
