@@ -15,8 +15,9 @@ nothing references and nobody asked for (x264's B-frames: half of a typical file
 (`skip_frame = NONREF`, set packet by packet). Where the next wanted frame lies past a keyframe still
 ahead, the decoder is drained right after the last wanted packet instead of being fed the further
 packets its B-frame reordering and frame threads would wait for, whose frames would be decoded and
-then thrown away by the seek (median 1.05x, 0.95-1.18x, paired A/B on x264 files). Frames are
-identified by their pts, never by counting.
+then thrown away by the seek (median 1.05x, 0.95-1.18x, paired A/B on x264 files). Each kept
+frame's RGB conversion and resize run on a helper thread while decoding goes on (`_Resizes`).
+Frames are identified by their pts, never by counting.
 
 The truth is a full decode in presentation order (every frame the decoder outputs), sampled over
 the number of frames that decode; seeking is used only where it provably gives that (exact or
