@@ -182,13 +182,14 @@ def resize_crop(rgb: np.ndarray, frame_size: int, resize_shorter_side: int | Non
 class _Resizes:
     """The seek path's RGB conversions and resizes on one helper thread while it decodes on: a
     keyframe decodes on one thread and leaves the other core idle, and a 720p frame's resize takes
-    ~4 ms, its conversion ~1.4 ms. Paired A/B of the resize alone on 2 cores (10 x264 files, T = 8
-    and 16, 7 rounds): medians 1.04x (this code) and 1.10x (a first version), 0.97-1.23x, most on
-    720p GOP 15 (1.11-1.20x). The same pixels: the same functions on the same decoded frame, which
-    the decoder no longer writes to (its buffers are reference-counted), and which only the helper
-    thread converts (PyAV keeps one converter per frame; two threads converting one frame crash).
-    At most two frames wait, so memory stays bounded by T cropped frames plus two whole ones. The
-    sequential pass converts and resizes inline: benchmarks/decode.py's baseline runs it."""
+    ~4 ms, its conversion ~1.4 ms. Paired A/B on 2 cores (x264 files, T = 8 and 16, 7 rounds): the
+    resize moved here, median 1.04x over inline (10 files, 0.97-1.23x); the conversion moved too,
+    1.08x over that (8 files, 0.99-1.22x), most at GOP 15. The same pixels: the same functions on
+    the same decoded frame, which the decoder no longer writes to (its buffers are reference-counted)
+    and which only the helper thread converts (PyAV keeps one converter per frame; two threads
+    converting one frame crash). At most two frames wait, so memory stays bounded by T cropped
+    frames plus two whole ones. The sequential pass converts and resizes inline:
+    benchmarks/decode.py's baseline runs it."""
 
     def __init__(self, frame_size: int, resize_shorter_side):
         self.frame_size, self.resize_shorter_side = frame_size, resize_shorter_side
