@@ -16,7 +16,7 @@ nothing references and nobody asked for (x264's B-frames: half of a typical file
 ahead, the decoder is drained right after the last wanted packet instead of being fed the further
 packets its B-frame reordering and frame threads would wait for, whose frames would be decoded and
 then thrown away by the seek (median 1.05x, 0.95-1.18x, paired A/B on x264 files). Each kept
-frame's RGB conversion and resize run on a helper thread while decoding goes on (`_Resizes`).
+frame's RGB conversion and resize run on a helper thread while decoding goes on (`_Crops`).
 Frames are identified by their pts, never by counting.
 
 The truth is a full decode in presentation order (every frame the decoder outputs), sampled over
@@ -179,7 +179,7 @@ def resize_crop(rgb: np.ndarray, frame_size: int, resize_shorter_side: int | Non
         return image.round_().clamp_(0, 255).to(torch.uint8)
 
 
-class _Resizes:
+class _Crops:
     """The seek path's RGB conversions and resizes on one helper thread while it decodes on: a
     keyframe decodes on one thread and leaves the other core idle, and a 720p frame's resize takes
     ~4 ms, its conversion ~1.4 ms. Paired A/B on 2 cores (x264 files, T = 8 and 16, 7 rounds): the
@@ -195,7 +195,7 @@ class _Resizes:
         self.frame_size, self.resize_shorter_side = frame_size, resize_shorter_side
         self.kept: dict[int, Future] = {}
         self._waiting: deque[Future] = deque()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="adafocus-resize")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="adafocus-crop")
 
     def add(self, key: int, frame: av.VideoFrame) -> None:
         """Hand `frame` over: the caller must not touch it again."""
@@ -214,7 +214,7 @@ class _Resizes:
     def results(self) -> dict[int, torch.Tensor]:
         return {key: future.result() for key, future in self.kept.items()}
 
-    def __enter__(self) -> _Resizes:
+    def __enter__(self) -> _Crops:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -490,12 +490,12 @@ def _decode_by_seeking(
     """The frames with timestamps `wanted` (sorted), cropped: (pts -> frame, frames decoded, (w, h)),
     from the container the demux pass read (not opened twice: opening probes the stream, ~5 % of a
     short file's decode). Raises _NotExact wherever the result could differ from a full decode's."""
-    with _Resizes(frame_size, resize_shorter_side) as kept:
+    with _Crops(frame_size, resize_shorter_side) as kept:
         decoded, size = _seek_and_decode(container, stream, packets, wanted, kept, threads)
         return kept.results(), decoded, size
 
 
-def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int], kept: _Resizes, threads: int):
+def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int], kept: _Crops, threads: int):
     """_decode_by_seeking's loop: the wanted frames into `kept`; returns (frames decoded, (w, h))."""
     position = {pts: i for i, pts in enumerate(packets.pts)}  # pts -> decode-order position
 
