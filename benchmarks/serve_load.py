@@ -20,7 +20,9 @@ First each model's saturation throughput (closed loop, `--saturation-in-flight` 
 flight); then offered loads of `--loads` x the best per-batch variant's saturation, and 1.5x the
 higher of the per-batch and continuous saturations (so that the overload row overloads both). At each
 load every model gets the same seeded arrival times for `--duration` seconds; requests still open
-`--drain` seconds after the last arrival count as lost. Latency runs from a request's scheduled
+`--drain` seconds after the last arrival count as lost; an arrival that finds `--max-outstanding`
+requests unanswered is shed by the client (counted, not sent: what a load balancer's queue limit
+does, and what keeps this process's memory bounded). Latency runs from a request's scheduled
 arrival (open loop: a client that falls behind does not hide the server's queue). Reported per model
 and load: answered/s, p50/p95/p99 and mean latency of answered requests, refusals (UNAVAILABLE:
 overloaded), other errors, accuracy on the test videos' labels, mean GFLOPs per answered video, and
@@ -114,33 +116,50 @@ async def _one(client, grpc, model: str, frames: np.ndarray, parameters, timeout
     return outputs, None
 
 
-async def open_loop(address, model, requests: Requests, arrivals, parameters, drain_s: float) -> list:
-    """Send request i at arrivals[i] seconds (from now); [(scheduled, done, video, outputs, error)]."""
+async def open_loop(
+    address, model, requests: Requests, arrivals, parameters, drain_s: float, max_outstanding: int
+) -> tuple[list, int, int]:
+    """Send request i at arrivals[i] seconds (from now), unless `max_outstanding` requests are still
+    unanswered: then it is shed, not sent. Returns ([(scheduled, done, video, outputs, error, lag)],
+    lost, shed)."""
     import tritonclient.grpc.aio as grpc
 
     client = grpc.InferenceServerClient(address)
     records = []
     start = time.perf_counter() + 0.05
     horizon = arrivals[-1] + drain_s if len(arrivals) else 0
+    outstanding = shed = 0
 
     async def send(i, at):
-        video = i % len(requests.frames)
-        sent = time.perf_counter() - start  # later than `at` when this process falls behind its schedule
-        outputs, error = await _one(client, grpc, model, requests.frames[video], parameters, horizon + 5)
-        records.append((at, time.perf_counter() - start, video, outputs, error, sent - at))
+        nonlocal outstanding
+        try:
+            video = i % len(requests.frames)
+            sent = time.perf_counter() - start  # later than `at` when this process falls behind its schedule
+            outputs, error = await _one(client, grpc, model, requests.frames[video], parameters, horizon + 5)
+            records.append((at, time.perf_counter() - start, video, outputs, error, sent - at))
+        finally:
+            outstanding -= 1
 
     tasks = []
     for i, at in enumerate(arrivals):
         delay = start + at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        if outstanding >= max_outstanding:
+            # a request waiting in gRPC's buffers holds its frames several times over: unbounded, the
+            # backlog of an overloaded server had this client killed for memory (10.4 GB, demo, 2-core EPYC)
+            shed += 1
+            continue
+        outstanding += 1
         tasks.append(asyncio.create_task(send(i, at)))
-    done, pending = await asyncio.wait(tasks, timeout=max(start + horizon - time.perf_counter(), 0.1))
+    pending = set()
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=max(start + horizon - time.perf_counter(), 0.1))
     for task in pending:
         task.cancel()
     lost = len(pending)
     await client.close()
-    return records, lost
+    return records, lost, shed
 
 
 async def closed_loop(address, model, requests: Requests, in_flight: int, seconds: float, parameters) -> float:
@@ -166,7 +185,7 @@ async def closed_loop(address, model, requests: Requests, in_flight: int, second
     return answered / elapsed
 
 
-def summarise(records, lost: int, labels, duration: float) -> dict:
+def summarise(records, lost: int, labels, duration: float, shed: int = 0) -> dict:
     ok = [r for r in records if r[4] is None]
     latencies = np.array([r[1] - r[0] for r in ok]) * 1000
     refused = sum(1 for r in records if r[4] == "StatusCode.UNAVAILABLE")
@@ -177,6 +196,7 @@ def summarise(records, lost: int, labels, duration: float) -> dict:
     last = max((r[1] for r in ok), default=duration)
     return {
         "sent": len(records) + lost,
+        "shed_by_client": shed,  # arrivals not sent: --max-outstanding requests were unanswered
         "answered": len(ok),
         "answered_per_s": len(ok) / max(last, duration),
         "refused": refused,
@@ -239,6 +259,12 @@ def main() -> None:
     parser.add_argument("--cheap-budget", type=float, default=None, help="GFLOPs/video of the second table")
     parser.add_argument("--no-cheap", action="store_true", help="skip the second table")
     parser.add_argument("--no-default", action="store_true", help="skip the first table (and the serving overhead)")
+    parser.add_argument(
+        "--max-outstanding",
+        type=int,
+        default=2048,
+        help="unanswered requests at which the client sheds new arrivals (counted, not sent): bounds its memory",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results here (JSON, and a PNG beside it)")
     args = parser.parse_args()
@@ -323,8 +349,10 @@ def _table(address, metrics_url, requests, args, parameters) -> dict:
         row = {"load": load["name"], "offered_per_s": load["rate"], "requests": len(arrivals), "models": {}}
         for model in models:
             before = triton_queue(metrics_url, model)
-            records, lost = asyncio.run(open_loop(address, model, requests, arrivals, parameters, args.drain))
-            row["models"][model] = summarise(records, lost, requests.labels, args.duration)
+            records, lost, shed = asyncio.run(
+                open_loop(address, model, requests, arrivals, parameters, args.drain, args.max_outstanding)
+            )
+            row["models"][model] = summarise(records, lost, requests.labels, args.duration, shed)
             row["models"][model]["quiet_after_s"] = wait_until_quiet(metrics_url)
             after = triton_queue(metrics_url, model)
             served = after[1] - before[1]
@@ -333,7 +361,7 @@ def _table(address, metrics_url, requests, args, parameters) -> dict:
             log(
                 f"{load['name']:>30} {model:>32}: {s['answered_per_s']:6.1f}/s p50 {_ms(s['latency_ms']['p50'])} "
                 f"p99 {_ms(s['latency_ms']['p99'])} refused {s['refused']} "
-                f"lost {s['lost']} acc {s['accuracy']} "
+                f"lost {s['lost']} shed {s['shed_by_client']} acc {s['accuracy']} "
                 f"client lag p99 {_ms(s['client_lag_ms']['p99'])} triton queue {s['triton_queue_ms_mean']}"
             )
         variants = {per_batch_name(b, d): row["models"][per_batch_name(b, d)] for b, d in PER_BATCH_VARIANTS}
@@ -398,7 +426,8 @@ def wait_until_quiet(metrics_url: str, limit_s: float = 180.0) -> float:
 
 def _mean_or_inf(summary: dict) -> float:
     mean = summary["latency_ms"]["mean"]
-    return math.inf if mean is None or summary["lost"] or summary["answered"] < 0.95 * summary["sent"] else mean
+    incomplete = summary["lost"] or summary["shed_by_client"] or summary["answered"] < 0.95 * summary["sent"]
+    return math.inf if mean is None or incomplete else mean
 
 
 def _unloaded_p50(export, args, requests, folder: Path) -> float:
@@ -415,7 +444,7 @@ def _unloaded_p50(export, args, requests, folder: Path) -> float:
         address = f"127.0.0.1:{server.grpc_port}"
         asyncio.run(closed_loop(address, "adafocus", requests, 1, 2.0, None))
         arrivals = np.arange(0, 5.0, 0.05)  # one at a time, 20/s: nobody waits for anybody
-        records, _ = asyncio.run(open_loop(address, "adafocus", requests, arrivals, None, 10))
+        records, _, _ = asyncio.run(open_loop(address, "adafocus", requests, arrivals, None, 10, len(arrivals)))
     return summarise(records, 0, requests.labels, 5.0)["latency_ms"]["p50"]
 
 

@@ -145,6 +145,19 @@ def test_int8_runtime_agrees_with_fp32(quantised, heldout):
     assert got["int8"] >= got["fp32"] - MAX_ACCURACY_DROP, got
 
 
+def test_int8_calls_on_the_cpu_hold_four_times_the_work_of_fp32_ones(quantised):
+    """Activations of one byte instead of four: the same memory holds four times the work a call."""
+    from adafocus.runtime.backends.base import CPU_CALL_GFLOPS, CPU_CALL_GFLOPS_INT8
+
+    fp32 = Runtime.load(quantised.path, "onnxruntime", call_cache_mib=None).backend
+    int8 = Runtime.load(quantised.path, "onnxruntime", precision="int8", call_cache_mib=None).backend
+    assert (fp32.max_call_gflops, int8.max_call_gflops) == (CPU_CALL_GFLOPS, CPU_CALL_GFLOPS_INT8)
+    assert CPU_CALL_GFLOPS_INT8 == 4 * CPU_CALL_GFLOPS
+    per_video = fp32.specs["glance"].gflops
+    assert int8.rows_per_call("glance") == int(CPU_CALL_GFLOPS_INT8 / int8.call_workers // per_video)
+    assert fp32.rows_per_call("glance") == int(CPU_CALL_GFLOPS / fp32.call_workers // per_video)
+
+
 def test_int8_weights_are_7_bit_so_no_x86_kernel_saturates(quantised, heldout):
     record = quantised.manifest["int8"]
     assert record["weight_bits"] == 7 and record["exact_on_every_x86_cpu"] is True

@@ -67,7 +67,7 @@ RESULTS_DIR = "adafocus-results"  # where reports go by default: untracked, git-
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Split any graph call doing more multiply-adds than this into parts (same results, bounded memory) "
-    "[default: 150 on the CPU, none on a GPU].",
+    "[default: 150 on the CPU (600 for int8, whose activations take a quarter of the bytes), none on a GPU].",
 )
 @click.option(
     "--call-workers",

@@ -34,6 +34,13 @@ BACKENDS: dict[str, type[Backend]] = {}  # name -> class, in the order they were
 # graph, stays near 60 videos a call; smaller calls cost nothing measurable here (benchmarks/
 # memory_vs_batch.py). On GPUs nothing is split unless asked (max_call_gflops=).
 CPU_CALL_GFLOPS = 150.0
+# INT8 graphs hold their activations in one byte where fp32 graphs use four, so on the CPU the same
+# memory holds more work a call: int8 backends bound calls at 4x. Fewer, larger parts ran faster
+# (Something-Something V1, AMD EPYC, 2 threads, paired in one process: the int8 loop 1.06x as fast
+# at batch 32, median of 9; 1.03x at batch 128, median of 5; the int8 dense graph alone 0.99x, 6 runs),
+# and memory stayed below fp32's: the int8 loop at batch 128 peaked at 6.6 GiB (4.5 GiB at the fp32
+# bound) where fp32 takes 11 GB.
+CPU_CALL_GFLOPS_INT8 = 4 * CPU_CALL_GFLOPS
 # On the CPU a call is also cut into parts whose largest tensor stays near this many MiB, so that one
 # layer's output is still in the caches when the next layer reads it: a layer of a whole batch of 128
 # writes tens of MB, more than any cache, and MobileNetV2's early layers are bound by that traffic.
@@ -81,7 +88,8 @@ class Backend:
         self.outputs = {g: spec.output_names for g, spec in self.specs.items()}
         # what make_backend needs to open the same kind of backend again (e.g. on other graphs)
         self.settings: dict[str, Any] = {"device": device, "precision": precision}
-        self.max_call_gflops: float | None = CPU_CALL_GFLOPS if kind == "cpu" else None
+        cpu_bound = CPU_CALL_GFLOPS_INT8 if precision == "int8" else CPU_CALL_GFLOPS
+        self.max_call_gflops: float | None = cpu_bound if kind == "cpu" else None
         self.call_cache_mib: float | None = CPU_CALL_CACHE_MIB if kind == "cpu" else None
         self.call_workers = 1  # parts of a split call that run at once (backends that can set more)
         self._activation_bytes: dict[str, int] = {}  # graph -> its largest tensor per row, read once
