@@ -39,7 +39,7 @@ CPU_CALL_GFLOPS = 150.0
 # (Something-Something V1, AMD EPYC, 2 threads, paired in one process: the int8 loop 1.06x as fast
 # at batch 32, median of 9; 1.03x at batch 128, median of 5; the int8 dense graph alone 0.99x, 6 runs),
 # and memory stayed below fp32's: the int8 loop at batch 128 peaked at 6.6 GiB (4.5 GiB at the fp32
-# bound) where fp32 takes 11 GB.
+# bound), the fp32 loop and dense graph of the same benchmark at 11 GB.
 CPU_CALL_GFLOPS_INT8 = 4 * CPU_CALL_GFLOPS
 # On the CPU a call is also cut into parts whose largest tensor stays near this many MiB, so that one
 # layer's output is still in the caches when the next layer reads it: a layer of a whole batch of 128
