@@ -3,6 +3,7 @@ with ONNX Runtime's default for the setting and with it off, timed in turns in o
 
     python benchmarks/paired_settings.py call_workers --out benchmarks/results/parallel-parts-demo.json
     python benchmarks/paired_settings.py call_cache_mib EXPORT_DIR --batch 32 --rounds 10
+    python benchmarks/paired_settings.py call_workers EXPORT_DIR --precision int8 --thresholds 4.9,5.0,1e9
 
 The settings (runtime/backends/base.py, onnxruntime.py): `call_cache_mib` cuts a graph call into
 parts whose largest tensor stays near 8 MiB, so that a layer's output is still cached when the next
@@ -12,7 +13,7 @@ once, in a new random order (seeded); `speedup` is the median over rounds of (ti
 per method, so that a change of the machine's load between rounds cancels out. `realisation` is
 computed per round for both, as `benchmarks/paired_realisation.py` does. Without EXPORT_DIR: the
 built-in demo's export; the videos are `adafocus-bench`'s, the thresholds the export's calibrated
-default.
+default or `--thresholds`. `--precision int8` times the export's INT8 graphs (loop and dense).
 """
 
 from __future__ import annotations
@@ -41,18 +42,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (each runs every method once)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="of the methods' order in each round")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="which graphs are timed")
+    parser.add_argument(
+        "--thresholds", default=None, help="K+1 comma-separated exit thresholds (default: the export's calibrated ones)"
+    )
     parser.add_argument("--out", default=None, help="write the figures here as JSON")
     args = parser.parse_args()
 
     export = open_export(args.export) if args.export else demo_export()
+    thresholds = None if args.thresholds is None else [float(t) for t in args.thresholds.split(",")]
     videos = bench_videos(export, args.batch).numpy()
     arrivals = list(bench_videos(export, 4 * args.batch, seed=1).numpy())  # streaming: separate arrays
 
     methods, counts, rows, gflops = {}, {}, {}, {}
     for setting in SETTINGS:
         chosen = {args.setting: OFF[args.setting]} if setting == "off" else {}
-        runtime = Runtime.load(export.path, "onnxruntime", threads=args.threads, **chosen)
-        dense = make_backend(export, "onnxruntime", threads=args.threads, graphs=(DENSE,), **chosen)
+        common = {"threads": args.threads, "precision": args.precision} | chosen
+        runtime = Runtime.load(export.path, "onnxruntime", **common)
+        if thresholds is not None:
+            runtime.set_thresholds(thresholds)
+        dense = make_backend(export, "onnxruntime", graphs=(DENSE,), **common)
         rows[setting] = {g: runtime.backend.rows_per_call(g) for g in GRAPH_NAMES} | {DENSE: dense.rows_per_call(DENSE)}
         gflops["adaptive"] = float(runtime.predict(videos).gflops.mean())
         methods[f"adaptive/{setting}"] = lambda r=runtime: r.predict(videos)
@@ -72,6 +81,8 @@ def main() -> None:
         "export": str(export.path),
         "preset": export.preset.name,
         "setting": args.setting,
+        "precision": args.precision,
+        "thresholds": thresholds,
         "batch": args.batch,
         "rounds": args.rounds,
         "threads": args.threads,

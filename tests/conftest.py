@@ -1,6 +1,10 @@
 import functools
 import importlib.util
 import json
+import platform
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +189,22 @@ def near_thresholds(runtime, videos, thresholds, tol: float = 1e-4) -> np.ndarra
     entropy, _ = runtime.step_outputs(np.asarray(videos))
     limits = np.broadcast_to(np.asarray(thresholds, np.float64), entropy.shape)
     return (np.abs(entropy - limits) <= tol).any(axis=1)
+
+
+AS_AVX2_CPU = Path(__file__).resolve().parents[1] / "scripts" / "as_avx2_cpu.sh"
+
+
+def run_as_avx2_cpu(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `python args...` natively with AVX-512, VNNI and AMX hidden from CPUID (scripts/as_avx2_cpu.sh),
+    so that its libraries pick their AVX2 kernels. Skips, saying why, where this machine cannot."""
+    here = f"{platform.system()}/{platform.machine()}"
+    if here != "Linux/x86_64":
+        pytest.skip(f"hiding x86 features from CPUID needs Linux on x86_64, not {here}")
+    if shutil.which("gcc") is None:
+        pytest.skip("scripts/as_avx2_cpu.sh builds its library with gcc, which this machine lacks")
+    done = subprocess.run(
+        ["bash", str(AS_AVX2_CPU), sys.executable, *args], capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode == 3:  # the script's "no CPUID faulting here"
+        pytest.skip(f"this machine cannot make CPUID fault: {done.stderr.strip()}")
+    return done

@@ -15,13 +15,13 @@ from adafocus.cli import calibrate
 from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import open_export
-from adafocus.machine import u8s8_may_saturate
+from adafocus.machine import RELEVANT_FLAGS, cpu_flags, hidden_flags, u8s8_may_saturate
 from adafocus.model import adaptive_inference, load_checkpoint
 from adafocus.quantize.int8 import kernels_exact, quantize_export, record_inputs
 from adafocus.runtime import Runtime
 from adafocus.runtime.backends import Int8PrecisionWarning, make_backend
 from adafocus.weights import builtin_checkpoint
-from conftest import strict_loads
+from conftest import run_as_avx2_cpu, strict_loads
 
 CALIBRATION_VIDEOS = 64
 HELDOUT = 256
@@ -184,6 +184,37 @@ def test_8_bit_weights_run_exactly_and_warn_once_where_the_cpu_would_clip(full_r
         got = compare(full_range, *heldout)
     assert got["same_class"] >= MIN_SAME_CLASS and got["same_exit"] >= MIN_SAME_EXIT, got
     Runtime.load(full_range.path, "onnxruntime", precision="int8")  # once per export: no second warning
+
+
+# Run with AVX-512, VNNI and AMX hidden from CPUID: what the CPU reports, and whether ONNX Runtime's fast
+# kernels give its exact mode's integers on the glance of the 7-bit and of the 8-bit export.
+AVX2_KERNELS = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from adafocus.machine import cpu_record, u8s8_may_saturate
+from adafocus.quantize.int8 import kernels_exact
+feeds = [{"videos": np.load(sys.argv[1])}]
+exact = {bits: kernels_exact(Path(path), feeds) for bits, path in zip(("7", "8"), sys.argv[2:])}
+print(json.dumps({"cpu": cpu_record(), "may_saturate": u8s8_may_saturate(), "exact": exact}))
+"""
+
+
+def test_avx2_kernels_clip_8_bit_weights_and_not_the_7_bit_default(quantised, full_range, heldout, tmp_path):
+    """Why the weights have 7 bits, checked on whatever x86 CPU this is: with AVX-512, VNNI and AMX
+    hidden from CPUID, ONNX Runtime picks its AVX2 uint8 x int8 kernels, whose int16 sums of product
+    pairs clip 8-bit weights (its fast kernels then differ from its exact mode) and not 7-bit ones."""
+    videos = tmp_path / "videos.npy"
+    np.save(videos, heldout[0][:32])
+    graphs = [str(export.graph_path("glance", "int8")) for export in (quantised, full_range)]
+    done = run_as_avx2_cpu(["-c", AVX2_KERNELS, str(videos), *graphs])
+    assert done.returncode == 0, done.stderr
+    got = strict_loads(done.stdout.splitlines()[-1])
+    assert got["cpu"]["flags"] == ["sse4_1", "avx2", "fma"] and got["cpu"]["vnni"] is False, got["cpu"]
+    has = set(cpu_flags()) | set(hidden_flags())  # this machine's (this test may itself run with some hidden)
+    assert got["cpu"].get("flags_hidden", []) == [f for f in RELEVANT_FLAGS if f in has - set(got["cpu"]["flags"])]
+    assert got["may_saturate"] is True
+    assert got["exact"] == {"7": True, "8": False}
 
 
 def test_int8_local_encoder_alone_agrees_closely(local_only, heldout):

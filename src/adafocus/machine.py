@@ -58,9 +58,10 @@ def _features() -> tuple[list[str] | None, str | None]:
     First choice: the CPUID instruction, through `torch.cpu.get_capabilities()` (torch 2.14 has it),
     because that is what the kernels of ONNX Runtime and PyTorch read when they pick their code.
     /proc/cpuinfo is the kernel's view, which is the same on a real machine or a VM but not under a
-    user-mode emulator: `qemu-x86_64 -cpu EPYC-Rome` runs AVX2 kernels (no AVX-512, no VNNI) while
-    the file it passes through still lists the host's avx512_vnni. /proc/cpuinfo is read only where
-    this torch cannot ask the CPU, and the record says so."""
+    user-mode emulator (`qemu-x86_64 -cpu EPYC-Rome` runs AVX2 kernels while the file it passes
+    through still lists the host's avx512_vnni) or under scripts/as_avx2_cpu.sh, which hides AVX-512,
+    VNNI and AMX from CPUID (`hidden_flags` names what the file lists and CPUID does not).
+    /proc/cpuinfo is read only where this torch cannot ask the CPU, and the record says so."""
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)
     if get_capabilities is not None and is_x86():
         capabilities = get_capabilities()
@@ -103,9 +104,20 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def hidden_flags() -> list[str]:
+    """RELEVANT_FLAGS the kernel lists in /proc/cpuinfo that CPUID does not report to this process:
+    hidden by an emulator or by scripts/as_avx2_cpu.sh, so results show fewer features than the
+    machine has (its name in the record is still the real CPU's)."""
+    flags, source = _features()
+    listed = _cpuinfo()[1]
+    if source != "cpuid" or flags is None or listed is None:
+        return []
+    return [f for f in RELEVANT_FLAGS if f in listed and f not in flags]
+
+
 def cpu_record() -> dict:
-    """This CPU as a manifest or report records it."""
-    return {
+    """This CPU as a manifest or report records it (`flags_hidden` only where some are)."""
+    record = {
         "cpu": cpu_name(),
         "machine": platform.machine(),
         "flags": cpu_flags(),
@@ -113,6 +125,10 @@ def cpu_record() -> dict:
         "vnni": has_vnni(),
         "cores": os.cpu_count(),
     }
+    hidden = hidden_flags()
+    if hidden:
+        record["flags_hidden"] = hidden
+    return record
 
 
 def peak_rss_bytes() -> int | None:

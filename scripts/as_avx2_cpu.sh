@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Run a command as on an x86 CPU with AVX2 only (no AVX-512, no VNNI, no AMX), natively on this one.
+#
+#     bash scripts/as_avx2_cpu.sh adafocus-bench --preset sthsth-v1 --precision int8 --batch 32
+#     bash scripts/as_avx2_cpu.sh python -m pytest tests/test_int8.py
+#
+# The command and every program it starts see AVX-512, VNNI and AMX hidden from CPUID
+# (scripts/avx2_cpuid.c, loaded with LD_PRELOAD), so ONNX Runtime, PyTorch and numpy pick their AVX2
+# kernels, at full speed: timings show the AVX2 code paths on this machine's cores, not an AVX2-only
+# CPU's. Needs Linux's CPUID faulting (the cpuid_fault flag in /proc/cpuinfo: Intel CPUs, and virtual
+# machines under KVM) and gcc; where it is missing, scripts/test_on_avx2_cpu.sh --qemu emulates the CPU.
+# Exit status 3: this machine cannot make CPUID fault. The library is built once per version of its
+# source, in the temporary directory, never in the checkout.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+
+if [ $# -eq 0 ] || [ "$1" = --help ] || [ "$1" = -h ]; then
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    [ $# -eq 0 ] && exit 2 || exit 0
+fi
+if [ "$(uname -s)/$(uname -m)" != Linux/x86_64 ]; then
+    echo "error: hiding x86 features from CPUID needs Linux on x86_64; this is $(uname -s)/$(uname -m)" >&2
+    exit 2
+fi
+if ! command -v gcc >/dev/null; then
+    echo "error: gcc not found; install it (Debian/Ubuntu: apt-get install gcc)" >&2
+    exit 2
+fi
+
+source_file="$here/avx2_cpuid.c"
+library="${TMPDIR:-/tmp}/adafocus-avx2-cpuid-$(sha256sum "$source_file" | cut -c1-16).so"
+if [ ! -f "$library" ]; then
+    partial=$(mktemp "$library.XXXXXX")  # renamed into place: runs side by side never see half a file
+    if ! gcc -O2 -Wall -Werror -shared -fPIC -o "$partial" "$source_file" -ldl; then
+        rm -f "$partial"
+        echo "error: could not build $source_file" >&2
+        exit 2
+    fi
+    mv "$partial" "$library"
+fi
+export LD_PRELOAD="$library${LD_PRELOAD:+:$LD_PRELOAD}"
+exec "$@"
