@@ -106,7 +106,9 @@ __attribute__((constructor)) static void hide_avx512(void) {
     struct sigaction trap;
     memset(&trap, 0, sizeof trap);
     trap.sa_sigaction = on_segv;
-    trap.sa_flags = SA_SIGINFO;
+    /* on a thread's alternate stack where it has one (faulthandler sets one up), so that a stack
+     * overflow still reaches the program's handler */
+    trap.sa_flags = SA_SIGINFO | SA_ONSTACK;
     if (!real_sigaction || real_sigaction(SIGSEGV, &trap, NULL) != 0 ||
         syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
         fprintf(stderr, "avx2_cpuid: this machine cannot make CPUID fault (Linux arch_prctl ARCH_SET_CPUID; "
