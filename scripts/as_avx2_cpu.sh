@@ -3,11 +3,13 @@
 #
 #     bash scripts/as_avx2_cpu.sh adafocus-bench --preset sthsth-v1 --precision int8 --batch 32
 #     bash scripts/as_avx2_cpu.sh python -m pytest tests/test_int8.py
+#     bash scripts/as_avx2_cpu.sh --amx-only adafocus-bench ...   # an AMX CPU seen as AVX-512 + VNNI
 #
 # The command and every program it starts see AVX-512, VNNI and AMX hidden from CPUID
 # (scripts/avx2_cpuid.c, loaded with LD_PRELOAD), so ONNX Runtime, PyTorch and numpy pick their AVX2
 # kernels, at full speed: timings show the AVX2 code paths on this machine's cores, not an AVX2-only
-# CPU's. Needs Linux's CPUID faulting (the cpuid_fault flag in /proc/cpuinfo: Intel CPUs, and virtual
+# CPU's. --amx-only hides AMX alone (ONNX Runtime's int8 GEMMs then take their VNNI kernels).
+# Needs Linux's CPUID faulting (the cpuid_fault flag in /proc/cpuinfo: Intel CPUs, and virtual
 # machines under KVM) and gcc; where it is missing, scripts/test_on_avx2_cpu.sh --qemu emulates the CPU.
 # Exit status 3: this machine cannot make CPUID fault. The library is built once per version of its
 # source, in the temporary directory, never in the checkout.
@@ -15,8 +17,15 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
 if [ $# -eq 0 ] || [ "$1" = --help ] || [ "$1" = -h ]; then
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     [ $# -eq 0 ] && exit 2 || exit 0
+fi
+# set in every case, so that a run nested in another one hides what it says
+export ADAFOCUS_CPUID_HIDE=avx512
+if [ "$1" = --amx-only ]; then
+    export ADAFOCUS_CPUID_HIDE=amx
+    shift
+    [ $# -gt 0 ] || { echo "error: --amx-only needs a command to run" >&2; exit 2; }
 fi
 if [ "$(uname -s)/$(uname -m)" != Linux/x86_64 ]; then
     echo "error: hiding x86 features from CPUID needs Linux on x86_64; this is $(uname -s)/$(uname -m)" >&2

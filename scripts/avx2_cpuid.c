@@ -1,5 +1,7 @@
 /* Loaded with LD_PRELOAD (scripts/as_avx2_cpu.sh), this makes a process on an x86-64 Linux machine
  * see a CPU with AVX2 and FMA but no AVX-512, VNNI or AMX, while it runs natively on this one.
+ * With ADAFOCUS_CPUID_HIDE=amx it hides AMX alone: an AMX CPU seen as one with AVX-512 and VNNI, where
+ * ONNX Runtime's int8 GEMMs take their VNNI kernels instead of their AMX ones.
  *
  * Why: the kernels ONNX Runtime, PyTorch and numpy pick depend on what the CPUID instruction
  * reports, and INT8 results and speed differ between the x86 kinds (ONNX Runtime's uint8 x int8
@@ -23,6 +25,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <ucontext.h>
@@ -39,6 +42,14 @@
  * AVX-VNNI-INT16 */
 #define HIDE_7_1_EAX (BIT(4) | BIT(5) | BIT(21) | BIT(23))
 #define HIDE_7_1_EDX (BIT(4) | BIT(5) | BIT(10))
+/* AMX alone: leaf 7.0 EDX AMX-BF16, AMX-TILE, AMX-INT8; leaf 7.1 EAX AMX-FP16, EDX AMX-COMPLEX */
+#define AMX_7_0_EDX (BIT(22) | BIT(24) | BIT(25))
+#define AMX_7_1_EAX BIT(21)
+#define AMX_7_1_EDX BIT(8)
+
+/* what on_segv clears, chosen once from ADAFOCUS_CPUID_HIDE when the library loads */
+static uint32_t hide_7_0_ebx = HIDE_7_0_EBX, hide_7_0_ecx = HIDE_7_0_ECX, hide_7_0_edx = HIDE_7_0_EDX;
+static uint32_t hide_7_1_eax = HIDE_7_1_EAX, hide_7_1_edx = HIDE_7_1_EDX;
 
 typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
 static sigaction_fn real_sigaction;
@@ -70,12 +81,12 @@ static void on_segv(int sig, siginfo_t *info, void *context) {
     __cpuid_count(leaf, sub, a, b, c, d);
     syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0);
     if (leaf == 7 && sub == 0) {
-        b &= ~HIDE_7_0_EBX;
-        c &= ~HIDE_7_0_ECX;
-        d &= ~HIDE_7_0_EDX;
+        b &= ~hide_7_0_ebx;
+        c &= ~hide_7_0_ecx;
+        d &= ~hide_7_0_edx;
     } else if (leaf == 7 && sub == 1) {
-        a &= ~HIDE_7_1_EAX;
-        d &= ~HIDE_7_1_EDX;
+        a &= ~hide_7_1_eax;
+        d &= ~hide_7_1_edx;
     }
     reg[REG_RAX] = a;
     reg[REG_RBX] = b;
@@ -100,7 +111,18 @@ sighandler_t signal(int sig, sighandler_t handler) {
     return old.sa_handler;
 }
 
-__attribute__((constructor)) static void hide_avx512(void) {
+__attribute__((constructor)) static void hide_features(void) {
+    const char *hide = getenv("ADAFOCUS_CPUID_HIDE");
+    if (hide && strcmp(hide, "amx") == 0) {
+        hide_7_0_ebx = hide_7_0_ecx = 0;
+        hide_7_0_edx = AMX_7_0_EDX;
+        hide_7_1_eax = AMX_7_1_EAX;
+        hide_7_1_edx = AMX_7_1_EDX;
+    } else if (hide && *hide && strcmp(hide, "avx512") != 0) {
+        fprintf(stderr, "avx2_cpuid: ADAFOCUS_CPUID_HIDE=%s is neither avx512 (AVX-512, VNNI and AMX: the default) "
+                        "nor amx (AMX alone)\n", hide);
+        _exit(2);
+    }
     real_sigaction = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
     program_segv.sa_handler = SIG_DFL;
     struct sigaction trap;

@@ -1,6 +1,7 @@
 import functools
 import importlib.util
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -194,16 +195,23 @@ def near_thresholds(runtime, videos, thresholds, tol: float = 1e-4) -> np.ndarra
 AS_AVX2_CPU = Path(__file__).resolve().parents[1] / "scripts" / "as_avx2_cpu.sh"
 
 
-def run_as_avx2_cpu(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def run_as_avx2_cpu(
+    args: list[str], timeout: float = 600, amx_only: bool = False, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Runs `python args...` natively with AVX-512, VNNI and AMX hidden from CPUID (scripts/as_avx2_cpu.sh),
-    so that its libraries pick their AVX2 kernels. Skips, saying why, where this machine cannot."""
+    so that its libraries pick their AVX2 kernels; with `amx_only`, AMX alone. Skips, saying why, where
+    this machine cannot. `env`: variables added to this process's environment."""
     here = f"{platform.system()}/{platform.machine()}"
     if here != "Linux/x86_64":
         pytest.skip(f"hiding x86 features from CPUID needs Linux on x86_64, not {here}")
     if shutil.which("gcc") is None:
         pytest.skip("scripts/as_avx2_cpu.sh builds its library with gcc, which this machine lacks")
     done = subprocess.run(
-        ["bash", str(AS_AVX2_CPU), sys.executable, *args], capture_output=True, text=True, timeout=timeout
+        ["bash", str(AS_AVX2_CPU), *(["--amx-only"] if amx_only else []), sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
     if done.returncode == 3:  # the script's "no CPUID faulting here"
         pytest.skip(f"this machine cannot make CPUID fault: {done.stderr.strip()}")

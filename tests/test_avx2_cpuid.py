@@ -1,8 +1,13 @@
-"""scripts/as_avx2_cpu.sh: a process that sees an AVX2-only CPU, natively, and still dies of its own faults."""
+"""scripts/as_avx2_cpu.sh: a process that sees an AVX2-only CPU (or, with --amx-only, this one less AMX), natively,
+and still dies of its own faults."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from adafocus.machine import cpu_flags, hidden_flags
 from conftest import run_as_avx2_cpu
@@ -24,6 +29,29 @@ def test_the_process_and_its_libraries_see_avx2_and_nothing_newer():
     assert got["torch"] == "AVX2" and got["numpy"] == ["AVX2"]
     if "avx512f" in cpu_flags() + hidden_flags():  # this CPU has more: the record says it was hidden
         assert "avx512f" in got["cpu"]["flags_hidden"]
+
+
+def test_amx_only_hides_amx_and_keeps_avx512_and_vnni():
+    """--amx-only: the process sees this CPU's features less AMX (on a CPU without AMX, all of them)."""
+    done = run_as_avx2_cpu(["-c", SEEN], amx_only=True)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.splitlines()[-1])
+    native = cpu_flags() + hidden_flags()
+    assert got["cpu"]["flags"] == [f for f in native if not f.startswith("amx")]
+    assert got["cpu"].get("flags_hidden", []) == [f for f in native if f.startswith("amx")]
+    assert got["cpu"]["vnni"] == any(f in native for f in ("avx512_vnni", "avx_vnni"))
+    assert got["torch"] == torch.backends.cpu.get_cpu_capability()  # AVX-512 kernels stay where they were
+
+
+def test_the_library_refuses_an_unknown_feature_set_before_the_program_runs(tmp_path):
+    shown = run_as_avx2_cpu(["-c", "import os; print(os.environ['LD_PRELOAD'])"], env={"TMPDIR": str(tmp_path)})
+    assert shown.returncode == 0, shown.stderr
+    library = shown.stdout.split()[-1].split(":")[0]
+    assert library.startswith(str(tmp_path))  # built where it was told, not in the checkout
+    env = {**os.environ, "ADAFOCUS_CPUID_HIDE": "avx", "LD_PRELOAD": library}
+    stray = subprocess.run([sys.executable, "-c", "print('ran')"], capture_output=True, text=True, env=env, timeout=120)
+    assert stray.returncode == 2 and "ran" not in stray.stdout, (stray.returncode, stray.stdout)
+    assert "ADAFOCUS_CPUID_HIDE=avx is neither avx512" in stray.stderr
 
 
 @pytest.mark.parametrize("faulthandler", [False, True])
