@@ -12,8 +12,10 @@ import pytest
 from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
 from adafocus.runtime import Runtime
+from adafocus.runtime.backends import make_backend
 from adafocus.serve.budgets import Budgets, LatencyTarget
 from adafocus.serve.loop import Overloaded, ServingLoop, Unavailable
+from adafocus.serve.service import ServeOptions, Service
 from conftest import near_thresholds
 
 PROB_TOL = 1e-5
@@ -207,3 +209,32 @@ def test_a_latency_target_lowers_budgets_under_a_burst_and_never_raises_them(cal
     assert all(s.result.ok for s in served) and len(served) >= 16
     assert max(budgets) <= default and min(budgets) < default
     assert loop.counters().budget_in_force < default
+
+
+def test_the_dense_model_serves_with_the_backend_its_warm_up_ran_at_every_size(calibrated_demo, videos):
+    """The warm-up runs every batch size a model will see on the very backend that then serves (a new
+    backend per size, as before this test, threw the smaller sizes' warm-up away); a Triton batch's
+    videos get the dense graph's answers, a NaN video its own error."""
+    options = ServeOptions(export=str(calibrated_demo.path), batch_size=4, decoders=0)
+    service = Service(options, "dense", log=lambda line: None)
+    backend, run, sizes = service.dense, service.dense.run, []
+
+    def recording(graph, feeds):
+        sizes.append(int(feeds["videos"].shape[0]))
+        return run(graph, feeds)
+
+    backend.run = recording
+    service._warm_up()
+    assert service.dense is backend and sizes == [1, 1, 2, 2, 4, 4]
+
+    bad = videos[2].copy()
+    bad[0, 0, 0, 0] = np.nan
+    outcomes = service.run_batch([({"VIDEO": videos[0]}, {}), ({"VIDEO": bad}, {}), ({"VIDEO": videos[1]}, {})])
+    assert isinstance(outcomes[1], AdaFocusError) and "NaN" in str(outcomes[1])
+    reference = make_backend(calibrated_demo, "onnxruntime", graphs=("dense",))
+    logits = reference.run("dense", {"videos": reference.videos(videos[:2])})["logits"]
+    for outcome, row in zip((outcomes[0], outcomes[2]), np.asarray(logits)):
+        probabilities = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+        np.testing.assert_allclose(outcome["PROBABILITIES"], probabilities, atol=PROB_TOL)
+        assert outcome["CLASS_INDEX"][0] == np.argmax(row)
+    assert sizes[6:] == [2]  # the two good videos in one graph call

@@ -145,15 +145,6 @@ class Service:
 
     def _warm_up_at(self, size: int) -> None:
         videos = np.zeros((size, *self.preset.video_shape), np.float32)
-        if self.mode == "dense":
-            self.dense = make_backend(
-                self.runtime.export,
-                self.options.backend,
-                self.options.device,
-                precision=self.options.precision,
-                graphs=("dense",),
-                **({"threads": self.options.threads} if self.options.threads else {}),
-            )
         for _ in range(2):
             if self.dense is not None:
                 self.dense.run("dense", {"videos": self.dense.videos(videos)})
