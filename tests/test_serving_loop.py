@@ -15,7 +15,7 @@ from adafocus.runtime import Runtime
 from adafocus.runtime.backends import make_backend
 from adafocus.serve.budgets import Budgets, LatencyTarget
 from adafocus.serve.loop import Overloaded, ServingLoop, Unavailable
-from adafocus.serve.service import ServeOptions, Service
+from adafocus.serve.service import ServeOptions, Service, failure_kind
 from conftest import near_thresholds
 
 PROB_TOL = 1e-5
@@ -127,6 +127,36 @@ def test_a_full_queue_refuses_and_close_answers_what_it_accepted(calibrated_demo
     with pytest.raises(Unavailable):
         loop.submit(videos[0])
     assert loop.counters().refused == {"overloaded": 1, "bad_request": 0, "unavailable": 1}
+
+
+def test_under_overload_a_request_is_refused_before_its_file_is_decoded(calibrated_demo, videos):
+    """A server that cannot take a request spends nothing on it: a corrupt file sent to a full queue is
+    refused as overloaded (retryable), not decoded and refused as a bad file; with room, the same file
+    reaches the decoder and gets its own error."""
+    options = ServeOptions(
+        export=str(calibrated_demo.path), batch_size=8, max_queue=2, max_queue_delay_ms=3000, decoders=1
+    )
+    service = Service(options, "continuous", log=lambda line: None)
+    corrupt = {"VIDEO_FILE": np.array([b"not a video" * 100], np.object_)}
+    answers: dict[str, list] = {"good": [], "full": [], "room": []}
+    try:
+        for row in range(2):  # the idle loop waits for company (max_queue_delay_ms), so the queue fills
+            service.submit({"VIDEO": videos[row]}, {}, answers["good"].append)
+        service.submit(corrupt, {}, answers["full"].append)
+        assert len(answers["full"]) == 1, "refused before submit returned"
+        assert isinstance(answers["full"][0], Overloaded) and failure_kind(answers["full"][0]) == "unavailable"
+        assert service.loop.counters().refused["overloaded"] == 1
+        deadline = time.monotonic() + 60
+        while len(answers["good"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [type(a) for a in answers["good"]] == [dict, dict]
+        service.submit(corrupt, {}, answers["room"].append)  # the queue has room again
+        while not answers["room"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert isinstance(answers["room"][0], AdaFocusError) and failure_kind(answers["room"][0]) == "bad_request"
+        assert service.loop.counters().refused["overloaded"] == 1
+    finally:
+        service.close()
 
 
 def test_a_failing_loop_answers_every_request_with_its_error(calibrated_demo, videos):

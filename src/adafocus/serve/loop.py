@@ -158,26 +158,37 @@ class ServingLoop:
         if on_done is not None:
             future.add_done_callback(on_done)
         with self._cond:
-            if self._closing or self._stopped is not None:
-                self._counters.refused["unavailable"] += 1
-                why = "shutting down" if self._stopped is None else f"stopped ({self._stopped})"
-                raise Unavailable(f"the serving loop is {why}", "send the request to another replica")
-            queued = len(self._queue)
-            if queued >= self.max_queue:
-                self._counters.refused["overloaded"] += 1
-                raise Overloaded(f"overloaded: {queued} requests are queued (max_queue)", "retry later")
-            ahead = queued + len(self._admitted)
-            waited = time.perf_counter() - self._queue[0].submitted if self._queue else 0.0
-            if self.target is not None and not self.target.accepts(ahead, waited):
-                self._counters.refused["overloaded"] += 1
-                raise Overloaded(
-                    f"overloaded: {queued} queued requests would keep this one past the "
-                    f"{self.target.target_s * 1000:g} ms latency target even at the cheapest budget",
-                    "retry later",
-                )
+            self._refuse_if_full()
             self._queue.append(_Request(video, point, future, received or time.perf_counter()))
             self._cond.notify()
         return future
+
+    def check_room(self) -> None:
+        """Raises what `submit` would raise now for the load alone (Overloaded, Unavailable; counted),
+        so that a server refuses a request before it decodes or converts its video. `submit` checks
+        again: the load may change in between."""
+        with self._cond:
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:
+        """Called holding the lock."""
+        if self._closing or self._stopped is not None:
+            self._counters.refused["unavailable"] += 1
+            why = "shutting down" if self._stopped is None else f"stopped ({self._stopped})"
+            raise Unavailable(f"the serving loop is {why}", "send the request to another replica")
+        queued = len(self._queue)
+        if queued >= self.max_queue:
+            self._counters.refused["overloaded"] += 1
+            raise Overloaded(f"overloaded: {queued} requests are queued (max_queue)", "retry later")
+        ahead = queued + len(self._admitted)
+        waited = time.perf_counter() - self._queue[0].submitted if self._queue else 0.0
+        if self.target is not None and not self.target.accepts(ahead, waited):
+            self._counters.refused["overloaded"] += 1
+            raise Overloaded(
+                f"overloaded: {queued} queued requests would keep this one past the "
+                f"{self.target.target_s * 1000:g} ms latency target even at the cheapest budget",
+                "retry later",
+            )
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, answer every accepted one, stop the thread."""

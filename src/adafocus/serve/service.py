@@ -196,10 +196,13 @@ class Service:
     def submit(self, inputs: dict, parameters: dict, on_done: Callable[[Outcome], None]) -> None:
         """Continuous mode: start serving one request; `on_done` gets its outputs or its error, exactly
         once (from another thread, or before this returns when the request is refused). Its latency,
-        which a latency target holds, counts from this call: decoding and conversion included."""
+        which a latency target holds, counts from this call: decoding and conversion included. Under
+        overload a request is refused before its video is decoded or checked: a server that cannot
+        take it spends nothing on it (its client, retrying later, then learns what is wrong with it)."""
         received = time.perf_counter()
         try:
             budget = self.budget_of(parameters)
+            self.loop.check_room()  # refused for the load before a file is decoded or frames converted
             video = self.video_of(inputs)
         except Exception as e:  # noqa: BLE001 - refused before any work: answered now
             on_done(e)
