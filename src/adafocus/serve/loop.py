@@ -26,8 +26,9 @@ server's, else the export's thresholds; with a latency target (`serve.budgets.La
 point of a video is lowered at admission to the cap the recent latencies call for. Requests are
 refused at once, with `Overloaded` (retryable), when the queue is full (`max_queue`) or when even the
 cheapest point cannot make the target; with a clear error for a bad video or budget; with
-`Unavailable` once the loop is closing. Every accepted request gets exactly one answer: a result, or
-an exception on its future if the loop itself fails.
+`Unavailable` once the loop is closing (`check_room()` asks that for the load alone, so that a server
+refuses before it decodes a file). Every accepted request gets exactly one answer: a result, or an
+exception on its future if the loop itself fails.
 """
 
 from __future__ import annotations
