@@ -25,6 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from adafocus.bench import bench_videos, timed_in_turns
+from adafocus.builtin import demo_export
+from adafocus.export.graphs import DENSE
+from adafocus.export.manifest import open_export
+from adafocus.files import dumps, write_json
+from adafocus.machine import cpu_flags, cpu_record, hidden_flags, package_versions
+from adafocus.runtime.backends import make_backend
+from adafocus.runtime.runtime import Runtime
+
 AS_AVX2_CPU = Path(__file__).resolve().parents[1] / "scripts" / "as_avx2_cpu.sh"
 HIDDEN = {"amx": ("amx_int8", "amx_tile"), "avx512": ("avx512f", "avx512bw", "avx512_vnni", "avx_vnni")}
 SIDES = ("native", "hidden")
@@ -32,14 +41,6 @@ SIDES = ("native", "hidden")
 
 def measure(args) -> dict:
     """One process's side: seconds per method (median of the timed runs), and what CPU it saw."""
-    from adafocus.bench import bench_videos, timed_in_turns
-    from adafocus.builtin import demo_export
-    from adafocus.export.graphs import DENSE
-    from adafocus.export.manifest import open_export
-    from adafocus.machine import cpu_record
-    from adafocus.runtime.backends import make_backend
-    from adafocus.runtime.runtime import Runtime
-
     export = open_export(args.export) if args.export else demo_export()
     videos = bench_videos(export, args.batch).numpy()
     runtime = Runtime.load(export.path, "onnxruntime", threads=args.threads, precision=args.precision)
@@ -87,9 +88,6 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args)))
         return
-
-    from adafocus.files import dumps, write_json
-    from adafocus.machine import cpu_flags, hidden_flags, package_versions
 
     # what this process sees: under scripts/as_avx2_cpu.sh itself, its "native" side would not be
     if not any(f in (cpu_flags() or []) for f in HIDDEN[args.hide]):
