@@ -357,3 +357,20 @@ def test_training_refuses_a_multi_label_set_before_decoding(own_videos, exported
     result = CliRunner().invoke(main, ["train", "--data", listing, "--out", str(tmp_path / "run"), "--steps", "1"])
     assert result.exit_code != 0 and "training takes one label per video" in result.output
     assert decodes == [] and not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("set.csv", "path,label\nclips/a.mp4,dog\nclips/b.mp4,cat\n"),
+        ("set.txt", "path,label\nclips/a.mp4,dog\nclips/b.mp4,cat\n"),  # a CSV by its header
+        ("set.txt", "clips/a.mp4 1\nclips/b.mp4 0\n"),
+    ],
+)
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, name, text):
+    """Windows editors and Excel's "CSV UTF-8" start the file with one (U+FEFF)."""
+    (tmp_path / name).write_text(text, encoding="utf-8-sig")
+    assert (tmp_path / name).read_bytes()[:3] == b"\xef\xbb\xbf", "precondition: the file starts with a BOM"
+    videos = read_labelled(tmp_path / name, ("cat", "dog"))
+    assert videos.paths == (str(tmp_path / "clips" / "a.mp4"), str(tmp_path / "clips" / "b.mp4"))
+    assert videos.labels.tolist() == [1, 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -322,3 +323,146 @@ def test_predict_paths_decodes_a_bounded_distance_ahead(data_dir, export_dir, tm
     assert sorted(r["path"] for r in [first, *rest]) == sorted(str(p) for p in paths)
     assert all("error" not in r for r in rest)
     assert len(started) == 10
+
+
+def test_a_list_file_with_a_byte_order_mark(tmp_path):
+    """Windows editors start a UTF-8 file with U+FEFF: it is not part of the first path."""
+    listing = tmp_path / "videos.txt"
+    listing.write_text("a.mp4\nb.mp4\n", encoding="utf-8-sig")
+    assert listing.read_bytes()[:3] == b"\xef\xbb\xbf", "precondition: the file starts with a BOM"
+    assert expand_paths([listing]) == [os.path.join(str(tmp_path), "a.mp4"), os.path.join(str(tmp_path), "b.mp4")]
+
+
+def test_a_file_name_that_is_not_utf8_gets_a_valid_utf8_line_and_resumes(export_dir, tmp_path):
+    """os.walk gives such a name with surrogate escapes: its line (and the error naming it) spells
+    each byte that is not UTF-8 as \\xNN, the videos after it are not lost, and --resume matches it."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_video(folder / os.fsdecode(b"caf\xe9.mp4"), 8)
+    (folder / os.fsdecode(b"\xffbad.mp4")).write_text("not a video\n", encoding="utf-8")
+    write_video(folder / "zz.mp4", 8)
+    out = tmp_path / "results.jsonl"
+    result = invoke([folder, "--export", export_dir, "--out", out])
+    assert result.exit_code == 0, result.output
+    lines = [strict_loads(line) for line in out.read_bytes().decode("utf-8").splitlines()]  # strict UTF-8
+    by_path = {line["path"]: line for line in lines}
+    good, bad = f"{folder}/caf\\xe9.mp4", f"{folder}/\\xffbad.mp4"
+    assert sorted(by_path) == sorted([good, bad, f"{folder}/zz.mp4"])
+    assert "error" not in by_path[good] and "error" not in by_path[f"{folder}/zz.mp4"]
+    assert by_path[bad]["error"].startswith(f"{bad}: not a video FFmpeg can read")
+    assert "2 ok, 1 failed" in result.stderr
+
+    on_stdout = invoke([folder / os.fsdecode(b"caf\xe9.mp4"), "--export", export_dir])
+    assert on_stdout.exit_code == 0, on_stdout.output
+    (line,) = on_stdout.stdout_bytes.decode("utf-8").splitlines()
+    assert strict_loads(line)["path"] == good
+
+    again = invoke([folder, "--export", export_dir, "--out", out, "--resume"])
+    assert again.exit_code == 0, again.output
+    assert "0 ok, 0 failed, 3 skipped" in again.stderr
+    assert len(read_lines(out)) == 3
+
+
+def test_show_draws_names_with_dollars_and_names_too_long_for_a_picture(export_dir, tmp_path):
+    """A `$` is text, not mathtext; a stem that would make the PNG's name (or atomic_write's
+    temporary one) longer than 255 bytes is cut short, keeping the digest."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    names = ["a$_$b.mp4", "é" * 125 + ".mp4", "plain.mp4"]  # 254 bytes: a valid file name
+    for name in names:
+        write_video(folder / name, 8)
+    out, show = tmp_path / "results.jsonl", tmp_path / "show"
+    result = invoke([folder, "--export", export_dir, "--out", out, "--show", show])
+    assert result.exit_code == 0, result.output
+    lines = {Path(line["path"]).name: line for line in read_lines(out)}
+    assert sorted(lines) == sorted(names)
+    for line in lines.values():
+        assert "error" not in line, line
+        image = Path(line["image"])
+        assert image.parent == show and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(os.fsencode(image.name)) <= 255 - 14, "room for atomic_write's temporary name"
+    long_image = Path(lines[names[1]]["image"]).name
+    digest = hashlib.sha1(str(folder / names[1]).encode("utf-8")).hexdigest()[:8]
+    assert long_image == "é" * 114 + f"-{digest}.png", "whole characters, 228 bytes, then the digest"
+
+
+def test_a_picture_that_cannot_be_written_is_that_videos_error_line(export_dir, tmp_path):
+    """The other videos' lines are not lost."""
+    from adafocus.predict import image_name
+
+    first, second = tmp_path / "first.mp4", tmp_path / "second.mp4"
+    write_video(first, 8)
+    write_video(second, 8)
+    show = tmp_path / "show"
+    (show / image_name(str(first))).mkdir(parents=True)  # a folder where its PNG would go
+    out = tmp_path / "results.jsonl"
+    result = invoke([first, second, "--export", export_dir, "--out", out, "--show", show])
+    assert result.exit_code == 0, result.output
+    lines = {Path(line["path"]).name: line for line in read_lines(out)}
+    assert set(lines["first.mp4"]) == {"path", "error"}
+    assert lines["first.mp4"]["error"].startswith(f"{show / image_name(str(first))}: cannot write the picture")
+    assert "error" not in lines["second.mp4"] and Path(lines["second.mp4"]["image"]).is_file()
+    assert "1 ok, 1 failed" in result.stderr
+
+
+@pytest.fixture
+def no_runtime(monkeypatch):
+    """Fails the test if the runtime is loaded: checks of the command's own arguments come first."""
+
+    def refuse(*args, **kwargs):
+        pytest.fail("the runtime was loaded before the arguments were checked")
+
+    monkeypatch.setattr(Runtime, "load", refuse)
+
+
+def test_out_or_show_where_nothing_can_be_written_is_one_error_before_any_work(data_dir, tmp_path, no_runtime):
+    video = data_dir / "carphone_pristine.mp4"
+    missing = tmp_path / "no-such-folder" / "results.jsonl"
+    result = invoke([video, "--out", missing])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert f"{missing}: no folder {missing.parent} to write the results in" in result.output
+    assert "create it" in result.output
+
+    (tmp_path / "a-file").write_text("not a folder\n", encoding="utf-8")
+    show = tmp_path / "a-file" / "show"
+    result = invoke([video, "--show", show])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert f"{show}: cannot make the folder for --show's pictures" in result.output
+
+
+@pytest.mark.parametrize("kind", ["video", "a line that is not a result"])
+def test_resume_refuses_a_file_that_is_not_results_and_leaves_it_as_it_is(data_dir, tmp_path, kind, no_runtime):
+    video = data_dir / "carphone_pristine.mp4"
+    if kind == "video":
+        out = tmp_path / "given-as-out.mp4"
+        shutil.copyfile(video, out)
+        assert b"\n" in out.read_bytes()[:-1] and not out.read_bytes().endswith(b"\n"), "precondition"
+    else:
+        out = tmp_path / "results.jsonl"
+        good = f'{{"path": "{data_dir / "bikes.mp4"}", "error": "x"}}\n'
+        out.write_text(good + "\n" + "some notes\n" + good + '{"path": "cut', encoding="utf-8")
+    before = out.read_bytes()
+    result = invoke([video, "--out", out, "--resume"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert f"{out}:" in result.output and "not a line of adafocus-predict's results" in result.output
+    if kind != "video":
+        assert f"{out}:3:" in result.output
+    assert out.read_bytes() == before
+
+
+def test_resume_from_another_folder_finds_the_videos_already_done(export_dir, tmp_path, monkeypatch):
+    """Lines name videos by their absolute path: relative to where the first run started, a path
+    would name another file from elsewhere."""
+    (tmp_path / "videos").mkdir()
+    write_video(tmp_path / "videos" / "a.mp4", 8)
+    out = tmp_path / "results.jsonl"
+    monkeypatch.chdir(tmp_path)
+    first = invoke(["videos/a.mp4", "--export", export_dir, "--out", out])
+    assert first.exit_code == 0, first.output
+    assert [line["path"] for line in read_lines(out)] == [str(tmp_path / "videos" / "a.mp4")]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = invoke(["../videos", "--export", export_dir, "--out", out, "--resume"])
+    assert again.exit_code == 0, again.output
+    assert "0 ok, 0 failed, 1 skipped" in again.stderr
+    assert len(read_lines(out)) == 1

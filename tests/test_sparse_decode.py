@@ -466,3 +466,33 @@ def test_decoder_threads_share_the_cores():
     assert decoder_threads(1) == usable_cores()
     assert decoder_threads(usable_cores() + 1) == 1  # never none
     assert decoder_threads(2) == max(1, usable_cores() // 2)
+
+
+def _cut_mid_gop(src: Path, dst: Path, start: int, fmt: str | None = None) -> Path:
+    """A stream copy of `src` from its `start`-th packet on (decode order), as a cutter that does not
+    re-encode, or a capture joined mid-stream, writes it: the first packets are not a keyframe."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format=fmt) as out:
+        source = inp.streams.video[0]
+        stream = out.add_stream_from_template(source)
+        for k, packet in enumerate(p for p in inp.demux(source) if p.size):
+            if k >= start:
+                packet.stream = stream
+                out.mux(packet)
+    return dst
+
+
+@pytest.mark.parametrize("method", ["auto", "sequential"])
+@pytest.mark.parametrize("fmt", ["matroska", "mpegts", "mp4"])
+def test_stream_cut_mid_gop_samples_what_decodes(path_of, tmp_path, fmt, method):
+    """FFmpeg outputs nothing for the packets before the first keyframe: the frames that decode, not
+    the packets, are sampled over (and the pass can no longer stop after the last sampled frame)."""
+    source = path_of("gop60.mp4")
+    second_key = videofiles.keyframe_packets(source)[1]
+    path = _cut_mid_gop(source, tmp_path / f"midgop.{fmt}", second_key - 2, fmt)
+    found = videofiles.probe(path)
+    assert found.decoded < found.packets, "precondition: some packets decode to nothing"
+    for count, sample in ((8, tsn_indices), (16, training_sample(5))):
+        clip = load_clip(path, count, SIZE, sample=sample, method=method)
+        assert clip.decoded_by == "sequential" and clip.fallback
+        assert not clip.truncated, "nothing is damaged: the stream starts late"
+        assert_like(clip, reference(path, count, sample=sample), path)

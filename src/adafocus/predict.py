@@ -51,7 +51,8 @@ def read_path_list(list_file: str | os.PathLike) -> list[str]:
     relative paths are taken relative to the list file's folder."""
     name = os.fspath(list_file)
     try:
-        with open(name, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first path
+        with open(name, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise AdaFocusError(f"{name}: cannot read the list of videos ({e})", "give a UTF-8 text file") from None
@@ -104,6 +105,28 @@ def expand_paths(args: Iterable[str | os.PathLike]) -> list[str]:
 def path_key(path: str) -> str:
     """What makes two spellings of a path the same input (for de-duplication and --resume)."""
     return os.path.normcase(os.path.abspath(path))
+
+
+def utf8_text(value):
+    """`value` (a record, or a str, list or dict in one) with every string valid UTF-8 text.
+
+    A file name need not be UTF-8: Python holds its other bytes as surrogate escapes (os.walk,
+    sys.argv), which a UTF-8 file refuses and which are invalid UTF-8 on stdout. Each such byte is
+    written `\\xNN` instead: nothing is lost (the bytes can be read back off the escapes), and the
+    same input always gets the same spelling, which --resume relies on (`recorded_key`).
+    """
+    if isinstance(value, str):
+        return os.fsencode(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {key: utf8_text(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [utf8_text(item) for item in value]
+    return value
+
+
+def recorded_key(path: str) -> str:
+    """`path_key` of the path as a results line spells it (`utf8_text`): what --resume compares."""
+    return path_key(utf8_text(path))
 
 
 # --- drawing ---------------------------------------------------------------------------------------
@@ -188,18 +211,43 @@ def draw_result(frames: torch.Tensor, result: dict, preset: Preset, out_file: st
         f"{os.path.basename(result.get('path', ''))}\n{result['class']}{confidence}, {cubes}, "
         f"{result['gflops']:.4f} GFLOPs",
         fontsize=10,
+        parse_math=False,  # a `$` in a file or class name is text, not the start of a formula
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing")  # exotic characters in a file name
         save_png(figure, out_file)
 
 
+# The longest file name most file systems take (NAME_MAX), less what `atomic_write`'s temporary
+# sibling adds to it ("." + name + "." + 8 random characters + ".tmp").
+_IMAGE_NAME_BYTES = 255 - 14
+
+
 def image_name(path: str) -> str:
     """The PNG --show writes for `path`: its stem plus a digest of its absolute path, so videos
-    with the same name in different folders do not overwrite each other's picture."""
+    with the same name in different folders do not overwrite each other's picture. A stem too long
+    for a file name is cut short (whole characters): the digest still tells the videos apart."""
     stem = os.path.splitext(os.path.basename(path))[0] or "video"
     digest = hashlib.sha1(path_key(path).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    room = _IMAGE_NAME_BYTES - len(f"-{digest}.png")
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
     return f"{stem}-{digest}.png"
+
+
+def prepare_show_dir(show_dir: str | os.PathLike) -> str:
+    """--show's folder, made if missing; an AdaFocusError naming it where it cannot be."""
+    name = os.fspath(show_dir)
+    try:
+        os.makedirs(name, exist_ok=True)
+    except OSError as e:
+        raise AdaFocusError(
+            f"{name}: cannot make the folder for --show's pictures ({e.strerror})",
+            "give --show a folder that can be made or written to",
+        ) from None
+    if not os.access(name, os.W_OK | os.X_OK):
+        raise AdaFocusError(f"{name}: --show's folder is not writable", "give --show a folder you can write to")
+    return name
 
 
 # --- the pipeline ----------------------------------------------------------------------------------
@@ -243,16 +291,22 @@ def predict_paths(
     `decode` is `adafocus.data.video.load_clip`'s method: "auto" (seek where exact) or "sequential".
     `workers` decoder threads decode ahead of the runtime, at most max(2 * batch_size, workers)
     clips beyond what the runtime holds.
+
+    The arguments are checked (and `show_dir` made) here, before the first video is decoded.
     """
     if batch_size < 1 or workers < 1 or top_k < 1:
         raise AdaFocusError(
             f"batch_size, workers and top_k must be >= 1 (got {batch_size}, {workers}, {top_k})", "use positive values"
         )
-    names = [os.fspath(p) for p in paths]
+    show = prepare_show_dir(show_dir) if show_dir is not None else None
+    return _predict([os.fspath(p) for p in paths], runtime, batch_size, workers, top_k, show, decode)
+
+
+def _predict(
+    names: list[str], runtime: Runtime, batch_size: int, workers: int, top_k: int, show: str | None, decode: str
+) -> Iterator[dict]:
+    """predict_paths' records, once its arguments are checked."""
     preset = runtime.preset
-    show = os.fspath(show_dir) if show_dir is not None else None
-    if show is not None:
-        os.makedirs(show, exist_ok=True)
     from adafocus.data.video import (  # PyAV only where videos are decoded: `adafocus bench` runs without it
         decoder_threads,
         load_clip_for,
@@ -287,12 +341,7 @@ def predict_paths(
             path, indices, decoding, frames = admitted.pop(result.index)
             record = result_record(path, result, runtime.class_names, top_k, indices, decoding)
             if show is not None and "error" not in record:
-                target = os.path.join(show, image_name(path))
-                try:
-                    draw_result(frames, record, preset, target)
-                except OSError as e:
-                    raise AdaFocusError(f"{target}: cannot write the picture ({e})", "check OUT_DIR is writable") from e
-                record["image"] = target
+                record = _drawn(record, frames, preset, os.path.join(show, image_name(path)))
             yield record
         while failures:
             yield failures.popleft()
@@ -300,14 +349,34 @@ def predict_paths(
         decoded.close()  # stops the decoder threads, also when the caller stops early
 
 
+def _drawn(record: dict, frames: torch.Tensor, preset: Preset, target: str) -> dict:
+    """`record` with the picture it asked for: "image" where it was written, else the video's error
+    line, so that one picture that cannot be made (the disk is full, matplotlib refuses a name)
+    does not end the run and lose the other videos' lines."""
+    try:
+        draw_result(frames, record, preset, target)
+    except OSError as e:
+        error = AdaFocusError(
+            f"{target}: cannot write the picture ({e})", "check --show's folder is writable, with room"
+        )
+    except ValueError as e:  # matplotlib's refusals of text or layout
+        why = " ".join(str(e).split())  # mathtext's messages span lines
+        error = AdaFocusError(f"{target}: cannot draw the picture ({why})", "run it again without --show")
+    else:
+        return record | {"image": target}
+    return {"path": record["path"], "error": error_text(error)}
+
+
 # --- --resume --------------------------------------------------------------------------------------
 
 
 def recorded_paths(out_file: str | os.PathLike, log: Callable[[str], None] = _stderr) -> set[str]:
-    """Paths (as `path_key`) that already have a line in a JSONL results file.
+    """Paths (as `recorded_key`) that already have a line in a JSONL results file.
 
-    A last line cut off by a crash (no newline at the end) is removed from the file, so that lines
-    appended after it stay valid JSON; that video is simply done again.
+    Every complete line is read first: one that is not a result record (the wrong file given as
+    --out) is an AdaFocusError naming it, and the file is left as it is. A last line cut off by a
+    crash (no newline at the end) is then removed, so that lines appended after it stay valid JSON;
+    that video is simply done again.
     """
     name = os.fspath(out_file)
     if not os.path.exists(name):
@@ -315,17 +384,37 @@ def recorded_paths(out_file: str | os.PathLike, log: Callable[[str], None] = _st
     with open(name, "rb") as f:
         data = f.read()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
+    lines = data[:end].split(b"\n")[:-1]
+    done = set()
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            done.add(recorded_key(_recorded_path(name, number, line)))
+    tail = data[end:]
+    if tail:
+        try:
+            json.loads(tail)
+            cut_off = False
+        except ValueError:
+            cut_off = True
+        if not (cut_off and tail.startswith(b"{")):  # a results line begun, then cut off
+            _recorded_path(name, len(lines) + 1, tail)  # else only a whole record, short of its newline
         with open(name, "r+b") as f:
             f.truncate(end)
         log(f"{name}: removed an unfinished last line (the previous run stopped while writing it)")
-    done = set()
-    for number, line in enumerate(data[:end].splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            done.add(path_key(record["path"]))
-        except (ValueError, TypeError, KeyError):
-            log(f"{name}:{number}: not a result line, ignored")
     return done
+
+
+def _recorded_path(name: str, number: int, line: bytes) -> str:
+    """The "path" of a results line (a JSON object with "path" and "class" or "error"), else an
+    AdaFocusError naming the file and line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("path"), str) and ("class" in record or "error" in record):
+        return record["path"]
+    raise AdaFocusError(
+        f"{name}:{number}: not a line of adafocus-predict's results, so --resume cannot continue this file "
+        "(it was left as it is)",
+        "give --out the JSONL file an earlier run wrote, or a new file name",
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -140,7 +141,7 @@ def predict(
     relative paths are relative to the list file).
 
     \b
-    Each line holds the video's "path" and either
+    Each line holds the video's "path" (absolute) and either
       "class", "class_index", "top_k" ([class, probability] pairs), "exit_step" (cubes used),
       "cubes" ([{"centre": [x, y, t], "start": [x0, y0, t0]}]; a Uni-AdaFocus export writes
       "patches" ([{"frame": t, "box": [x0, y0, width, height]}]) instead), "gflops", "frames" (the
@@ -155,7 +156,7 @@ def predict(
     command-line usage.
     """
     from adafocus.builtin import demo_export
-    from adafocus.predict import VIDEO_EXTENSIONS, expand_paths, path_key, recorded_paths
+    from adafocus.predict import VIDEO_EXTENSIONS, expand_paths, prepare_show_dir, recorded_key, recorded_paths
 
     if resume and out is None:
         raise click.UsageError("--resume needs --out: the results file to continue")
@@ -176,14 +177,21 @@ def predict(
                 f"--server runs the model on the server: not with {', '.join(given)} "
                 "(the server serves its own export; --budget goes with each request)"
             )
-    videos = expand_paths(paths)
+    # Where the results and pictures go is checked before anything is loaded or decoded.
+    if out is not None:
+        _check_out(out)
+    if show_dir is not None:
+        prepare_show_dir(show_dir)
+    # Each line names its video by its absolute path, which --resume matches from any folder
+    # (a path as given, relative, would name another file from another working directory).
+    videos = [os.path.abspath(v) for v in expand_paths(paths)]
     if not videos:
         raise AdaFocusError(
             f"no videos found in {', '.join(paths)}",
             f"give video files, folders holding {' '.join(VIDEO_EXTENSIONS)} files, or a .txt/.list of paths",
         )
     done = recorded_paths(out, log=lambda line: click.echo(line, err=True)) if resume else set()
-    todo = [v for v in videos if path_key(v) not in done]
+    todo = [v for v in videos if recorded_key(v) not in done]
     stats = None
     options = {"batch_size": batch_size, "top_k": top_k, "thresholds": thresholds, "budget": budget, "decode": decode}
     if server is not None:
@@ -232,17 +240,28 @@ def _local(todo, export_dir, backend, workers, show_dir, *, batch_size, top_k, t
     )
 
 
+def _check_out(out: str) -> None:
+    """--out's folder exists and can be written to (click checks only a file that exists)."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise AdaFocusError(f"{out}: no folder {folder} to write the results in", "create it, or give another --out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AdaFocusError(f"{out}: the folder {folder} is not writable", "give an --out you can write to")
+
+
 def _write(records, out, resume: bool, total: int) -> int:
     """Each line as it comes, flushed (so --resume can continue a run that stopped); returns how many
-    videos succeeded."""
+    videos succeeded. Lines are valid UTF-8 whatever the file names (`utf8_text`)."""
     from tqdm import tqdm
+
+    from adafocus.predict import utf8_text
 
     ok = failed = 0
     sink = open(out, "a" if resume else "w", encoding="utf-8") if out is not None else sys.stdout
     try:
         with tqdm(total=total, unit="video", file=sys.stderr, disable=None) as bar:
             for record in records:
-                sink.write(dumps(record, indent=None) + "\n")
+                sink.write(dumps(utf8_text(record), indent=None) + "\n")
                 sink.flush()
                 failed += "error" in record
                 ok += "error" not in record

@@ -114,7 +114,9 @@ def read_labelled(
     if not os.path.exists(name):
         raise AdaFocusError(f"{name}: no such list file or folder", "give a list, a CSV or a class-per-folder tree")
     try:
-        with open(name, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (Windows editors, Excel's "CSV UTF-8") is not part of the
+        # first line, which may be a CSV's header
+        with open(name, encoding="utf-8-sig") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise AdaFocusError(f"{name}: cannot read the list ({e})", "give a UTF-8 text file") from None

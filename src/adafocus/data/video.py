@@ -25,7 +25,9 @@ nothing): an mp4/mov/mkv/webm file whose packets all carry distinct timestamps, 
 it has a frame count) agrees with its packets, that starts on a keyframe, and, while decoding, gives
 every wanted frame, in increasing pts, with no frame damaged. Anything else takes the sequential
 pass instead, for the whole file: decode from the first frame, keep the sampled ones, stop after the
-last (or, where the header and the packets disagree, run to the end and sample over what decoded).
+last (or, where the header and the packets disagree, or the stream does not start on a keyframe
+shown first, run to the end and sample over what decoded: FFmpeg outputs nothing for the packets
+before the first keyframe of a stream cut mid-GOP).
 `VideoClip.decoded_by` says which path ran, and `fallback` why the sequential one.
 
 Memory is bounded by T frames whatever the video's length: only sampled frames are converted, each
@@ -317,10 +319,12 @@ def _load_clip(
                     fallback=None,
                 )
 
-    # The sequential pass. Where header and packets agree (and the data is whole) the count is
-    # known and the pass stops after the last sampled frame; otherwise it runs to the end, since
-    # the number of frames that decode is what is sampled over.
-    count_known = packets.damaged is None and packets.container_frames in (0, len(packets.pts))
+    # The sequential pass. Where header and packets agree, the data is whole and the stream starts
+    # on a keyframe shown first, every packet gives one frame: the count is known and the pass stops
+    # after the last sampled frame. Otherwise it runs to the end, since the number of frames that
+    # decode is what is sampled over. Checking the start up front is simpler than checking frames
+    # against packets during the pass: a pass that stops early could not see a count that is off.
+    count_known = packets.damaged is None and packets.container_frames in (0, len(packets.pts)) and packets.starts_clean
     guess = len(packets.pts) or claimed
     indices = sample(guess, num_frames)
     kept, decoded, failure, size = _decode_indices(
@@ -419,6 +423,10 @@ class PacketIndex:
     keyframes: list[int]  # decode-order positions of the keyframe packets
     container_frames: int  # the header's frame count; 0 where the container does not say
     damaged: str | None  # the demux stopped on an error, or the file ends inside a packet
+    # The first packet is a keyframe and no frame is shown before it. Otherwise (a stream copy cut
+    # mid-GOP, a live capture) FFmpeg outputs nothing for the packets before the first keyframe, or
+    # guesses the leading frames: the number of frames that decode is not the number of packets.
+    starts_clean: bool
     not_seekable: str | None  # why frames cannot be found by seeking (None: they can)
 
 
@@ -448,6 +456,8 @@ def _index(container, stream) -> PacketIndex:
     except av.error.FFmpegError as err:
         damaged = f"demuxing stopped on an error: {err}"
     container_frames = max(stream.frames, 0)
+    timed = bool(pts) and all(p is not None for p in pts)
+    starts_clean = timed and bool(keyframes) and keyframes[0] == 0 and min(pts) >= pts[0]  # type: ignore[type-var]
 
     def reason() -> str | None:
         if not set(format_name.split(",")) & SEEKABLE_FORMATS:
@@ -462,7 +472,7 @@ def _index(container, stream) -> PacketIndex:
             return "packets sharing a timestamp"
         if container_frames and container_frames != len(pts):
             return f"the header claims {container_frames} frames, the packets hold {len(pts)}"
-        if not keyframes or keyframes[0] != 0 or min(pts) < pts[0]:
+        if not starts_clean:
             return "the stream does not start on a keyframe that is shown first"
         return None
 
@@ -471,6 +481,7 @@ def _index(container, stream) -> PacketIndex:
         keyframes=keyframes,
         container_frames=container_frames,
         damaged=damaged,
+        starts_clean=starts_clean,
         not_seekable=reason(),
     )
 
