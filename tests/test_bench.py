@@ -4,7 +4,7 @@ import torch
 from click.testing import CliRunner
 
 from adafocus import cli
-from adafocus.bench import bench_videos
+from adafocus.bench import STREAM_BATCHES, _adaptive_methods, bench_videos
 from adafocus.calibration.thresholds import thresholds_from_json
 from adafocus.machine import cpu_flags, cpu_record
 from adafocus.runtime import Runtime
@@ -53,6 +53,31 @@ def test_bench_solves_thresholds_for_a_budget_without_a_calibrated_table(exporte
     assert "(24 videos)" in result.stdout
 
 
+def test_streaming_runs_whole_passes_over_the_videos_whose_gflops_it_reports(exported, monkeypatch):
+    """Three batches, fewer than STREAM_BATCHES: the streaming modes run every video twice (not the
+    first batch once more), so the per-batch mode's GFLOPs they report are those of what they ran."""
+    export = exported("demo")
+    runtime = Runtime.load(export.path)
+    runtime.set_thresholds([1.6] * 5)  # the first batch's videos exit later than the others
+    batches = bench_videos(export, 24).split(8)
+    assert len(batches) < STREAM_BATCHES
+    streamed, stream = [], runtime.stream
+
+    def recording(items, batch_size):  # the real stream, its results kept
+        results = list(stream(items, batch_size=batch_size))
+        streamed.append(results)
+        return results
+
+    monkeypatch.setattr(runtime, "stream", recording)
+    methods = _adaptive_methods(runtime, batches, repeats=1, warmup=0, log=lambda _: None)
+    assert len(streamed) == 2  # one run of each streaming mode
+    for method, results in zip(("adaptive_stream", "adaptive_stream_batches"), streamed):
+        assert np.bincount([r.index % 24 for r in results]).tolist() == [2] * 24, method
+        gflops = [r.gflops for r in results]
+        assert len(set(gflops)) > 1  # videos exit at different steps, so which ones ran matters
+        assert methods[method]["gflops_per_video"] == pytest.approx(np.mean(gflops), rel=1e-9), method
+
+
 def test_bench_refuses_videos_that_do_not_fill_whole_batches(exported):
     result = CliRunner().invoke(cli.bench, [str(exported("demo").path), "--batch", "8", "--videos", "12"])
     assert result.exit_code == 2 and "12 is not a multiple of --batch 8" in result.output
@@ -61,6 +86,22 @@ def test_bench_refuses_videos_that_do_not_fill_whole_batches(exported):
 def test_bench_refuses_wrong_thresholds(exported):
     result = CliRunner().invoke(cli.bench, [str(exported("demo").path), "--thresholds", "1,2"])
     assert result.exit_code == 2 and "needs 5 values" in result.output
+
+
+def test_bench_refuses_a_nan_threshold_and_takes_infinities(exported, tmp_path):
+    """NaN is refused as the option is read, before any video is generated; inf (always exit) and
+    -inf (never) are thresholds."""
+    export = str(exported("demo").path)
+    for nan in ("nan", "NaN", "-nan"):
+        result = CliRunner().invoke(cli.bench, [export, "--thresholds", f"{nan},1,1,1,1"])
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for '--thresholds'" in result.output
+        assert f"{nan!r} is no threshold" in result.output and "-inf or none (never)" in result.output
+    out = tmp_path / "bench.json"
+    args = ["--batch", "2", "--repeats", "1", "--warmup", "0", "--no-reference", "--out", str(out)]
+    taken = CliRunner().invoke(cli.bench, [export, "--thresholds", "-inf,1,-inf,1,inf", *args])
+    assert taken.exit_code == 0, taken.output
+    assert strict_loads(out.read_text(encoding="utf-8"))["backends"][0]["exits_per_step"][0] == 0
 
 
 def test_cpu_flags_are_read_from_the_cpu_as_the_kernels_see_it():

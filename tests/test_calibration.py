@@ -313,3 +313,105 @@ def test_the_search_fits_and_chooses_on_the_same_videos_only_when_few():
         outcome = simulate(entropies, correct, cost, e["thresholds"])
         assert (outcome.gflops, outcome.accuracy) == (e["gflops"], e["accuracy"])
         assert e["gflops"] <= e.get("budget", np.inf) + 1e-12
+
+
+def test_one_heldout_video_has_no_standard_error(exported, tmp_path):
+    """A held-out set of one video is legal: its mean cost has no standard error (JSON null), the
+    manifest is written and the table prints a dash where diff/se would be."""
+    from adafocus.calibration.calibrate import StepOutputs
+    from adafocus.calibration.report import format_table
+
+    target = shutil.copytree(exported("demo").path, tmp_path / "demo")
+    exits, classes = len(exported("demo").exit_gflops), len(exported("demo").class_names)
+    rng = np.random.default_rng(0)
+
+    def outputs(n):
+        entropy = rng.uniform(0, 1, (n, exits)).astype(np.float32)
+        return StepOutputs(entropy, rng.integers(0, classes, (n, exits)), rng.integers(0, classes, n))
+
+    info = {"calibration_split": "val", "heldout_split": "test", "seed": 0}
+    result = calibrate_export(target, outputs(50), outputs(1), progress=False, info=info)
+    assert all(e["heldout_gflops_stderr"] is None for e in open_export(target).budgets)
+    report = result.to_dict() | {"calibration_videos": 50, "heldout_videos": 1, "default_rule": "x"}
+    rows = [line for line in format_table(report).splitlines() if line[:1] in ("*", " ") and "%" in line]
+    assert rows and all("—" in row for row in rows)
+
+
+def test_a_budget_of_exactly_the_glance_cost_is_met():
+    """The mean of n equal costs can be an ulp above that cost: the glance's own cost still fits."""
+    x, n = 8.458234303550809, 1372
+    assert np.full(n, x).mean() > x  # the rounding that refused it
+    E = np.random.default_rng(0).uniform(0, 1, (n, 3)).astype(np.float32)
+    thresholds, realised = thresholds_for_budget(E, [x, x + 1, x + 2], x)
+    assert exit_steps(E, thresholds).tolist() == [0] * n and realised == pytest.approx(x, rel=1e-12)
+    cost = [0.0288, 0.0504, 0.0710]  # the demo's glance: the error's advice must itself be accepted
+    with pytest.raises(AdaFocusError) as caught:
+        thresholds_for_budget(E, cost, 0.02)
+    assert "ask for at least 0.029" in caught.value.fix
+    assert 0.0288 <= thresholds_for_budget(E, cost, 0.029)[1] <= 0.029
+
+
+def test_labels_outside_the_classes_are_refused_before_any_work(exported, demo_task, tmp_path, monkeypatch):
+    import torch
+
+    from adafocus.calibration import calibrate as calibrate_module
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the model ran before the labels were checked")
+
+    monkeypatch.setattr(calibrate_module, "adaptive_inference", ran)
+    target = shutil.copytree(exported("demo").path, tmp_path / "demo")
+    videos, labels = demo_task.batch("val", range(8))
+    for bad, metric in ((999, "accuracy"), (-1, "map"), (10, "map")):
+        wrong = labels.clone()
+        wrong[5] = bad
+        with pytest.raises(AdaFocusError, match=f"video 5 has label {bad}, not one of the model's 10 classes"):
+            calibrate_export(target, (videos, wrong), progress=False, metric=metric)
+    with pytest.raises(AdaFocusError, match="multi-hot labels have 3 columns, the model 10 classes"):
+        calibrate_module.collect(exported("demo"), videos, torch.zeros(8, 3, dtype=torch.bool), progress=False)
+    assert open_export(target).calibration is None  # nothing written
+    monkeypatch.undo()  # batches: each checked before it runs, its videos named by their place in the set
+    batches = [(videos[:4], labels[:4]), (videos[4:], torch.full_like(labels[4:], 999))]
+    with pytest.raises(AdaFocusError, match="video 4 has label 999"):
+        calibrate_module.collect(exported("demo"), batches, progress=False)
+
+
+def test_a_nan_video_is_named_by_its_index_in_the_set(exported, demo_task):
+    from adafocus.calibration.calibrate import collect
+
+    videos, labels = demo_task.batch("val", range(12))
+    videos[10] = float("nan")
+    with pytest.raises(AdaFocusError, match=r"videos \[10\]"):  # one array: checked before any batch runs
+        collect(exported("demo"), videos, labels, batch_size=8, progress=False)
+    batches = [(videos[:8], labels[:8]), (videos[8:], labels[8:])]  # batches: the second's offset is 8
+    with pytest.raises(AdaFocusError, match=r"videos \[10\]"):
+        collect(exported("demo"), batches, progress=False)
+
+
+def test_an_engine_of_another_export_is_refused(exported, demo_task, tmp_path):
+    """Thresholds computed by another model's graphs must not be written into this export."""
+    import torch
+
+    from adafocus.calibration.calibrate import collect
+    from adafocus.export.manifest import update_manifest
+    from adafocus.files import partial_path
+    from adafocus.model.checkpoint import load_checkpoint, save_checkpoint
+
+    demo = exported("demo")
+    target = shutil.copytree(demo.path, tmp_path / "demo")
+    other = shutil.copytree(demo.path, tmp_path / "other")  # the same graphs, other weights
+    loaded = load_checkpoint(demo.model_path)
+    with torch.no_grad():
+        next(loaded.model.parameters()).add_(1.0)
+    staged = partial_path(other / "model.pt")
+    save_checkpoint(staged, loaded.model, loaded.class_names)
+    update_manifest(other, lambda m: None, new_files={"model.pt": staged})
+    videos, labels = demo_task.batch("val", range(4))
+    engine = Runtime.load(other, "onnxruntime", threads=1)
+    with pytest.raises(AdaFocusError, match="whose weights or graphs are not those of"):
+        calibrate_export(target, (videos, labels), engine=engine, progress=False)
+    with pytest.raises(AdaFocusError, match="whose weights or graphs are not those of"):
+        collect(target, videos, labels, engine=engine, progress=False)
+    assert open_export(target).calibration is None
+    own = Runtime.load(shutil.copytree(target, tmp_path / "copy"), "onnxruntime", threads=1)  # same files: same model
+    assert len(collect(target, videos, labels, engine=own, progress=False)) == 4

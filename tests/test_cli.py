@@ -29,3 +29,68 @@ def test_flops_table_and_unknown_preset():
     bad = CliRunner().invoke(main, ["flops", "kinetics400"])
     assert bad.exit_code == 1
     assert "unknown preset 'kinetics400'" in bad.output and "Traceback" not in bad.output
+
+
+def test_calibrate_with_one_heldout_video_prints_a_dash_for_its_spread(exported, tmp_path):
+    """One held-out video is a legal set with no standard error of its mean cost."""
+    import shutil
+
+    from adafocus.cli.calibrate import calibrate
+
+    target = shutil.copytree(exported("demo").path, tmp_path / "demo")
+    result = CliRunner().invoke(calibrate, [str(target), "--videos", "20", "--heldout", "1"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if "%" in line and line[:1] in ("*", " ")]
+    assert rows and all("—" in row for row in rows)
+
+
+def test_calibrate_int8_options_need_int8(exported, tmp_path):
+    import shutil
+
+    from adafocus.cli.calibrate import calibrate
+    from adafocus.export.manifest import open_export
+
+    target = shutil.copytree(exported("demo").path, tmp_path / "demo")
+    base = [str(target), "--videos", "8", "--heldout", "0"]
+    for option in (["--int8-videos", "16"], ["--int8-videos", "128"], ["--int8-weight-bits", "8"]):
+        result = CliRunner().invoke(calibrate, [*base, *option])
+        assert result.exit_code == 1, result.output
+        assert f"{option[0]} is an option of --int8" in result.output and "add --int8" in result.output
+    assert open_export(target).calibration is None  # refused before any work
+
+
+def test_evaluate_refuses_options_of_the_other_mode(tmp_path):
+    """Options that only one of evaluate's two modes reads are refused in the other, before any work
+    (the files here are empty: reading one would fail otherwise), even given at their default."""
+    (tmp_path / "model.pt").write_bytes(b"")
+    (tmp_path / "videos.txt").write_text("", encoding="utf-8")
+    cases = [
+        (["--backend", "pytorch"], "--backend does nothing without --export or --data", "give --export"),
+        (["--backend", "onnxruntime"], "--backend does nothing without --export", "give --export"),
+        (
+            ["--device", "cpu", "--precision", "fp32", "--plot", str(tmp_path / "front.png")],
+            "--device, --precision and --plot do nothing without --export",
+            "give --export",
+        ),
+        (
+            ["--export", str(tmp_path), "--checkpoint", str(tmp_path / "model.pt")],
+            "--checkpoint does nothing with --export or --data",
+            "without --export and --data",
+        ),
+        (
+            ["--data", str(tmp_path / "videos.txt"), "--pixel-checkpoint", str(tmp_path / "model.pt")],
+            "--pixel-checkpoint does nothing with --export or --data",
+            "without --export and --data",
+        ),
+        (
+            ["--data", str(tmp_path / "videos.txt"), "--videos", "10"],
+            "--videos does nothing with --data",
+            "leave --videos out",
+        ),
+    ]
+    for args, what, fix in cases:
+        result = CliRunner().invoke(main, ["evaluate", *args])
+        assert result.exit_code == 1, (args, result.output)
+        assert what in result.output and fix in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "front.png").exists()

@@ -247,3 +247,31 @@ def test_cli_trt_without_tensorrt_stops_before_any_work(tmp_path):
 def test_cli_batch_range_is_checked():
     result = CliRunner().invoke(cli.export, ["--batch-range", "8:4:16"])
     assert result.exit_code == 2 and "MIN:OPT:MAX" in result.output
+
+
+def test_a_manifest_holding_nan_is_refused_as_not_strict_json(demo_copy):
+    path = demo_copy / MANIFEST
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["tolerance"]["max_rel_error"] = float("nan")
+    path.write_text(json.dumps(manifest, indent=2), encoding="utf-8")  # Python writes NaN unless told not to
+    with pytest.raises(AdaFocusError, match="holds NaN, not strict JSON") as caught:
+        open_export(demo_copy)
+    assert "adafocus-export" in caught.value.fix
+
+
+def test_a_change_that_cannot_be_sealed_leaves_the_export_readable(demo_copy):
+    from adafocus.errors import InternalError
+    from adafocus.files import partial_path
+
+    staged = partial_path(demo_copy / "extra.bin")
+    staged.write_bytes(b"new file")
+    before = open_export(demo_copy).manifest
+    with pytest.raises((AdaFocusError, InternalError), match="non-finite|NaN"):
+        update_manifest(
+            demo_copy,
+            lambda m: m.update(calibration={"note": float("nan")}),
+            new_files={"extra.bin": staged},
+            drop_files=["dense.onnx"],
+        )
+    assert open_export(demo_copy).manifest == before  # nothing moved, nothing deleted
+    assert (demo_copy / "dense.onnx").is_file() and not (demo_copy / "extra.bin").exists()

@@ -326,3 +326,77 @@ def test_cli_refuses_unknown_int8_graphs_before_any_work(exported):
     result = CliRunner().invoke(calibrate, args)
     assert result.exit_code != 0 and "--int8-graphs: cannot quantise ['crop']" in result.output
     assert "calibration videos" not in result.output  # nothing ran
+
+
+class _Unread:
+    """Calibration videos that must not be read: an option check that comes first never reads them."""
+
+    def __iter__(self):
+        raise AssertionError("videos were read before the options were checked")
+
+
+def test_bad_quantisation_options_are_refused_before_any_video_is_read(exported, tmp_path):
+    target = shutil.copytree(exported("demo").path, tmp_path / "demo")
+    refused = {
+        "method": ("entropy", "unknown calibration method 'entropy'"),
+        "activations": ("fp8", "unknown activation type 'fp8'"),
+        "weight_bits": (6, "weights of 6 bits are not offered"),
+    }
+    for option, (value, message) in refused.items():
+        with pytest.raises(AdaFocusError, match=message):
+            quantize_export(target, _Unread(), threads=1, **{option: value})
+    assert open_export(target).int8 is None
+
+
+def test_a_nan_calibration_video_is_named_by_its_index_in_the_set(exported, task):
+    videos, _ = task.batch("val", range(12))
+    videos[9] = float("nan")
+    with pytest.raises(AdaFocusError, match=r"videos \[9\]"):  # in the third pass of four videos
+        record_inputs(exported("demo"), [videos], ("local",), per_pass=4, threads=1)
+
+
+def test_comparing_no_videos_is_a_clear_error_before_any_runtime_loads(exported, monkeypatch):
+    from adafocus.quantize.int8 import compare_precisions
+
+    def load(*args, **kwargs):
+        raise AssertionError("a runtime was loaded for no videos")
+
+    monkeypatch.setattr(Runtime, "load", load)
+    with pytest.raises(AdaFocusError, match="no videos to compare"):
+        compare_precisions(exported("demo").path, [])
+
+
+def test_percentile_ranges_do_not_depend_on_the_passes(exported, task, tmp_path):
+    """The same videos recorded in one pass or in four give the same Percentile ranges, and they are
+    those of ONNX Runtime's own calibrator given every value at once."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    from adafocus.quantize.int8 import _reader, activation_ranges
+
+    export = exported("demo")
+    videos, _ = task.batch("val", range(16))
+
+    def plain(ranges) -> dict:
+        return {name: tuple(float(x) for x in r.range_value) for name, r in ranges.data.items()}
+
+    found, calls = {}, {}
+    for per_pass in (16, 4):
+        with record_inputs(export, [videos], ("glance",), per_pass=per_pass, threads=1) as inputs:
+            feeds = inputs.feeds["glance"]
+            calls[per_pass] = len(feeds)
+            work = tmp_path / f"pass-{per_pass}"
+            work.mkdir()
+            found[per_pass] = plain(activation_ranges(export.graph_path("glance"), feeds, "percentile", work))
+            if per_pass == 16:
+                theirs = create_calibrator(
+                    export.graph_path("glance"),
+                    sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
+                    augmented_model_path=str(tmp_path / "theirs.onnx"),
+                    calibrate_method=CalibrationMethod.Percentile,
+                )
+                theirs.collect_data(_reader([feeds[i] for i in range(len(feeds))]))  # one collect: all at once
+                own = plain(theirs.compute_data())
+    assert calls[4] > calls[16]  # the values really came in other pieces
+    assert len(own) > 10 and found[16] == own
+    assert found[4] == found[16]

@@ -22,7 +22,14 @@ from onnx import numpy_helper
 from adafocus.data.synthetic import SyntheticTask
 from adafocus.files import PARTIAL
 from adafocus.model.presets import get_preset
-from adafocus.quantize.int8 import SPILL_NAME, activation_ranges, quantize_export, record_inputs
+from adafocus.quantize.int8 import (
+    SPILL_NAME,
+    WORK_NAME,
+    activation_ranges,
+    quantize_export,
+    quantize_graph,
+    record_inputs,
+)
 from conftest import strict_loads
 
 VIDEOS = 48
@@ -101,6 +108,10 @@ def spills(folder: Path) -> list[Path]:
     return sorted(folder.glob(f".{SPILL_NAME}{PARTIAL}*"))
 
 
+def works(folder: Path) -> list[Path]:
+    return sorted(folder.glob(f".{WORK_NAME}{PARTIAL}*"))
+
+
 def test_a_killed_calibration_leaves_no_spill_after_the_next_run(exported, task, tmp_path, monkeypatch):
     export = exported("demo")
     temporary = tmp_path / "tmp"
@@ -110,20 +121,33 @@ def test_a_killed_calibration_leaves_no_spill_after_the_next_run(exported, task,
         import sys, time
         from adafocus.data.synthetic import SyntheticTask
         from adafocus.export.manifest import open_export
-        from adafocus.quantize.int8 import record_inputs
+        from pathlib import Path
+        from adafocus.quantize.int8 import quantize_graph, record_inputs
         export = open_export({str(export.path)!r})
         videos, _ = SyntheticTask(export.preset, seed=0).batch("val", range(8))
         inputs = record_inputs(export, [videos], ("glance", "local"), per_pass=4)
         print(inputs.folder, flush=True)
-        time.sleep(600)
+
+        class Blocking(list):  # the calibrator waits on its second recorded call: killed mid-quantisation
+            def __getitem__(self, index):
+                if index > 0:
+                    time.sleep(600)
+                return super().__getitem__(index)
+
+        feeds = Blocking(inputs.feeds["local"][i] for i in range(len(inputs.feeds["local"])))
+        quantize_graph(export.graph_path("local"), Path(sys.argv[1]), feeds, preprocess=False)
         """
     )
-    process = subprocess.Popen(
-        [sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, env=os.environ | {"TMPDIR": str(temporary)}
-    )
+    command = [sys.executable, "-c", child, str(tmp_path / "local.int8.onnx")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=os.environ | {"TMPDIR": str(temporary)})
     try:
         folder = Path(process.stdout.readline().strip())
         assert folder.parent == temporary and len(list(folder.glob("*.npy"))) > 4  # the feeds really went there
+        deadline = time.monotonic() + 120  # until the quantiser's scratch folder holds its augmented graph
+        while not list(temporary.glob(f".{WORK_NAME}{PARTIAL}*/augmented.onnx")) and time.monotonic() < deadline:
+            assert process.poll() is None, "the child ended before it quantised"
+            time.sleep(0.05)
+        (work,) = works(temporary)
     finally:
         process.send_signal(signal.SIGKILL)  # nothing of the child's can clean up
         process.wait(60)
@@ -135,6 +159,11 @@ def test_a_killed_calibration_leaves_no_spill_after_the_next_run(exported, task,
     videos, _ = task.batch("val", range(4))
     with record_inputs(export, [videos], ("local",)) as inputs:
         assert spills(temporary) == sorted([alive, inputs.folder])
+        assert works(temporary) == [work]  # the killed quantiser's scratch folder, until the next one starts
+        quantize_graph(
+            export.graph_path("local"), tmp_path / "local.int8.onnx", inputs.feeds["local"], preprocess=False
+        )
+        assert works(temporary) == []
     assert spills(temporary) == [alive]
 
 

@@ -131,6 +131,25 @@ def test_each_video_may_carry_its_own_thresholds(exported, demo_data, backend):
         runtime.predict(videos[:4], thresholds=rows[:3])
 
 
+@pytest.mark.parametrize(
+    ("rows", "error"),
+    [
+        (lambda ids: np.full((len(ids), 5), np.nan), r"gave video 0 the thresholds \[nan, .*with NaN(?s:.*)use -inf"),
+        (lambda ids: [[1.0, None, 1.0, 1.0, 1.0]] * len(ids), r"gave video 0 the thresholds \[1.0, nan, .*with NaN"),
+        (lambda ids: np.zeros((len(ids), 4)), r"shape \(4, 4\) for 4 videos from video 0(?s:.*)shape \(4, 5\)"),
+        (lambda ids: [[1.0] * 5, [1.0] * 4] * (len(ids) // 2), r"shape ragged for 4 videos"),
+    ],
+    ids=["nan", "none", "too-few", "ragged"],
+)
+def test_stream_refuses_row_thresholds_it_cannot_use(exported, rows, error):
+    """A NaN threshold compares False with every entropy: its video would exit at step 0 unnoticed."""
+    runtime = Runtime.load(exported("demo").path)
+    assert runtime.preset.num_exits == 5  # the rows above give 5 (4 where too few)
+    videos = torch.zeros(8, *runtime.preset.video_shape)
+    with pytest.raises(AdaFocusError, match=error):
+        list(runtime.stream(iter([videos]), batch_size=4, row_thresholds=rows))
+
+
 @functools.cache
 def paper_case(name: str):
     """Seven videos of a paper preset, thresholds spread over its exits, and the reference loop's
@@ -309,6 +328,22 @@ def test_onnxruntime_on_a_missing_provider_says_what_to_install(exported):
         Runtime.load(exported("demo").path, "onnxruntime", "cuda")
 
 
+def test_onnxruntime_on_tensorrt_takes_batches_up_to_its_profile(exported):
+    """The TensorRT provider's one optimisation profile ends at TRT_EP_MAX_BATCH: per-batch mode splits
+    larger batches there (test_batches_past_the_backends_largest_are_split), streaming refuses a larger
+    pool. Needs the provider: opening it elsewhere is refused (the test above)."""
+    import onnxruntime as ort
+
+    from adafocus.runtime.backends.onnxruntime import TRT_EP_MAX_BATCH
+
+    if ORT_GPU_REASON is not None or "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"the TensorRT provider cannot run here: {ORT_GPU_REASON or 'onnxruntime-gpu without it'}")
+    runtime = Runtime.load(exported("demo").path, "onnxruntime", "tensorrt")
+    assert runtime.backend.max_batch == TRT_EP_MAX_BATCH
+    with pytest.raises(AdaFocusError, match=f"batch_size {TRT_EP_MAX_BATCH + 1} is past the largest batch"):
+        next(runtime.stream(iter([]), batch_size=TRT_EP_MAX_BATCH + 1))
+
+
 def test_loop_sessions_do_not_spin_and_a_lone_graph_keeps_the_default(exported):
     """The loop's sessions take turns on the same cores: threads left spinning by one would slow the
     next (the demo ran at 0.55x). One session alone (the dense baseline) keeps ONNX Runtime's default."""
@@ -332,6 +367,29 @@ def test_io_binding_keeps_results_on_the_backend_device(exported):
     assert all(isinstance(v, torch.Tensor) and v.device == runtime.backend.device for v in glance.values())
     with pytest.raises(AdaFocusError, match="policy input maps is torch.float64"):
         runtime.backend.run("policy", {"maps": glance["maps"].double()})
+
+
+def test_a_backend_on_cuda_without_an_index_takes_its_own_tensors(exported, monkeypatch):
+    """torch.device("cuda") is the current GPU, and a tensor put there reports "cuda:0": a backend
+    built with "cuda" must take it. Without a GPU here, torch's current device is stood in for and the
+    tensor is one that reports cuda:0; what is checked is the device comparison of every backend
+    on torch arrays (pytorch, aoti, tensorrt)."""
+    from adafocus.runtime.arrays import TorchArrays
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    backend = Runtime.load(exported("demo").path, "pytorch").backend
+    backend.arrays = TorchArrays(torch.device("cuda"))  # what a backend built with device "cuda" holds
+    assert backend.device == torch.device("cuda", 0)
+
+    class OnCuda0(torch.Tensor):  # a tensor moved .to("cuda"): its device names the index
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    videos = torch.zeros(2, *backend.export.preset.video_shape).as_subclass(OnCuda0)
+    backend._check_feeds("glance", {"videos": videos})  # accepted
+    with pytest.raises(AdaFocusError, match="on cpu, the graph takes float32 on cuda:0"):
+        backend._check_feeds("glance", {"videos": torch.zeros(2, *backend.export.preset.video_shape)})
 
 
 @needs_cuda

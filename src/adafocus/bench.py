@@ -243,13 +243,15 @@ def _adaptive_methods(runtime: Runtime, batches, repeats: int, warmup: int, log)
     log(f"[{name}] adaptive, per-batch mode")
     adaptive = _per_batch_method(runtime, batches, repeats, warmup)
     gflops = adaptive["gflops_per_video"]
-    rounds = max(STREAM_BATCHES, len(batches))
+    # Whole passes over the same videos, at least STREAM_BATCHES batches' worth so that slots freed by
+    # exits get refilled: the streamed videos then exit as in per-batch mode, so its GFLOPs hold for them
+    passes = -(-STREAM_BATCHES // len(batches))
+    rounds = passes * len(batches)
     log(f"[{name}] adaptive, streaming mode ({rounds} batches' worth through a pool of {batch})")
     # one video per item (as a decoder hands them over: each is copied into the staging batch), then
     # the same videos a batch per item (as a DataLoader yields them: admitted as views, no copy)
-    videos = [video for part in batches for video in part]
-    single = [videos[i % len(videos)] for i in range(rounds * batch)]  # slots freed by exits get refilled
-    whole = [batches[i % len(batches)] for i in range(rounds)]
+    single = [video for part in batches for video in part] * passes
+    whole = list(batches) * passes
     methods = {"adaptive": adaptive}
     for method, items in (("adaptive_stream", single), ("adaptive_stream_batches", whole)):
         seconds = _timed(lambda items=items: list(runtime.stream(iter(items), batch_size=batch)), repeats, warmup, sync)

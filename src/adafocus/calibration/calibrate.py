@@ -36,6 +36,7 @@ from adafocus.data.labelled import top1_hits
 from adafocus.errors import AdaFocusError, InternalError
 from adafocus.export.manifest import Export, open_export, update_manifest
 from adafocus.files import write_json
+from adafocus.model.checks import nonfinite_rows
 from adafocus.model.families import Model
 from adafocus.model.networks import AdaFocusV3
 from adafocus.model.reference import adaptive_inference, entropy
@@ -86,10 +87,10 @@ class StepOutputs:
         return len(self.labels)
 
 
-def reference_model(source) -> Model:
-    """The PyTorch model behind a model / Runtime / Export / export directory."""
+def _export_of(source) -> Export | None:
+    """The Export behind a Runtime / Export / export directory; None for a bare model."""
     if isinstance(source, AdaFocusV3 | UniAdaFocus):
-        return source.eval()
+        return None
     export = getattr(source, "export", source)  # a Runtime holds its Export
     if isinstance(export, str | os.PathLike):
         export = open_export(export)
@@ -97,16 +98,84 @@ def reference_model(source) -> Model:
         raise AdaFocusError(
             f"cannot calibrate a {type(source).__name__}", "pass a model, a Runtime, an Export or a directory"
         )
-    return export.load_model()
+    return export
 
 
-def _batches(videos, labels, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+def reference_model(source) -> Model:
+    """The PyTorch model behind a model / Runtime / Export / export directory."""
+    export = _export_of(source)
+    return source.eval() if export is None else export.load_model()
+
+
+def check_engine(export: Export, engine: Runtime) -> None:
+    """Refuse an engine whose graphs or weights are not this export's (loaded from another export, or
+    from this one before its files changed): its entropies would calibrate thresholds for another model.
+    The files' hashes decide, not the path: an identical copy runs the same model."""
+    if engine.export.files != export.files:
+        raise AdaFocusError(
+            f"the engine was loaded from {engine.export.path}, whose weights or graphs are not those of {export.path}",
+            f"load the engine from the export being calibrated: Runtime.load({str(export.path)!r}, ...)",
+        )
+
+
+def check_labels(labels, classes: int, offset: int = 0) -> None:
+    """One clear error for labels that a model of `classes` classes cannot be scored against: (B,)
+    class indices in 0..classes-1, or (B, classes) multi-hot rows. `offset`: the index of the batch's
+    first video in the whole set, so that the error names the video as the set counts it."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        if labels.shape[1] != classes:
+            raise AdaFocusError(
+                f"multi-hot labels have {labels.shape[1]} columns, the model {classes} classes",
+                "give one column per class, in the export's class order",
+            )
+        return
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise AdaFocusError(
+            f"labels of shape {labels.shape} and dtype {labels.dtype}: neither (videos,) class indices nor "
+            f"(videos, {classes}) multi-hot rows",
+            "give integer class indices or multi-hot rows",
+        )
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if len(bad):
+        first = int(bad[0])
+        more = f" (and {len(bad) - 1} more videos)" if len(bad) > 1 else ""
+        raise AdaFocusError(
+            f"video {offset + first} has label {int(labels[first])}, not one of the model's {classes} classes "
+            f"(0..{classes - 1}){more}",
+            "give class indices in the export's class order (its class_names)",
+        )
+
+
+def _check_finite(videos, offset: int = 0) -> None:
+    """NaN/inf videos named by their index in the whole set (the runtime's own check counts within a batch)."""
+    if bad := nonfinite_rows(videos):
+        raise AdaFocusError(
+            f"videos {[offset + i for i in bad]} (counted from 0 over the whole set) hold NaN or inf values",
+            "check the decoder and normalisation",
+        )
+
+
+def _batches(videos, labels, batch_size: int, classes: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """(videos, labels) batches, each one's labels and values checked before it is run: an array's all
+    at once, before any work; an iterable's batch by batch (reading them all first would decode twice)."""
     if labels is None:  # already an iterable of (videos, labels) batches
-        return videos
+        return _checked(videos, classes)
     videos, labels = torch.as_tensor(videos), torch.as_tensor(labels)
     if len(videos) != len(labels):
         raise AdaFocusError(f"{len(videos)} videos but {len(labels)} labels")
+    check_labels(labels.cpu().numpy(), classes)
+    _check_finite(videos)
     return ((videos[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(videos), batch_size))
+
+
+def _checked(batches, classes: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    offset = 0
+    for videos, labels in batches:
+        check_labels(torch.as_tensor(labels).cpu().numpy(), classes, offset)
+        _check_finite(videos, offset)
+        yield videos, labels
+        offset += len(videos)
 
 
 def collect(
@@ -136,11 +205,20 @@ def collect(
     if engine is None:
         model = reference_model(source).to(device)
         never = [-math.inf] * model.preset.num_exits
+        classes = model.preset.num_classes
 
         def outputs(batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
             logits = adaptive_inference(model, batch.to(device), never).step_logits.cpu()  # (B, K+1, classes)
             return entropy(logits).numpy(), logits.numpy()
     else:
+        export = _export_of(source)
+        if export is None:
+            raise AdaFocusError(
+                "collecting through an engine needs the export it runs, not a model",
+                "pass the export (or its directory) the engine was loaded from",
+            )
+        check_engine(export, engine)
+        classes = export.preset.num_classes
 
         def outputs(batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
             return engine.step_outputs(np.ascontiguousarray(batch, dtype=np.float32))
@@ -148,7 +226,7 @@ def collect(
     total = len(videos) if hasattr(videos, "__len__") else None
     entropies, predictions, targets, scores = [], [], [], []
     with tqdm(total=total, desc=desc, unit="video", disable=not progress, leave=False) as bar:
-        for batch, batch_labels in _batches(videos, labels, batch_size):
+        for batch, batch_labels in _batches(videos, labels, batch_size, classes):
             step_entropy, step_logits = outputs(batch)
             entropies.append(step_entropy)
             predictions.append(step_logits.argmax(axis=-1))
@@ -268,7 +346,8 @@ def save_cached(path: str | os.PathLike, role: str, key: dict, outputs: StepOutp
 
 def add_heldout(table: list[dict], heldout: StepOutputs, cost, metric: str = "accuracy") -> list[dict]:
     """Each entry + its held-out accuracy (and, for metric "map", heldout_map), realised GFLOPs/video
-    (and that mean's standard error), the difference from the calibration cost, and the held-out exit mix."""
+    (and that mean's standard error: None for a single held-out video), the difference from the
+    calibration cost, and the held-out exit mix."""
     scored = heldout.metric(metric)
     out = []
     for entry in table:
@@ -428,11 +507,14 @@ def calibrate_export(
     if solver not in SOLVERS:
         raise AdaFocusError(f"unknown solver {solver!r}", f"choose one of {', '.join(SOLVERS)}")
     check_metric(metric)
+    if engine is not None:  # its entropies would be another model's: thresholds for the wrong graphs
+        check_engine(export, engine)
 
     def run(data, desc):
         if isinstance(data, StepOutputs):
             if metric == "map" and data.scores is None:
                 raise AdaFocusError(f"the {desc}' outputs hold no class probabilities", "collect with keep_scores=True")
+            check_labels(data.labels, export.preset.num_classes)
             return data
         videos, labels = data if isinstance(data, tuple) else (data, None)
         keep_scores = metric == "map"

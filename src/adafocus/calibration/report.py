@@ -29,8 +29,9 @@ def format_table(report: dict) -> str:
             diff = e["heldout_gflops_minus_budget"]
             se = e["heldout_gflops_stderr"]
             # every held-out video costing the same (one exit step) leaves float noise, ~1e-19, as
-            # the standard error: there is no spread to divide by
-            z = f"{diff / se:7.2f}" if se > SE_NOISE * e["heldout_gflops"] else f"{'—':>7}"
+            # the standard error, and one held-out video has none (None): no spread to divide by
+            spread = se is not None and se > SE_NOISE * e["heldout_gflops"]
+            z = f"{diff / se:7.2f}" if spread else f"{'—':>7}"
             row += f" {100 * e['heldout_' + metric]:7.1f}% {e['heldout_gflops']:9.4f} {diff:+8.4f} {z}"
         row += "  " + " ".join(f"{f:.3f}" for f in e["exit_fractions"])
         lines.append(row)

@@ -8,7 +8,7 @@ import click
 
 from adafocus.cli.bench import bench
 from adafocus.cli.calibrate import calibrate
-from adafocus.cli.common import CONTEXT, Group, backend_choice, device_choice
+from adafocus.cli.common import CONTEXT, Group, backend_choice, device_choice, refuse_unused
 from adafocus.cli.export import export
 from adafocus.cli.predict import predict
 from adafocus.cli.serve import serve
@@ -308,6 +308,14 @@ def evaluate(
     policy, a random one and pixel-based gradients, and early exit at a few thresholds.
     """
     if export_dir is not None or data is not None:
+        refuse_unused(
+            ("checkpoint", "pixel_checkpoint"),
+            "with --export or --data, which evaluate an export",
+            "leave them out, or evaluate the checkpoint on the synthetic task without --export and --data "
+            "(or export it with adafocus-export and give --export)",
+        )
+        if data is not None:
+            refuse_unused(("videos",), "with --data: every listed video is evaluated", "leave --videos out")
         report = _evaluate_export(export_dir, data, backend, device, precision, plot, metric, batch_size, videos, sets)
         if as_json:
             click.echo(dumps(report))
@@ -328,6 +336,11 @@ def evaluate(
         if plot:
             click.echo(f"wrote {report['plot']}")
         return
+    refuse_unused(
+        ("backend", "device", "precision", "plot"),
+        "without --export or --data: a PyTorch checkpoint is evaluated",
+        "give --export (or --data) to evaluate an export on that backend, or leave them out",
+    )
     if any(sets[k] != v for k, v in (("root", None), ("workers", 2), ("max_bad", 0.05))):
         raise AdaFocusError("--root, --workers and --max-bad are for your videos", "give --data")
     if metric != "accuracy":
@@ -344,7 +357,7 @@ def evaluate(
     pixel = load_checkpoint(pixel_checkpoint, preset=loaded.preset).model if pixel_checkpoint else None
     seed = loaded.meta.get("train_config", {}).get("seed", 0)
     task = SyntheticTask(loaded.preset, seed=seed)
-    results = run_evaluation(loaded.model, task, count=videos, pixel_model=pixel, progress=True)
+    results = run_evaluation(loaded.model, task, count=videos, pixel_model=pixel, batch=batch_size, progress=True)
     if as_json:
         click.echo(dumps(results))
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from adafocus.cli.common import CONTEXT, Command, backend_choice, device_choice
+from adafocus.cli.common import CONTEXT, Command, backend_choice, device_choice, given
 from adafocus.cli.sets import LIST_FORMATS, FileSets, report_left_out, set_options
 from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import Export, open_export
@@ -233,6 +233,9 @@ class _Sets:
         self.int8_graphs = tuple(g.strip() for g in options["int8_graphs"].split(",") if g.strip())
         if self.int8_graphs != DEFAULT_INT8_GRAPHS and not options["int8"]:
             raise AdaFocusError("--int8-graphs is an option of --int8", "add --int8")
+        for option in ("int8_videos", "int8_weight_bits"):  # given, even at its default, they would do nothing
+            if given(option) and not options["int8"]:
+                raise AdaFocusError(f"--{option.replace('_', '-')} is an option of --int8", "add --int8")
         bad = [g for g in self.int8_graphs if g not in INT8_GRAPHS]
         if bad or not self.int8_graphs:
             raise AdaFocusError(

@@ -3,6 +3,8 @@ traceback; option parsers used by several commands; the registry's backends as c
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from adafocus.errors import AdaFocusError
@@ -24,6 +26,21 @@ class Group(_CleanErrors, click.Group):
 
 class Command(_CleanErrors, click.Command):
     """A standalone command (`adafocus-export`, ...) that reports errors like the group does."""
+
+
+def given(parameter: str) -> bool:
+    """Whether the user set `parameter` (command line or environment), not left it at its default."""
+    source = click.get_current_context().get_parameter_source(parameter)
+    return source not in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+
+
+def refuse_unused(parameters: tuple[str, ...], why: str, fix: str) -> None:
+    """One error naming every option of `parameters` the user gave where it would do nothing (`why`):
+    refused, not silently ignored."""
+    names = [f"--{p.replace('_', '-')}" for p in parameters if given(p)]
+    if names:
+        listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        raise AdaFocusError(f"{listed} {'does' if len(names) == 1 else 'do'} nothing {why}", fix)
 
 
 def backend_choice() -> click.Choice:
@@ -50,11 +67,16 @@ def parse_thresholds(ctx, param, value: str | None) -> list[float | None] | None
             values.append(None)
             continue
         try:
-            values.append(float(text))
+            value = float(text)
         except ValueError:
             raise click.BadParameter(
                 f"{part.strip()!r} is not a number: give comma-separated entropies, e.g. 0.5,0.4,0.3 (inf, -inf, none)"
             ) from None
+        if math.isnan(value):  # float() reads "nan"; as a threshold it would compare False with every entropy
+            raise click.BadParameter(
+                f"{part.strip()!r} is no threshold: give an entropy, inf (always exit there) or -inf or none (never)"
+            )
+        values.append(value)
     return values
 
 

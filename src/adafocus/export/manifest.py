@@ -89,20 +89,32 @@ def check_versions(manifest, path: Path) -> None:
 def list_files(directory: Path) -> dict[str, dict]:
     """sha256 and size of every file in `directory` except the manifest and hidden files."""
     return {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        p.name: _file_record(p)
         for p in sorted(directory.iterdir())
         if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
     }
 
 
-def write_manifest(directory: Path, manifest: dict) -> dict:
-    """Seal `manifest` (file hashes, own hash) and write it atomically into `directory`."""
+def seal_manifest(manifest: dict, files: dict[str, dict]) -> tuple[dict, str]:
+    """`manifest` with `files` and its own hash, checked against the schema, and its text: every
+    step that can refuse it, so that callers can run them before they touch the directory."""
     manifest = dict(manifest)
-    manifest["files"] = list_files(directory)
+    manifest["files"] = files
+    dumps(manifest)  # a value JSON cannot hold (NaN) is named here, before content_hash trips on it
     manifest["manifest_sha256"] = content_hash(manifest)
     check_schema(manifest)
-    atomic_write(directory / MANIFEST, dumps(manifest) + "\n", mode=0o644)
+    return manifest, dumps(manifest) + "\n"
+
+
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    """Seal `manifest` (file hashes, own hash) and write it atomically into `directory`."""
+    manifest, text = seal_manifest(manifest, list_files(directory))
+    atomic_write(directory / MANIFEST, text, mode=0o644)
     return manifest
+
+
+def _file_record(path: Path) -> dict:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 @dataclass(frozen=True)
@@ -259,8 +271,12 @@ def open_export(directory: str | os.PathLike) -> Export:
             f"{path} is not UTF-8 text ({e}): manifests are always written as UTF-8",
             "restore the directory from its source; nothing was changed or deleted",
         ) from None
+
+    def refuse_constant(name: str):  # Python's reader takes NaN/Infinity; strict JSON (and our hash) does not
+        raise AdaFocusError(f"{path} holds {name}, not strict JSON", _REEXPORT)
+
     try:
-        manifest = json.loads(text)
+        manifest = json.loads(text, parse_constant=refuse_constant)
     except json.JSONDecodeError as e:
         raise AdaFocusError(f"{path} is not valid JSON ({e})", _REEXPORT) from None
     check_versions(manifest, path)
@@ -295,16 +311,23 @@ def update_manifest(
     new_files: Mapping[str, Path] | None = None,
     drop_files: Iterable[str] = (),
 ) -> Export:
-    """The one way to change an export: verify it, apply `change` to a copy of its manifest, move
-    `new_files` in (name -> a staged file in the same directory, renamed into place), delete
-    `drop_files`, then re-list, re-seal and rewrite the manifest atomically. Until the manifest is
-    rewritten, readers refuse the directory (unlisted files), never read a half-changed one."""
+    """The one way to change an export: verify it, apply `change` to a copy of its manifest, seal the
+    new manifest (file list, hash, schema, text) for the files it will hold, then move `new_files` in
+    (name -> a staged file in the same directory, renamed into place), delete `drop_files`, and write
+    the manifest atomically. A change that cannot be sealed is refused before any file moves, so the
+    export stays as it was; from the first move until the manifest is written, readers refuse the
+    directory (unlisted files), never read a half-changed one."""
     export = open_export(directory)
     manifest = json_copy(export.manifest)
     change(manifest)
-    for name, staged in (new_files or {}).items():
+    new_files = dict(new_files or {})
+    dropped = set(drop_files) - set(new_files)
+    files = {name: record for name, record in list_files(export.path).items() if name not in dropped}
+    files |= {name: _file_record(staged) for name, staged in new_files.items()}
+    sealed, text = seal_manifest(manifest, dict(sorted(files.items())))
+    for name, staged in new_files.items():
         os.replace(staged, export.path / name)
-    for name in drop_files:
-        if name not in (new_files or {}):
-            (export.path / name).unlink(missing_ok=True)
-    return Export(export.path, write_manifest(export.path, manifest))
+    for name in dropped:
+        (export.path / name).unlink(missing_ok=True)
+    atomic_write(export.path / MANIFEST, text, mode=0o644)
+    return Export(export.path, sealed)

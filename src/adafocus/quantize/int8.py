@@ -62,7 +62,9 @@ facts under the top-level key `int8`.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import itertools
 import math
 import os
 import secrets
@@ -71,7 +73,7 @@ import statistics
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,7 @@ from adafocus.export.graphs import DENSE, GRAPH_NAMES
 from adafocus.export.manifest import Export, open_export, update_manifest
 from adafocus.files import partial_path, remove_stale_partials
 from adafocus.machine import cpu_name, cpu_record, peak_rss_bytes, reset_peak_rss
+from adafocus.model.checks import nonfinite_rows
 from adafocus.runtime import Runtime
 from adafocus.runtime.backends import EXACT_U8U8, OnnxRuntimeBackend
 
@@ -242,6 +245,11 @@ def record_inputs(
         starts, count = [], 0
         with tqdm(total=_count_of(videos), desc="int8 ranges: recording", unit="video", disable=not progress) as bar:
             for batch in _video_batches(videos, per_pass):
+                if bad := nonfinite_rows(batch):  # named in the whole set (the runtime counts within a pass)
+                    raise AdaFocusError(
+                        f"calibration videos {[count + i for i in bad]} (counted from 0) hold NaN or inf values",
+                        "check the decoder and normalisation",
+                    )
                 starts.append(runtime.predict(batch).cube_starts)
                 count += len(batch)
                 bar.update(len(batch))
@@ -288,14 +296,74 @@ def activation_ranges(model: Path, batches: Sequence[dict[str, np.ndarray]], met
     calibrator.infer_session = ort.InferenceSession(
         calibrator.augmented_model_path, options, providers=["CPUExecutionProvider"]
     )
-    for index in range(len(batches)):
-        calibrator.collect_data(_reader([batches[index]]))  # merges this batch into the ranges so far
-    ranges = calibrator.compute_data()
+    if method == "percentile":
+        ranges = _percentile_ranges(calibrator, batches)
+    else:
+        for index in range(len(batches)):
+            calibrator.collect_data(_reader([batches[index]]))  # merges this batch into the ranges so far
+        ranges = calibrator.compute_data()
     # its session (and memory arena) goes now, not whenever the garbage collector finds the calibrator
     calibrator.infer_session = None
     del calibrator
     gc.collect()
     return ranges
+
+
+def _percentile_ranges(calibrator, batches: Sequence[dict[str, np.ndarray]]):
+    """Percentile ranges that do not depend on how the videos were cut into recorded calls. ONNX
+    Runtime's collector fixes its bins from the first call's values and widens the histogram by whole
+    bins after, so the same videos in other passes gave other ranges. Here a first pass over every
+    call finds each tensor's extremes, and a second bins every call on the same `num_bins` bins over
+    them (|x| in [min |x|, max |x|] for the symmetric calibrator, x in [-max |x|, max |x|] otherwise)
+    and adds the counts (exact integers); the percentile is then ONNX Runtime's own
+    (`compute_percentile`), on the histogram its collector builds when every value comes in one call."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    session = calibrator.infer_session
+    names = [output.name for output in session.get_outputs()]
+
+    def calls():  # each recorded call's calibrated tensors, flattened (empty ones have no range)
+        for index in range(len(batches)):
+            out = dict(zip(names, session.run(None, batches[index])))
+            yield {n: out[n].flatten() for n in calibrator.tensors_to_calibrate if n in out and out[n].size}
+
+    extremes: dict[str, list] = {}  # name -> [min x, max x, min |x|, max |x|], float32 as the collector has them
+    for tensors in calls():
+        for name, values in tensors.items():
+            magnitudes = np.absolute(values)
+            found = [np.nanmin(values), np.nanmax(values), np.nanmin(magnitudes), np.nanmax(magnitudes)]
+            known = extremes.setdefault(name, found)
+            extremes[name] = [
+                min(known[0], found[0]),
+                max(known[1], found[1]),
+                min(known[2], found[2]),
+                max(known[3], found[3]),
+            ]
+    histograms = {}
+    for tensors in calls():
+        for name, values in tensors.items():
+            low, high, low_abs, high_abs = extremes[name]
+            if calibrator.symmetric:  # as collect_absolute_value bins its first call
+                counts, edges = np.histogram(np.absolute(values), calibrator.num_bins, range=(low_abs, high_abs))
+                record = (edges.astype(values.dtype), low, high)
+            else:  # as collect_value bins its first call
+                threshold = np.array(max(abs(low), abs(high)), dtype=values.dtype)
+                counts, edges = np.histogram(values, calibrator.num_bins, range=(-threshold, threshold))
+                record = (edges, low, high, threshold)
+            if name in histograms:
+                counts = counts + histograms[name][0]
+            histograms[name] = (counts, *record)
+    collector = HistogramCollector(
+        method="percentile",
+        symmetric=calibrator.symmetric,
+        num_bins=calibrator.num_bins,
+        num_quantized_bins=calibrator.num_quantized_bins,
+        percentile=calibrator.percentile,
+        scenario=calibrator.scenario,
+    )
+    collector.histogram_dict = histograms
+    calibrator.collector = collector
+    return calibrator.compute_data()
 
 
 class _Feeds:
@@ -327,6 +395,36 @@ def _reader(feeds):
 
 
 # quantising ---------------------------------------------------------------------------------------
+WORK_NAME = "adafocus-int8-work"  # `.adafocus-int8-work.partial-PID.RANDOM` in the temporary folder
+
+
+def check_options(method: str, activations: str, weight_bits: int) -> None:
+    """One clear error for a quantisation setting that is not offered (before any video is recorded)."""
+    if method not in METHODS:
+        raise AdaFocusError(f"unknown calibration method {method!r}", f"use one of {', '.join(METHODS)}")
+    if activations not in ACTIVATIONS:
+        raise AdaFocusError(f"unknown activation type {activations!r}", f"use one of {', '.join(ACTIVATIONS)}")
+    if weight_bits not in WEIGHT_BITS:
+        raise AdaFocusError(
+            f"weights of {weight_bits} bits are not offered", f"use {' or '.join(map(str, WEIGHT_BITS))}"
+        )
+
+
+@contextlib.contextmanager
+def _work_folder() -> Iterator[str]:
+    """A scratch folder for one graph's preprocessed copy, ranges and augmented model, named as the
+    spill is (`.NAME.partial-PID.RANDOM`) so that the next run removes one left by a killed run (a
+    TemporaryDirectory's random name would say nothing of its dead owner)."""
+    temporary = Path(tempfile.gettempdir())
+    remove_stale_partials(temporary, WORK_NAME)
+    folder = partial_path(temporary / WORK_NAME, suffix=f".{secrets.token_hex(4)}")
+    folder.mkdir(mode=0o700)
+    try:
+        yield str(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def quantize_graph(
     source: Path,
     target: Path,
@@ -344,16 +442,9 @@ def quantize_graph(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
-    if method not in METHODS:
-        raise AdaFocusError(f"unknown calibration method {method!r}", f"use one of {', '.join(METHODS)}")
-    if activations not in ACTIVATIONS:
-        raise AdaFocusError(f"unknown activation type {activations!r}", f"use one of {', '.join(ACTIVATIONS)}")
-    if weight_bits not in WEIGHT_BITS:
-        raise AdaFocusError(
-            f"weights of {weight_bits} bits are not offered", f"use {' or '.join(map(str, WEIGHT_BITS))}"
-        )
+    check_options(method, activations, weight_bits)
     symmetric = activations == "int8"
-    with tempfile.TemporaryDirectory(prefix="adafocus-int8-") as tmp:
+    with _work_folder() as tmp:
         model_input = source
         if preprocess:  # symbolic shape inference + ORT's basic fusions; a no-op on the dynamo graphs
             from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -441,6 +532,7 @@ def quantize_export(
     the time and this stage's peak resident memory. Returns the re-sealed export.
     """
     export = open_export(export_dir)  # verified before anything is written next to it
+    check_options(method, activations, weight_bits)  # before recording: that is most of the work
     if bad := [g for g in graphs if g not in (*QUANTISABLE, DENSE)]:
         raise AdaFocusError(
             f"cannot quantise {bad}", f"choose among {', '.join((*QUANTISABLE, DENSE))} (crop has no weights)"
@@ -550,10 +642,14 @@ def compare_precisions(export_dir, videos, *, threads: int | None = 2) -> dict:
     """fp32 vs int8 ONNX Runtime with the manifest's thresholds on `videos` ((videos, labels) batches):
     accuracy of each (top-1; a multi-label video is right when its top class is one of its labels), and
     the share of videos whose exit step / predicted class changes."""
+    batches = iter(videos)
+    first = next(batches, None)  # an empty set is told before two runtimes are loaded for it
+    if first is None:
+        raise AdaFocusError("no videos to compare fp32 and int8 on", "give at least one held-out video")
     fp32 = Runtime.load(export_dir, "onnxruntime", threads=threads, precision="fp32")
     int8 = Runtime.load(export_dir, "onnxruntime", threads=threads, precision=PRECISION)
     rows = {"labels": [], "fp32_class": [], "int8_class": [], "fp32_exit": [], "int8_exit": []}
-    for batch, labels in videos:
+    for batch, labels in itertools.chain([first], batches):
         batch = np.ascontiguousarray(batch.numpy() if isinstance(batch, torch.Tensor) else batch, np.float32)
         a, b = fp32.predict(batch), int8.predict(batch)
         rows["labels"].append(np.asarray(labels))

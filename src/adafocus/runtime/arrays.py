@@ -56,6 +56,10 @@ class TorchArrays:
     """torch tensors on one device."""
 
     def __init__(self, device: torch.device):
+        if device.type == "cuda" and device.index is None:
+            # torch.device("cuda") means the current GPU, but a tensor put there reports its index
+            # ("cuda:0"): name the index, so that a backend's device equals its own tensors' device
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
 
     def videos(self, videos) -> torch.Tensor:

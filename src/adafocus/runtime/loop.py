@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from adafocus.errors import AdaFocusError
 from adafocus.runtime.backends import Backend
 
 
@@ -182,7 +183,7 @@ def cube_loop(
     def thresholds_of(ids: np.ndarray) -> np.ndarray:
         if row_thresholds is None:
             return np.broadcast_to(default, (len(ids), len(default)))
-        return np.asarray(row_thresholds(ids), dtype=np.float32).reshape(len(ids), len(default))
+        return _checked_rows(row_thresholds(ids), ids, len(default))
 
     run = backend.run if timer is None else timer.run
     arrays = backend.arrays
@@ -231,6 +232,30 @@ def cube_loop(
                 return
             continue
         yield from _cube_step(run, arrays, batch, cubes, max_cubes, running, free, stats, boxes)
+
+
+def _checked_rows(given, ids: np.ndarray, exits: int) -> np.ndarray:
+    """`row_thresholds`' answer for videos `ids` as (n, exits) float32, or one clear error: a NaN
+    threshold would compare False with every entropy, so its video would exit at step 0 unnoticed."""
+    try:
+        rows = np.asarray(given, dtype=np.float32)
+    except (TypeError, ValueError):  # rows of different lengths, or not numbers
+        rows = None
+    if rows is None or rows.shape != (len(ids), exits):
+        raise AdaFocusError(
+            f"row_thresholds gave thresholds of shape {'ragged' if rows is None else rows.shape} "
+            f"for {len(ids)} video{'s' if len(ids) > 1 else ''} from video {int(ids[0])}",
+            f"return one row of {exits} thresholds per video asked for: shape ({len(ids)}, {exits})",
+        )
+    bad = np.isnan(rows).any(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise AdaFocusError(
+            f"row_thresholds gave video {int(ids[first])} the thresholds {rows[first].tolist()}, with NaN",
+            f"give each video {exits} numbers: +inf always exits at that step, -inf never does "
+            "(use -inf, not None or NaN)",
+        )
+    return rows
 
 
 def _admit(

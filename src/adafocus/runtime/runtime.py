@@ -210,7 +210,7 @@ class Runtime:
         self, videos, timer: StageTimer | None, stats: LoopStats | None = None, row_thresholds=None
     ) -> BatchResult:
         self.check_videos(videos)
-        limit = self.backend.max_batch  # TensorRT: the engines' profile ends there
+        limit = self.backend.max_batch  # TensorRT and AOTInductor: the engines' batch range ends there
         if limit and videos.shape[0] > limit:
             parts = []
             for i in range(0, videos.shape[0], limit):
@@ -302,8 +302,10 @@ class Runtime:
         limit = self.backend.max_batch
         if limit and batch_size > limit:
             raise AdaFocusError(
-                f"batch_size {batch_size} is past the largest batch of the TensorRT engines ({limit})",
-                f"use batch_size <= {limit}, or re-export with a larger --batch-range",
+                f"batch_size {batch_size} is past the largest batch of this {self.backend.name} backend's engines "
+                f"({limit})",
+                f"use batch_size <= {limit} (TensorRT engines and AOTInductor packages: or re-export with a larger "
+                "--batch-range)",
             )
         source = Arrivals(videos, self.backend.arrays, self.preset, batch_size, values_checked=values_checked)
         timer = self._timer(self.stats)

@@ -77,6 +77,8 @@ class OnnxRuntimeBackend(Backend):
         graphs: Sequence[str] = GRAPH_NAMES,
     ):
         super().__init__(export, device, precision, graphs)
+        if device == "tensorrt":  # its one optimisation profile ends there (_providers), as a TensorRT engine's
+            self.max_batch = TRT_EP_MAX_BATCH
         self.provider_device, self.threads = device, threads
         self.io_binding = io_binding or device != "cpu"
         self.settings |= {"threads": threads, "io_binding": io_binding, "call_workers": call_workers}

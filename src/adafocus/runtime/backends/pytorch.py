@@ -32,9 +32,9 @@ class PyTorchBackend(Backend):
         graphs: Sequence[str] = GRAPH_NAMES,
     ):
         super().__init__(export, device, precision, graphs)
-        self.arrays = TorchArrays(torch.device(device))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # before any CUDA call
             raise AdaFocusError("device 'cuda' asked for, but torch sees no CUDA GPU", "use --device cpu")
+        self.arrays = TorchArrays(torch.device(device))
         model = export.load_model().to(self.device)
         self.modules = {name: spec.module for name, spec in graph_specs(model).items() if name in self.graphs}
 
