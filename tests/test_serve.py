@@ -376,6 +376,30 @@ def test_ctrl_c_under_load_answers_everything_and_leaves_nothing(calibrated_demo
     assert "answering the requests in flight first" in served.log.read_text(encoding="utf-8")
 
 
+def test_ctrl_c_while_starting_stops_at_once_and_leaves_nothing(calibrated_demo, tmp_path):
+    """A Ctrl-C during the warm-up stops the server then, not once every model is ready."""
+    from adafocus.serve.triton_server import free_port
+
+    before = shm_regions()
+    log = tmp_path / "serve.log"
+    ports = [arg for flag in ("--http-port", "--grpc-port", "--metrics-port") for arg in (flag, str(free_port()))]
+    # a large pool: warming up every batch size up to it keeps the server from being ready for a while
+    command = [sys.executable, "-m", "adafocus", "serve", str(calibrated_demo.path), *ports, "--batch-size", "64"]
+    env = {**os.environ, "ADAFOCUS_CACHE": str(tmp_path / "cache")}
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 120
+    while "starting tritonserver" not in log.read_text(encoding="utf-8") and time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text(encoding="utf-8")
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(120) == 0, log.read_text(encoding="utf-8")[-3000:]
+    text = log.read_text(encoding="utf-8")
+    assert "stopping: asked to before the server was ready" in text
+    assert "serving " not in text  # what it prints once ready: it did not wait for that
+    assert shm_regions() <= before
+
+
 def test_a_killed_model_process_fails_only_its_requests_and_stops_the_server(calibrated_demo, demo_frames, tmp_path):
     _, videos = demo_frames
     before = shm_regions()

@@ -1,19 +1,27 @@
 """The serving loop without Triton: concurrent submitters, per-request budgets, bad input, refusals,
 shutdown and failure, each against `Runtime.predict` on the same export (adafocus.serve.loop)."""
 
+import dataclasses
+import importlib
+import importlib.util
 import math
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from adafocus.data.synthetic import SyntheticTask
-from adafocus.errors import AdaFocusError
+from adafocus.data.video import write_lossless
+from adafocus.errors import AdaFocusError, InternalError
 from adafocus.runtime import Runtime
 from adafocus.runtime.backends import make_backend
 from adafocus.serve.budgets import Budgets, LatencyTarget
+from adafocus.serve.decoders import DecoderPool
 from adafocus.serve.loop import Overloaded, ServingLoop, Unavailable
 from adafocus.serve.service import ServeOptions, Service, failure_kind
 from conftest import near_thresholds
@@ -170,8 +178,8 @@ def test_a_failing_loop_answers_every_request_with_its_error(calibrated_demo, vi
     for f in futures:
         try:
             outcomes.append(f.result(timeout=60).result.exit_step == 0)
-        except Exception as e:  # noqa: BLE001 - what the loop's failure was, to be checked below
-            outcomes.append(type(e).__name__)
+        except InternalError as e:  # the engine's failure, as the cause of an internal error (HTTP 500)
+            outcomes.append(type(e.__cause__).__name__)
     assert "AttributeError" in outcomes  # the videos that needed a cube got the failure
     assert all(o is True or o == "AttributeError" for o in outcomes)
     loop.close(timeout=30)
@@ -268,3 +276,326 @@ def test_the_dense_model_serves_with_the_backend_its_warm_up_ran_at_every_size(c
         np.testing.assert_allclose(outcome["PROBABILITIES"], probabilities, atol=PROB_TOL)
         assert outcome["CLASS_INDEX"][0] == np.argmax(row)
     assert sizes[6:] == [2]  # the two good videos in one graph call
+
+
+class _FailsOnce:
+    """An engine session whose first call fails (a transient fault, such as CUDA running out of
+    memory), then runs the real session."""
+
+    def __init__(self, real):
+        self.real, self.failed = real, False
+
+    def run(self, *args, **kwargs):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("transient engine error")
+        return self.real.run(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_an_engine_failure_answers_the_requests_it_held_and_the_loop_serves_on(calibrated_demo, videos):
+    runtime = Runtime.load(calibrated_demo.path)
+    for sessions in (runtime.backend.sessions, runtime.backend.part_sessions):
+        if "glance" in sessions:
+            sessions["glance"] = _FailsOnce(sessions["glance"])
+    # the idle loop waits for a pool's worth (8), and admits it as one chunk: all 8 are held by the
+    # stream whose glance fails
+    loop = ServingLoop(runtime, batch_size=8, max_queue_delay_ms=60_000)
+    calls: list[int] = []
+    held = [loop.submit(videos[row], on_done=lambda f, row=row: calls.append(row)) for row in range(8)]
+    for future in held:
+        with pytest.raises(InternalError, match="the engine failed while serving this request.*transient"):
+            future.result(timeout=60)
+        assert failure_kind(future.exception()) == "internal"
+    later = [loop.submit(videos[row], on_done=lambda f, row=row: calls.append(row)) for row in range(8, 16)]
+    assert all(f.result(timeout=60).result.ok for f in later)  # a new stream serves them
+    assert loop.alive
+    counters = loop.counters()
+    assert counters.answered == 16 and counters.failed == 8
+    loop.close(timeout=30)
+    assert sorted(calls) == list(range(16))  # every request answered exactly once
+
+
+@pytest.fixture
+def triton_model(monkeypatch):
+    """adafocus.serve.triton_model over the [serve] wheel's own triton_python_backend_utils, with
+    stand-ins for what Triton's stub adds to that module when it runs a model (tensors, responses,
+    errors): what the model answers is recorded, as the stub would carry it to the server."""
+    try:
+        import pytriton
+    except ImportError:
+        pytest.skip("the [serve] extra (nvidia-pytriton) is not installed: pip install -e '.[serve]'")
+    path = Path(pytriton.__file__).parent / "tritonserver" / "backends" / "python" / "triton_python_backend_utils.py"
+    spec = importlib.util.spec_from_file_location("triton_python_backend_utils", path)
+    pb_utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pb_utils)
+
+    class Tensor:
+        def __init__(self, name, value):
+            self._name, self._value = name, value
+
+        def name(self):
+            return self._name
+
+        def as_numpy(self):
+            return self._value
+
+    class TritonError:
+        INVALID_ARG, UNAVAILABLE, INTERNAL = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
+
+        def __init__(self, message, code):
+            self.message, self.code = message, code
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=None, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    pb_utils.Tensor, pb_utils.TritonError, pb_utils.InferenceResponse = Tensor, TritonError, InferenceResponse
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
+    monkeypatch.delitem(sys.modules, "adafocus.serve.triton_model", raising=False)
+    return importlib.import_module("adafocus.serve.triton_model")
+
+
+class _Sender:
+    """A request's response sender; `fails` sends raise (the stub's "Unable to send response")."""
+
+    def __init__(self, fails=0):
+        self.fails, self.sent = fails, []
+
+    def send(self, response, flags):
+        if self.fails:
+            self.fails -= 1
+            raise RuntimeError("Unable to send response")
+        self.sent.append((response, flags))
+
+
+def test_the_responder_answers_on_after_a_response_it_could_not_send(triton_model):
+    model = triton_model.TritonPythonModel()
+    model.name = "adafocus_0"
+    model._answers = triton_model.queue.SimpleQueue()
+    model._responder = threading.Thread(target=model._respond)
+    model._responder.start()
+    once, always, next_one = _Sender(fails=1), _Sender(fails=2), _Sender()
+    outputs = {"CLASS_INDEX": np.array([1], np.int64)}
+    for sender in (once, always, next_one):
+        model._answers.put((sender, outputs))
+    model._answers.put(None)
+    model._responder.join(timeout=60)
+    assert not model._responder.is_alive()
+    final = triton_model.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    [(error, flags)] = once.sent  # its answer could not be sent: the error that said so was, and final
+    assert flags == final and error.error.code == "INTERNAL" and "Unable to send response" in error.error.message
+    assert always.sent == []  # nothing could reach that client, and the responder went on
+    [(answer, flags)] = next_one.sent
+    assert flags == final and answer.error is None and answer.output_tensors[0].name() == "CLASS_INDEX"
+
+
+def test_a_batched_request_without_inputs_is_a_bad_request(triton_model, calibrated_demo, videos):
+    class Request:
+        def __init__(self, *tensors):
+            self.tensors = list(tensors)
+
+        def inputs(self):
+            return self.tensors
+
+        def parameters(self):
+            return ""
+
+    model = triton_model.TritonPythonModel()
+    model.batched = True
+    model.service = Service(
+        ServeOptions(export=str(calibrated_demo.path), batch_size=2, decoders=0), "per_batch", log=lambda line: None
+    )
+    empty, good = Request(), Request(triton_model.pb_utils.Tensor("VIDEO", videos[:1]))
+    responses = model.execute([empty, good])
+    assert responses[0].error.code == "INVALID_ARG"  # HTTP 400, as the error table says
+    assert "a request carries none of FRAMES, VIDEO, VIDEO_FILE" in responses[0].error.message
+    assert "send exactly one" in responses[0].error.message
+    assert responses[1].error is None
+
+
+class _AdmissionLog(ServingLoop):
+    """A serving loop that notes, at each admission, how many videos were running already and how
+    long the first admitted (the oldest queued) had been in the queue."""
+
+    def __init__(self, *args, **kwargs):
+        self.admissions: list[tuple[int, float]] = []
+        super().__init__(*args, **kwargs)
+
+    def _thresholds_of(self, indices):
+        now = time.perf_counter()
+        with self._cond:
+            oldest = self._admitted[int(indices[0])]
+            self.admissions.append((len(self._admitted) - len(indices), now - oldest.queued))
+        return super()._thresholds_of(indices)
+
+
+@pytest.mark.parametrize("admit_wait_ms", [math.inf, 300.0])
+def test_a_busy_loop_admits_only_when_drained_or_after_admit_wait(calibrated_demo, videos, admit_wait_ms):
+    # the idle loop waits for a pool's worth, and the rest queue up behind it while it runs
+    loop = _AdmissionLog(
+        Runtime.load(calibrated_demo.path), batch_size=8, admit_wait_ms=admit_wait_ms, max_queue_delay_ms=2000
+    )
+    futures = [loop.submit(video) for video in videos[:40]]
+    assert all(f.result(timeout=120).result.ok for f in futures)
+    loop.close(timeout=30)
+    assert len(loop.admissions) > 1
+    for running, waited in loop.admissions:
+        if math.isinf(admit_wait_ms):
+            assert running == 0  # inf: only into a drained pool
+        elif running:
+            assert waited >= admit_wait_ms / 1000  # into a running pool only once the oldest waited that long
+
+
+def test_after_a_step_the_latency_target_judges_only_what_was_admitted_under_the_new_cap(calibrated_demo):
+    front = Budgets(calibrated_demo, Runtime.load(calibrated_demo.path).thresholds).front
+    target = LatencyTarget(front, 0.100)
+    for _ in range(LatencyTarget.WINDOW):  # a burst: every latency far above 0.55 x target
+        target.answered(0.080, 0.0, 0.0, cap_steps=target.steps)
+    target.cap()
+    stepped, before = target.level, target.steps - 1
+    assert stepped < len(front) - 1
+    for _ in range(2 * LatencyTarget.STEP_AFTER):  # the burst's last requests, admitted before the step
+        target.answered(0.080, 0.0, 0.0, cap_steps=before)
+    assert target.cap() == front[stepped].gflops  # they do not judge the new cap
+    for _ in range(LatencyTarget.STEP_AFTER):  # the new cap's own: far below the target
+        target.answered(0.010, 0.0, 0.0, cap_steps=target.steps)
+    target.cap()
+    assert target.level > stepped  # back up at once, not down again on the burst's latencies
+
+
+def _write_video_file(folder: Path, preset) -> Path:
+    task = SyntheticTask(preset, seed=0)
+    frames = np.rint(task.raw_video("test", 0)[0] * 255).astype(np.uint8)
+    path = folder / "video.mkv"
+    write_lossless(path, frames.transpose(0, 2, 3, 1))
+    return path
+
+
+def test_files_being_decoded_count_toward_max_queue(calibrated_demo, tmp_path):
+    upload = {"VIDEO_FILE": np.array([_write_video_file(tmp_path, calibrated_demo.preset).read_bytes()], np.object_)}
+    # the idle loop waits for a pool's worth (until close), so no accepted request leaves the queue
+    options = ServeOptions(
+        export=str(calibrated_demo.path), batch_size=8, max_queue=2, max_queue_delay_ms=60_000, decoders=1
+    )
+    service = Service(options, "continuous", log=lambda line: None)
+    answers: list = []
+    try:
+        for _ in range(10):  # far faster than one decoder decodes them
+            service.submit(upload, {}, answers.append)
+        assert len(answers) == 8 and all(isinstance(a, Overloaded) for a in answers)
+        assert "2 requests are queued" in str(answers[0])
+        assert service.metrics()["queue_length"] == 2  # decoding or queued: both wait
+        assert service.loop.counters().refused["overloaded"] == 8
+    finally:
+        service.close()  # ends the wait: the two accepted are answered
+    assert len(answers) == 10 and all(isinstance(a, dict) for a in answers[8:])
+    assert service.metrics()["queue_length"] == 0
+
+
+def test_a_files_decoding_time_is_no_time_in_the_queue(calibrated_demo, videos):
+    # a latency target at its cheapest point refuses a request behind a queue older than
+    # 0.55 x 1000 ms / 2; the first request's file took 2 s to decode, but it has just been queued
+    loop = ServingLoop(Runtime.load(calibrated_demo.path), batch_size=8, latency_slo_ms=1000, max_queue_delay_ms=60_000)
+    loop.target.level = 0
+    decoded = loop.submit(videos[0], received=time.perf_counter() - 2.0, name="VIDEO_FILE")
+    second = loop.submit(videos[1])  # accepted: the queue is fresh
+    loop.close(timeout=30)
+    served = [decoded.result(timeout=0), second.result(timeout=0)]
+    assert all(s.result.ok for s in served)
+    assert served[0].queued_s >= 2.0  # its latency still counts from when it was received
+    assert loop.counters().refused["overloaded"] == 0
+
+
+def test_requests_refused_before_the_loop_are_counted(calibrated_demo, videos):
+    options = ServeOptions(export=str(calibrated_demo.path), batch_size=2, decoders=1, max_file_mib=0.001)
+    service = Service(options, "continuous", log=lambda line: None)
+    answers: list = []
+    video = videos[0]
+    nan = video.copy()
+    nan[0, 0, 0, 0] = np.nan
+    requests = [
+        ({"VIDEO": video}, {"budget_gflops": 1e-6}),  # below the cheapest budget
+        ({"VIDEO": video, "FRAMES": video.astype(np.uint8)}, {}),  # two inputs
+        ({}, {}),  # none
+        ({"VIDEO": video.astype(np.float64)}, {}),  # the wrong dtype
+        ({"VIDEO": video[:4]}, {}),  # the wrong shape
+        ({"VIDEO_FILE": np.array([b"x" * 2000], np.object_)}, {}),  # over --max-file-mib
+        ({"VIDEO_FILE": np.array([b"not a video" * 50], np.object_)}, {}),  # does not decode
+        ({"VIDEO": nan}, {}),  # NaN (refused by the loop's own check)
+    ]
+    try:
+        for inputs, parameters in requests:
+            service.submit(inputs, parameters, answers.append)
+        deadline = time.monotonic() + 60
+        while len(answers) < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(answers) == len(requests)
+        assert all(failure_kind(a) == "bad_request" for a in answers)
+        assert service.metrics()["refused"]["bad_request"] == len(requests)
+    finally:
+        service.close()
+    service = Service(dataclasses.replace(options, decoders=0), "continuous", log=lambda line: None)
+    try:
+        service.submit({"VIDEO_FILE": np.array([b"x"], np.object_)}, {}, answers.append)  # no decoders here
+        assert failure_kind(answers[-1]) == "bad_request" and service.metrics()["refused"]["bad_request"] == 1
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("option", ["budget", "latency_slo_ms", "max_queue_delay_ms", "admit_wait_ms", "max_file_mib"])
+def test_non_finite_options_are_refused_naming_the_option(calibrated_demo, option):
+    flag = "--" + option.replace("_", "-")
+    for value in (math.nan, -math.inf) + (() if option == "admit_wait_ms" else (math.inf,)):
+        with pytest.raises(AdaFocusError, match=rf"{flag} is {value}, not a finite number"):
+            ServeOptions(export=str(calibrated_demo.path), **{option: value})
+    if option == "admit_wait_ms":
+        assert ServeOptions(export=str(calibrated_demo.path), admit_wait_ms=math.inf).admit_wait_ms == math.inf
+    from adafocus.cli.serve import serve
+
+    result = CliRunner().invoke(serve, [str(calibrated_demo.path), flag, "nan"])  # refused before any server starts
+    assert result.exit_code != 0 and not isinstance(result.exception, ValueError), result.output
+    assert f"{flag} is nan, not a finite number" in result.output
+
+
+def test_a_decoder_pool_refuses_files_after_close_and_one_that_cannot_start_says_why(calibrated_demo, monkeypatch):
+    pool = DecoderPool(calibrated_demo.preset, 1)
+    pool.close()
+    with pytest.raises(Unavailable, match="decoders are shut down"):
+        pool.submit(b"some bytes").result(timeout=60)
+    # a worker that cannot be started: the error, not a constructor that waits for ever
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+    raised: list[BaseException] = []
+
+    def start():
+        try:
+            DecoderPool(calibrated_demo.preset, 2)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            raised.append(e)
+
+    starting = threading.Thread(target=start, daemon=True)  # daemon: a constructor that hangs is left behind
+    starting.start()
+    starting.join(120)
+    assert not starting.is_alive(), "DecoderPool() still waits for its workers"
+    assert isinstance(raised[0], FileNotFoundError) and "/nonexistent/python3" in str(raised[0])
+
+
+def test_an_on_done_that_raises_is_not_called_again(calibrated_demo, videos):
+    options = ServeOptions(export=str(calibrated_demo.path), batch_size=2, decoders=0)
+    service = Service(options, "continuous", log=lambda line: None)
+    calls: list = []
+    answered = threading.Event()
+
+    def on_done(outcome):
+        calls.append(outcome)
+        answered.set()
+        raise RuntimeError("a response sender that fails")
+
+    try:
+        service.submit({"VIDEO": videos[0]}, {}, on_done)
+        assert answered.wait(60)
+    finally:
+        service.close()  # the loop answered everything: a second call would have come before this returns
+    assert len(calls) == 1 and isinstance(calls[0], dict)

@@ -93,7 +93,8 @@ class LatencyTarget:
     along the calibrated front by the latencies the server sees, and a refusal when a new request
     could not make the target at all.
 
-    The cap follows the tail of recent latencies (submitted to answered, the last WINDOW requests):
+    The cap follows the tail of recent latencies (submitted to answered, the last WINDOW requests
+    admitted under the cap in force: those admitted before a step say nothing of what it did):
     above `high` x target it steps down the front, the further above the larger the step; when the
     tail, grown by the cost ratio of the next dearer point, stays below `low` x target, it steps back
     up, by half as many points as the same ratio would step it down (one point at a time, below a
@@ -124,11 +125,10 @@ class LatencyTarget:
             raise AdaFocusError(f"latency target {target_s * 1000:g} ms is not positive", "give milliseconds > 0")
         self.front, self.target_s, self.high, self.low = front, target_s, high, low
         self.level = len(front) - 1  # the front point in force: no cap at first
-        self._latencies: deque[float] = deque(maxlen=self.WINDOW)
+        self._latencies: deque[float] = deque(maxlen=self.WINDOW)  # of requests admitted under this cap
         self._answers: deque[tuple[float, float]] = deque(maxlen=4 * self.WINDOW)  # (when, loop's idle s)
         self._floors: deque[float] = deque(maxlen=self.WINDOW)
         self.steps = 0  # how often the cap moved
-        self._since_step = 0  # answers of requests admitted after the latest move
         self._stepped_at = -math.inf  # when it moved (time.perf_counter())
 
     @property
@@ -141,10 +141,11 @@ class LatencyTarget:
 
     def answered(self, latency_s: float, now: float, idle_s: float, *, cap_steps: int) -> None:
         """A request was answered `latency_s` after it was submitted, at `now`, when the loop had been
-        idle `idle_s` seconds in all; `cap_steps`: `steps` when it was admitted."""
-        self._latencies.append(latency_s)
+        idle `idle_s` seconds in all; `cap_steps`: `steps` when it was admitted. Its latency is judged
+        only if it was admitted under the cap in force; every answer counts toward the answer rate."""
+        if cap_steps == self.steps:
+            self._latencies.append(latency_s)
         self._answers.append((now, idle_s))
-        self._since_step += cap_steps == self.steps
 
     def answer_rate(self) -> float | None:
         """Answers per busy second lately: what the server can answer at the current budgets."""
@@ -162,7 +163,7 @@ class LatencyTarget:
         stale = waited_s > queue_limit_s(self.target_s, self.high)
         if stale and self.level > 0 and now - waited_s >= self._stepped_at:
             self._step(-1, now)
-        elif self._since_step >= self.STEP_AFTER and len(self._latencies) >= self.STEP_AFTER:
+        elif len(self._latencies) >= self.STEP_AFTER:
             tail = float(np.percentile(self._latencies, 90))
             if tail > self.high * self.target_s and self.level > 0:
                 jump = max(1, round(len(self.front) * math.log2(tail / (self.high * self.target_s)) / 4))
@@ -177,7 +178,7 @@ class LatencyTarget:
     def _step(self, by: int, now: float) -> None:
         self.level = min(max(self.level + by, 0), len(self.front) - 1)
         self.steps += 1
-        self._since_step = 0
+        self._latencies.clear()  # judge the new cap by what it does, not by what came before it
         self._stepped_at = now
 
     def predicted_s(self, ahead: int) -> float:

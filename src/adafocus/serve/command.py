@@ -63,7 +63,12 @@ def serve(
         ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
         server = TritonServer(repository, host=host, exit_timeout_s=exit_timeout_s, **ports)
         log(f"starting tritonserver on {repository} (warming up {len(models)} models, {instances} instance(s) each)")
-        server.start()
+        server.start(stop=stop)
+        if stop.is_set():  # Ctrl-C while it started: no waiting for the models to be ready first
+            log("stopping: asked to before the server was ready")
+            server.stop()
+            status = 0
+            return status
         _say_where(server, options, log)
         problem = _watch(server, stop)
         if problem:

@@ -66,8 +66,11 @@ class DecoderPool:
         self.threads = decoder_threads(workers)  # FFmpeg threads in each worker: the cores shared
         self.folder = Path(tempfile.mkdtemp(prefix="adafocus-decode-"))
         self.crashes = 0  # workers that died on a file (or were stopped for taking too long)
+        self._lock = threading.Lock()  # for `crashes` (drivers) and `_closed` (submit against close)
+        self._closed = False
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._workers: list[subprocess.Popen | None] = [None] * workers
+        self._start_error: BaseException | None = None
         self._started = threading.Barrier(workers + 1)
         self._drivers = [
             threading.Thread(target=self._drive, args=(slot,), name=f"adafocus-decoder-{slot}", daemon=True)
@@ -75,22 +78,38 @@ class DecoderPool:
         ]
         for driver in self._drivers:
             driver.start()
-        self._started.wait()
+        try:
+            self._started.wait()
+        except threading.BrokenBarrierError:  # a driver could not start its worker: say why, leave nothing
+            for driver in self._drivers:
+                driver.join()
+            self._stop_workers()
+            raise self._start_error from None
 
     def submit(self, data: bytes) -> Future:
         future: Future = Future()
-        if not data:
-            future.set_exception(AdaFocusError("VIDEO_FILE is empty (0 bytes)", "send the bytes of a video file"))
-        else:
-            self._jobs.put(_Job(bytes(data), future))
+        with self._lock:  # a job put after close's stops would never be taken: refused instead
+            if self._closed:
+                from adafocus.serve.loop import Unavailable  # here: the worker processes import this module
+
+                future.set_exception(Unavailable("the decoders are shut down", "send the request to another replica"))
+            elif not data:
+                future.set_exception(AdaFocusError("VIDEO_FILE is empty (0 bytes)", "send the bytes of a video file"))
+            else:
+                self._jobs.put(_Job(bytes(data), future))
         return future
 
     def close(self) -> None:
         """Stop the workers (after the files already submitted) and remove the temporary folder."""
-        for _ in self._drivers:
-            self._jobs.put(_STOP)
+        with self._lock:
+            self._closed = True
+            for _ in self._drivers:
+                self._jobs.put(_STOP)
         for driver in self._drivers:
             driver.join()
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
         for worker in self._workers:
             if worker is not None:
                 _stop(worker)
@@ -109,8 +128,16 @@ class DecoderPool:
     def _drive(self, slot: int) -> None:
         # Each driver thread starts its own workers: the parent-death signal fires when the thread that
         # started a process ends, and this one lives as long as the pool.
-        self._workers[slot] = self._start()
-        self._started.wait()
+        try:
+            self._workers[slot] = self._start()
+        except BaseException as e:  # noqa: BLE001 - raised by __init__, which the barrier's abort wakes
+            self._start_error = e
+            self._started.abort()
+            return
+        try:
+            self._started.wait()
+        except threading.BrokenBarrierError:  # another driver failed to start: __init__ stops our worker
+            return
         while (job := self._jobs.get()) is not _STOP:
             if self._workers[slot] is None or self._workers[slot].poll() is not None:  # died between files
                 self._workers[slot] = self._start()
@@ -124,7 +151,8 @@ class DecoderPool:
             except (EOFError, OSError, TimeoutError) as e:
                 worker.kill()
                 worker.wait()
-                self.crashes += 1
+                with self._lock:
+                    self.crashes += 1
                 self._workers[slot] = None
                 for leftover in self.folder.glob(f"{worker.pid}-*"):
                     leftover.unlink(missing_ok=True)

@@ -11,7 +11,9 @@ of its pool is free, the loop asks the queue for videos: an idle loop takes what
 (`max_queue_delay_ms`: after giving others that long to join), a busy one takes them once the oldest
 has waited `admit_wait_ms` (0: at the next turn; inf: only when the pool has drained). When nothing
 is to be admitted the queue says `NOT_YET` and the pool runs on with what it has; with nothing queued
-and nothing running the thread sleeps until a request arrives.
+and nothing running the thread sleeps until a request arrives. Admission closes once the videos it
+took are admitted (`_thresholds_of`): the next refill asks again whether the pool has drained or the
+oldest has waited long enough, so a busy pool never takes arrivals sooner than that.
 
 Why a busy pool may hold arrivals back: on a CPU a graph call costs about the same per row whatever
 the batch, so a video admitted into a running pool adds its glance (the dearest graph of the demo,
@@ -27,8 +29,10 @@ point of a video is lowered at admission to the cap the recent latencies call fo
 refused at once, with `Overloaded` (retryable), when the queue is full (`max_queue`) or when even the
 cheapest point cannot make the target; with a clear error for a bad video or budget; with
 `Unavailable` once the loop is closing (`check_room()` asks that for the load alone, so that a server
-refuses before it decodes a file). Every accepted request gets exactly one answer: a result, or an
-exception on its future if the loop itself fails.
+refuses before it decodes a file; `hold=True` counts a file being decoded toward the queue until it
+is submitted). Every accepted request gets exactly one answer: a result, or an exception on its
+future. When the engine fails, the requests the failed `Runtime.stream` held get an `InternalError`
+and a new stream serves the rest: one fault does not stop a model that Triton still reports ready.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from adafocus.errors import AdaFocusError, InternalError
+from adafocus.errors import AdaFocusError, InternalError, error_text
 from adafocus.model.checks import check_video
 from adafocus.runtime import Runtime, VideoResult
 from adafocus.runtime.loop import NOT_YET
@@ -75,7 +79,8 @@ class _Request:
     video: np.ndarray
     point: OperatingPoint
     future: Future
-    submitted: float
+    submitted: float  # when the request was received (latency counts from then)
+    queued: float  # when it entered the queue: its age there is what admission and the target judge
     admitted: float = 0.0
     unloaded: bool = False  # admitted when nothing else was queued or running
     cap_steps: int = 0  # with a latency target: how many steps its cap had taken when this was admitted
@@ -86,10 +91,10 @@ class LoopCounters:
     """What the loop has done, for metrics: monotonic counters and the state right now."""
 
     answered: int = 0
-    failed: int = 0  # answered with an error (bad video)
+    failed: int = 0  # answered with an error (a bad video, or the engine failed while holding it)
     refused: dict[str, int] = field(default_factory=lambda: {"overloaded": 0, "bad_request": 0, "unavailable": 0})
     gflops_served: float = 0.0  # the exit costs of the videos answered
-    queued: int = 0
+    queued: int = 0  # waiting for the pool, files being decoded included
     in_pool: int = 0
     budget_in_force: float = math.nan  # GFLOPs per video of the default point after the latency cap
     exits: list[int] = field(default_factory=list)
@@ -126,7 +131,9 @@ class ServingLoop:
         self._cond = threading.Condition()
         self._queue: deque[_Request] = deque()
         self._admitted: dict[int, _Request] = {}  # stream index -> request, until answered
-        self._next_index = 0
+        self._next_index = 0  # the stream index of the next admitted video (each stream counts from 0)
+        self._admitting = False  # admission is open: take what is queued, up to the room asked for
+        self._held = 0  # requests counted toward the queue before they are submitted (files being decoded)
         self._idle_s = 0.0  # seconds the loop slept with nothing to do, in all
         self._closing = False
         self._stopped: BaseException | None = None
@@ -143,46 +150,66 @@ class ServingLoop:
         on_done: Callable[[Future], None] | None = None,
         name: str = "video",
         received: float | None = None,
+        held: bool = False,
     ) -> Future:
         """Queue one video (T, 3, S, S) float32, normalised; returns a Future of `Served`. Raises at
         once, before any work: AdaFocusError for a bad video (called `name` in the message) or budget,
         Overloaded, Unavailable. `received`: when the request arrived (`time.perf_counter()`), if before
-        now (a server that decoded or converted it first): its latency counts from then."""
+        now (a server that decoded or converted it first): its latency counts from then, its age in
+        the queue from now. `held`: its room was taken by `check_room(hold=True)`, and is used now
+        (the load is not checked again: the request counted toward it all along)."""
+        now = time.perf_counter()
         try:
             video = np.asarray(video)
             check_video(video, self.runtime.preset, name)  # here, in the submitter's thread
             point = self.budgets.resolve(budget_gflops)
         except AdaFocusError:
-            self._count_refusal("bad_request")
+            self.count_refused("bad_request", release=held)
             raise
         future: Future = Future()
         if on_done is not None:
             future.add_done_callback(on_done)
         with self._cond:
-            self._refuse_if_full()
-            self._queue.append(_Request(video, point, future, received or time.perf_counter()))
+            self._held -= held
+            self._refuse_if_full(load=not held)
+            self._queue.append(_Request(video, point, future, now if received is None else received, now))
             self._cond.notify()
         return future
 
-    def check_room(self) -> None:
+    def check_room(self, *, hold: bool = False) -> None:
         """Raises what `submit` would raise now for the load alone (Overloaded, Unavailable; counted),
         so that a server refuses a request before it decodes or converts its video. `submit` checks
-        again: the load may change in between."""
+        again: the load may change in between. `hold`: a request with room counts toward the queue
+        from now (max_queue, the queue length, what a latency target sees ahead) until it is
+        submitted with `held=True` or given up with `release()`: a file being decoded."""
         with self._cond:
             self._refuse_if_full()
+            self._held += hold
 
-    def _refuse_if_full(self) -> None:
-        """Called holding the lock."""
+    def release(self) -> None:
+        """Give up the room `check_room(hold=True)` took (the request was refused or failed)."""
+        with self._cond:
+            self._held -= 1
+
+    def _queue_age(self, now: float) -> float:
+        """How long the oldest queued request has been in the queue (0 when none is). Called holding
+        the lock. From when it was queued, not received: a file's decoding is no queue."""
+        return now - self._queue[0].queued if self._queue else 0.0
+
+    def _refuse_if_full(self, load: bool = True) -> None:
+        """Called holding the lock. `load`: check the queue and the latency target too."""
         if self._closing or self._stopped is not None:
             self._counters.refused["unavailable"] += 1
             why = "shutting down" if self._stopped is None else f"stopped ({self._stopped})"
             raise Unavailable(f"the serving loop is {why}", "send the request to another replica")
-        queued = len(self._queue)
+        if not load:
+            return
+        queued = len(self._queue) + self._held
         if queued >= self.max_queue:
             self._counters.refused["overloaded"] += 1
             raise Overloaded(f"overloaded: {queued} requests are queued (max_queue)", "retry later")
         ahead = queued + len(self._admitted)
-        waited = time.perf_counter() - self._queue[0].submitted if self._queue else 0.0
+        waited = self._queue_age(time.perf_counter())
         if self.target is not None and not self.target.accepts(ahead, waited):
             self._counters.refused["overloaded"] += 1
             raise Overloaded(
@@ -214,7 +241,7 @@ class ServingLoop:
                 c.failed,
                 dict(c.refused),
                 c.gflops_served,
-                len(self._queue),
+                len(self._queue) + self._held,
                 self.runtime.stats.in_pool,
                 budget,
                 list(self.runtime.stats.exits),
@@ -222,20 +249,20 @@ class ServingLoop:
                 self.runtime.stats.mixed_threshold_turns,
             )
 
-    def _count_refusal(self, why: str) -> None:
+    def count_refused(self, why: str, *, release: bool = False) -> None:
+        """Count a refusal (`refused` key) decided outside `submit` and `check_room`, such as a
+        server's check of its inputs; `release`: the request's held room is given up too."""
         with self._cond:
             self._counters.refused[why] += 1
+            self._held -= release
 
     # the loop's side -----------------------------------------------------------------------------
     def _serve(self) -> None:
         error: BaseException | None = None
         try:
-            stream = self.runtime.stream(
-                self._arrivals(), self.batch_size, row_thresholds=self._thresholds_of, values_checked=True
-            )
-            for result in stream:
-                self._answer(result)
-        except BaseException as e:  # answer everyone, whatever went wrong
+            while not self._stream_once():
+                pass
+        except BaseException as e:  # the loop's own failure: answer everyone with it, and stop
             error = e
         with self._cond:
             orphans = list(self._admitted.values()) + list(self._queue)
@@ -247,10 +274,39 @@ class ServingLoop:
         for request in orphans:
             request.future.set_exception(error)
 
+    def _stream_once(self) -> bool:
+        """One `Runtime.stream` over the queue; True when it ended (closing, nothing left). When the
+        engine fails, the requests this stream held (admitted, not answered) each get an
+        InternalError and False is returned: a new stream, with a new pool, serves the queue. A
+        failure holding no request is not the engine's (it ran nothing): it is raised."""
+        try:
+            stream = self.runtime.stream(
+                self._arrivals(), self.batch_size, row_thresholds=self._thresholds_of, values_checked=True
+            )
+            for result in stream:
+                self._answer(result)
+            return True
+        except Exception as e:  # noqa: BLE001 - the requests it held are answered with it below
+            with self._cond:
+                held = list(self._admitted.values())
+                if not held:
+                    raise
+                self._admitted.clear()
+                self._next_index = 0  # the next stream numbers its videos from 0 again
+                self._admitting = False
+                self._counters.answered += len(held)
+                self._counters.failed += len(held)
+                self.runtime.stats.in_pool = 0  # the failed stream's pool is gone
+            # an InternalError whatever was raised: the engine's fault, not the request's (HTTP 500)
+            failure = InternalError(f"the engine failed while serving this request: {error_text(e)}")
+            failure.__cause__ = e
+            for request in held:
+                request.future.set_exception(failure)
+            return False
+
     def _arrivals(self):
         """The queue as streaming mode's input: a request's video, NOT_YET when nothing is waiting but
         videos are running, and the end once closing with nothing left. Blocks only when idle."""
-        admitting = False
         while True:
             with self._cond:
                 if not self._queue and not self._admitted:
@@ -258,11 +314,13 @@ class ServingLoop:
                         return
                     self._idle()
                     continue
-                waited = time.perf_counter() - self._queue[0].submitted if self._queue else 0.0
-                # once open, admission takes everything queued (up to the room the loop asked for)
-                admitting = admitting or not self._admitted or waited >= self.admit_wait_s
-                if not self._queue or not admitting:
-                    request, admitting = None, False
+                # admission opens when the pool has drained or the oldest has waited admit_wait_s; it
+                # then takes everything queued up to the room the loop asked for, and closes when
+                # that is admitted (_thresholds_of), not at the next refill
+                waited = self._queue_age(time.perf_counter())
+                self._admitting = self._admitting or not self._admitted or waited >= self.admit_wait_s
+                if not self._queue or not self._admitting:
+                    request, self._admitting = None, False
                 else:
                     request = self._queue.popleft()
                     index, self._next_index = self._next_index, self._next_index + 1
@@ -284,8 +342,9 @@ class ServingLoop:
         """Each admitted video's thresholds: its point, lowered as far as the latency target needs."""
         now = time.perf_counter()
         with self._cond:
+            self._admitting = False  # this admission is done: the next one waits its turn again
             if self.target is not None:
-                self._cap = self.target.cap(now - self._queue[0].submitted if self._queue else 0.0, now)
+                self._cap = self.target.cap(self._queue_age(now), now)
             unloaded = len(self._admitted) == len(indices) == 1 and not self._queue
             requests = [self._admitted[int(i)] for i in indices]
         for request in requests:

@@ -59,6 +59,16 @@ class ServeOptions:
     max_file_mib: float = 64.0
     decoders: int = 2  # processes decoding VIDEO_FILE inputs
 
+    def __post_init__(self):
+        # click's FloatRange lets NaN through (every comparison with it is False), and JSON, the
+        # repository's config, has no NaN or inf: refused here, before anything is written or started
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value) and not (f.name == "admit_wait_ms" and value > 0):
+                option = "--" + f.name.replace("_", "-")
+                also = " (inf: admit only when the pool has drained)" if f.name == "admit_wait_ms" else ""
+                raise AdaFocusError(f"{option} is {value}, not a finite number", f"give {option} a number{also}")
+
     def to_parameters(self) -> dict[str, str]:
         """Strict JSON per option; an infinite delay is the string "inf" (JSON has no Infinity)."""
         return {f.name: json.dumps(_inf_as_text(getattr(self, f.name)), allow_nan=False) for f in fields(self)}
@@ -81,6 +91,14 @@ def failure_kind(error: BaseException) -> str:
     if isinstance(error, AdaFocusError):
         return "bad_request"
     return "internal"
+
+
+def input_count_error(given: list[str]) -> AdaFocusError:
+    """The error of a request that carries several of INPUTS, or none."""
+    return AdaFocusError(
+        f"a request carries {' and '.join(given) or 'none'} of {', '.join(INPUTS)}",
+        "send exactly one: FRAMES (uint8 pixels), VIDEO (normalised float32) or VIDEO_FILE (a file's bytes)",
+    )
 
 
 def _inf_as_text(value):
@@ -169,10 +187,7 @@ class Service:
         file. Every problem is an AdaFocusError naming the input, raised before any work."""
         given = [name for name in INPUTS if inputs.get(name) is not None]
         if len(given) != 1:
-            raise AdaFocusError(
-                f"a request carries {' and '.join(given) or 'none'} of {', '.join(INPUTS)}",
-                "send exactly one: FRAMES (uint8 pixels), VIDEO (normalised float32) or VIDEO_FILE (a file's bytes)",
-            )
+            raise input_count_error(given)
         name, value = given[0], np.asarray(inputs[given[0]])
         if name == "VIDEO_FILE":
             data = value.reshape(-1)[0] if value.size == 1 else None
@@ -198,37 +213,54 @@ class Service:
         once (from another thread, or before this returns when the request is refused). Its latency,
         which a latency target holds, counts from this call: decoding and conversion included. Under
         overload a request is refused before its video is decoded or checked: a server that cannot
-        take it spends nothing on it (its client, retrying later, then learns what is wrong with it)."""
+        take it spends nothing on it (its client, retrying later, then learns what is wrong with it).
+        A file counts toward the loop's queue (`max_queue`) from then on, while it waits for a decoder
+        and is decoded: uploads are held in memory, and must not pile up without bound."""
         received = time.perf_counter()
+        is_file, held = inputs.get("VIDEO_FILE") is not None, False
         try:
             budget = self.budget_of(parameters)
-            self.loop.check_room()  # refused for the load before a file is decoded or frames converted
+            self.loop.check_room(hold=is_file)  # refused for the load before a file is decoded or frames converted
+            held = is_file
             video = self.video_of(inputs)
         except Exception as e:  # noqa: BLE001 - refused before any work: answered now
+            # the load's refusals (Overloaded, Unavailable) are counted by the loop already
+            self._refused(e if failure_kind(e) == "bad_request" else None, release=held)
             on_done(e)
             return
         name = next(n for n in INPUTS if inputs.get(n) is not None)
         if isinstance(video, Future):
             video.add_done_callback(lambda decoded: self._submit_decoded(decoded, budget, on_done, received))
         else:
-            self._submit_video(video, budget, None, on_done, name, received)
+            self._submit_video(video, budget, None, on_done, name, received, held=False)
+
+    def _refused(self, error: BaseException | None, *, release: bool) -> None:
+        """Count a refusal the loop did not see (`error` None: counted already) in adafocus_refused_total,
+        and give up the request's held room."""
+        if error is not None and failure_kind(error) != "internal":
+            self.loop.count_refused(failure_kind(error), release=release)
+        elif release:
+            self.loop.release()
 
     def _submit_decoded(self, decoded: Future, budget, on_done, received: float) -> None:
-        if decoded.exception() is not None:
-            on_done(decoded.exception())
+        error = decoded.exception()
+        if error is not None:  # a file that does not decode, or a decoder pool closing
+            self._refused(error, release=True)
+            on_done(error)
             return
         clip = decoded.result()
-        self._submit_video(clip.frames, budget, clip, on_done, "VIDEO_FILE", received)
+        self._submit_video(clip.frames, budget, clip, on_done, "VIDEO_FILE", received, held=True)
 
-    def _submit_video(self, video, budget, source, on_done, name: str, received: float) -> None:
+    def _submit_video(self, video, budget, source, on_done, name: str, received: float, *, held: bool) -> None:
         def answer(future: Future) -> None:
             try:
-                on_done(self._outputs(future.result(), source))
+                outcome = self._outputs(future.result(), source)
             except Exception as e:  # noqa: BLE001 - the loop's failure, or a video it refused
-                on_done(e)
+                outcome = e
+            on_done(outcome)  # once: outside the try, so that an on_done that raises is not called again
 
         try:
-            self.loop.submit(video, budget_gflops=budget, on_done=answer, name=name, received=received)
+            self.loop.submit(video, budget_gflops=budget, on_done=answer, name=name, received=received, held=held)
         except Exception as e:  # noqa: BLE001 - refused: a bad video, overloaded, shutting down
             on_done(e)
 

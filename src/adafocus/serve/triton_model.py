@@ -21,7 +21,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from adafocus.errors import error_text
-from adafocus.serve.service import INPUTS, ServeOptions, Service, failure_kind
+from adafocus.serve.service import INPUTS, ServeOptions, Service, failure_kind, input_count_error
 
 # how failures are answered: Triton error codes by `failure_kind` (the stub adds TritonError and the
 # response flags to pb_utils after it imported this module, so they are looked up when used)
@@ -51,21 +51,22 @@ class TritonPythonModel:
             for request in requests:
                 self._submit(request)
             return None
-        items, sizes = [], []
+        items, sizes, given = [], [], []
         for request in requests:  # a request of the batched models may carry several videos
             inputs, parameters = _inputs(request), _parameters(request)
-            count = next((len(v) for v in inputs.values() if v is not None), 0)
+            given.append([name for name, value in inputs.items() if value is not None])
+            count = len(inputs[given[-1][0]]) if given[-1] else 0
             sizes.append(count)
             for i in range(count):
                 items.append(({k: (None if v is None else v[i]) for k, v in inputs.items()}, parameters))
         outcomes = self.service.run_batch(items)
         responses, start = [], 0
-        for count in sizes:
+        for count, names in zip(sizes, given):
             mine = outcomes[start : start + count]
             start += count
             error = next((o for o in mine if isinstance(o, BaseException)), None)
-            if error is not None or not mine:
-                responses.append(_error(error or ValueError("the request carries no video")))
+            if error is not None or not mine:  # no video at all (Triton lets a request without inputs through)
+                responses.append(_error(error or input_count_error(names)))
             else:
                 stacked = {name: np.stack([o[name] for o in mine]) for name in mine[0]}
                 responses.append(_response(stacked))
@@ -83,10 +84,18 @@ class TritonPythonModel:
             answer(e)
 
     def _respond(self) -> None:
+        # one thread answers every request: a response that cannot be built or sent must not end it
         while (item := self._answers.get()) is not None:
             sender, outcome = item
-            response = _error(outcome) if isinstance(outcome, BaseException) else _response(outcome)
-            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            try:
+                response = _error(outcome) if isinstance(outcome, BaseException) else _response(outcome)
+                sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as e:  # noqa: BLE001 - said in the log, and answered with the error if it can be
+                print(f"[{self.name}] could not send a response ({error_text(e)}); sending that error", flush=True)
+                try:
+                    sender.send(_error(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                except Exception as again:  # noqa: BLE001 - nothing more can reach that client
+                    print(f"[{self.name}] could not send the error either ({error_text(again)})", flush=True)
 
     def finalize(self) -> None:
         self.metrics.stop()

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -130,8 +131,9 @@ class TritonServer:
             "--log-verbose=0",
         ]
 
-    def start(self, ready_timeout_s: float = 300.0) -> TritonServer:
-        """Start the server and wait until it and every model are ready (warm-ups included)."""
+    def start(self, ready_timeout_s: float = 300.0, *, stop: threading.Event | None = None) -> TritonServer:
+        """Start the server and wait until it and every model are ready (warm-ups included), or until
+        `stop` is set (a Ctrl-C while it starts: the caller then stops it without waiting for ready)."""
         command = self.command
         with open(self.log_file, "ab") as log:
             # a session of its own: a Ctrl-C in our terminal is ours to handle (drain, then stop it),
@@ -140,7 +142,11 @@ class TritonServer:
                 command, stdout=log, stderr=subprocess.STDOUT, env=server_environment(), start_new_session=True
             )
         deadline = time.monotonic() + ready_timeout_s
+        stop = stop or threading.Event()
         while not self.ready():
+            if stop.is_set():
+                self.instances = self._stubs()  # those started so far: stop() removes what they leave
+                return self
             if self.process.poll() is not None:
                 raise AdaFocusError(
                     f"tritonserver exited with code {self.process.returncode} while starting:\n{self.log_tail()}",
@@ -152,7 +158,7 @@ class TritonServer:
                     f"tritonserver was not ready after {ready_timeout_s:g} s:\n{self.log_tail()}",
                     f"read {self.log_file}",
                 )
-            time.sleep(0.2)
+            stop.wait(0.2)
         self.instances = self._stubs()
         return self
 
