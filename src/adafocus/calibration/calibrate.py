@@ -36,7 +36,7 @@ from adafocus.data.labelled import top1_hits
 from adafocus.errors import AdaFocusError, InternalError
 from adafocus.export.manifest import Export, open_export, update_manifest
 from adafocus.files import write_json
-from adafocus.model.checks import nonfinite_rows
+from adafocus.model.checks import check_finite_in_set
 from adafocus.model.families import Model
 from adafocus.model.networks import AdaFocusV3
 from adafocus.model.reference import adaptive_inference, entropy
@@ -147,15 +147,6 @@ def check_labels(labels, classes: int, offset: int = 0) -> None:
         )
 
 
-def _check_finite(videos, offset: int = 0) -> None:
-    """NaN/inf videos named by their index in the whole set (the runtime's own check counts within a batch)."""
-    if bad := nonfinite_rows(videos):
-        raise AdaFocusError(
-            f"videos {[offset + i for i in bad]} (counted from 0 over the whole set) hold NaN or inf values",
-            "check the decoder and normalisation",
-        )
-
-
 def _batches(videos, labels, batch_size: int, classes: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """(videos, labels) batches, each one's labels and values checked before it is run: an array's all
     at once, before any work; an iterable's batch by batch (reading them all first would decode twice)."""
@@ -165,7 +156,7 @@ def _batches(videos, labels, batch_size: int, classes: int) -> Iterable[tuple[to
     if len(videos) != len(labels):
         raise AdaFocusError(f"{len(videos)} videos but {len(labels)} labels")
     check_labels(labels.cpu().numpy(), classes)
-    _check_finite(videos)
+    check_finite_in_set(videos, 0)
     return ((videos[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(videos), batch_size))
 
 
@@ -173,7 +164,7 @@ def _checked(batches, classes: int) -> Iterable[tuple[torch.Tensor, torch.Tensor
     offset = 0
     for videos, labels in batches:
         check_labels(torch.as_tensor(labels).cpu().numpy(), classes, offset)
-        _check_finite(videos, offset)
+        check_finite_in_set(videos, offset)
         yield videos, labels
         offset += len(videos)
 

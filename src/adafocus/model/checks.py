@@ -42,6 +42,16 @@ def check_video_layout(videos, preset: Preset, name: str = "videos") -> None:
         raise AdaFocusError(f"{name} has dtype {videos.dtype}, expected float32", "normalise frames to float32")
 
 
+def check_finite_in_set(videos, offset: int, name: str = "videos") -> None:
+    """The NaN/inf check of a part of a larger set (a batch, a recording pass), naming the videos by
+    their index in the whole set: the runtime's own check can only count within the part."""
+    if bad := nonfinite_rows(videos):
+        raise AdaFocusError(
+            f"{name} {[offset + i for i in bad]} (counted from 0 over the whole set) hold NaN or inf values",
+            "check the decoder and normalisation",
+        )
+
+
 def nonfinite_rows(videos) -> list[int]:
     """The rows of a float32 batch holding NaN or inf: one cheap pass (a sum) for a good batch, and
     only a failing one is searched for the culprits (an overflowing sum of finite values is none)."""

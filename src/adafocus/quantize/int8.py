@@ -88,7 +88,7 @@ from adafocus.export.graphs import DENSE, GRAPH_NAMES
 from adafocus.export.manifest import Export, open_export, update_manifest
 from adafocus.files import partial_path, remove_stale_partials
 from adafocus.machine import cpu_name, cpu_record, peak_rss_bytes, reset_peak_rss
-from adafocus.model.checks import nonfinite_rows
+from adafocus.model.checks import check_finite_in_set
 from adafocus.runtime import Runtime
 from adafocus.runtime.backends import EXACT_U8U8, OnnxRuntimeBackend
 
@@ -245,11 +245,7 @@ def record_inputs(
         starts, count = [], 0
         with tqdm(total=_count_of(videos), desc="int8 ranges: recording", unit="video", disable=not progress) as bar:
             for batch in _video_batches(videos, per_pass):
-                if bad := nonfinite_rows(batch):  # named in the whole set (the runtime counts within a pass)
-                    raise AdaFocusError(
-                        f"calibration videos {[count + i for i in bad]} (counted from 0) hold NaN or inf values",
-                        "check the decoder and normalisation",
-                    )
+                check_finite_in_set(batch, count, "calibration videos")
                 starts.append(runtime.predict(batch).cube_starts)
                 count += len(batch)
                 bar.update(len(batch))
