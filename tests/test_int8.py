@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
+from adafocus.bench import bench_videos
 from adafocus.cli import calibrate
 from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
@@ -269,6 +270,18 @@ def test_cli_int8_reports_and_records(exported, tmp_path):
     assert speed["batch"] == 128 and speed["threads"] == 2 and speed["fp32_videos_per_s"] > 0
     assert speed["speedup"] == pytest.approx(speed["int8_videos_per_s"] / speed["fp32_videos_per_s"])
     assert Runtime.load(target, precision="int8").backend.describe()["precision"] == "int8"
+    # calibrated again to the same thresholds, the comparison still holds and stays
+    again = CliRunner().invoke(calibrate, args[:-3])
+    assert again.exit_code == 0, again.output
+    assert open_export(target).manifest["int8"] == report and "comparison" not in again.output
+    # calibrated to other thresholds, it described the old ones: removed, and said so
+    other = CliRunner().invoke(calibrate, [str(target), "--videos", "16", "--heldout", "0", "--batch-size", "16"])
+    assert other.exit_code == 0, other.output
+    manifest = open_export(target).manifest
+    assert manifest["thresholds"] != held["thresholds"]
+    assert not {"heldout", "speed"} & set(manifest["int8"]) and manifest["int8"]["graphs"] == report["graphs"]
+    assert "comparison ran at the old thresholds and was removed" in other.stderr
+    assert Runtime.load(target, precision="int8").backend.describe()["precision"] == "int8"
 
 
 def test_bench_int8_runs_beside_fp32_with_an_int8_dense_graph(exported, task, tmp_path):
@@ -281,12 +294,24 @@ def test_bench_int8_runs_beside_fp32_with_an_int8_dense_graph(exported, task, tm
         export.graph(DENSE).variants["int8"] == "dense.int8.onnx"
         and export.manifest["int8"]["graphs"][DENSE]["quantized"]
     )
+    # a first threshold between one video's fp32 and int8 glance entropies (every later step exits), so
+    # that the int8 loop and the fp32 loops spend different compute on the benchmark's videos
+    videos = bench_videos(export, 8).numpy()
+    step0 = {p: Runtime.load(target, precision=p, threads=2).step_outputs(videos)[0][:, 0] for p in ("fp32", "int8")}
+    apart = int(np.argmax(np.abs(step0["fp32"] - step0["int8"])))
+    first = float(step0["fp32"][apart] + step0["int8"][apart]) / 2
+    assert np.abs(step0["fp32"] - first).min() > 1e-3  # no fp32 video near it: the two fp32 loops agree
+    thresholds = ",".join(map(str, [first] + [1e9] * export.preset.max_cubes))
     out = tmp_path / "bench.json"
-    args = [str(target), "--precision", "int8", "--batch", "8", "--repeats", "1", "--warmup", "0", "--no-reference"]
-    result = CliRunner().invoke(cli.bench, [*args, "--out", str(out)])
+    args = [str(target), "--precision", "int8", "--batch", "8", "--repeats", "1", "--warmup", "0"]
+    result = CliRunner().invoke(cli.bench, [*args, "--thresholds", thresholds, "--out", str(out)])
     assert result.exit_code == 0, result.output
     (b,) = strict_loads(out.read_text(encoding="utf-8"))["backends"]
-    assert set(b["videos_per_s"]) >= {"adaptive", "dense", "adaptive_fp32", "dense_fp32"}
+    assert set(b["videos_per_s"]) >= {"adaptive", "dense", "adaptive_fp32", "dense_fp32", "torch_eager"}
+    # the PyTorch loop runs fp32 beside int8: its compute is that of the fp32 exits, not the int8 loop's
+    gflops = b["gflops_per_video"]
+    assert gflops["adaptive"] != pytest.approx(gflops["adaptive_fp32"], rel=1e-6)
+    assert gflops["torch_eager"] == pytest.approx(gflops["adaptive_fp32"], rel=1e-9)
     assert b["methods"]["dense"]["precision"] == "int8" and b["methods"]["dense_fp32"]["precision"] == "fp32"
     v, ratios = b["videos_per_s"], b["int8"]
     assert ratios["adaptive_int8_vs_dense_fp32"] == pytest.approx(v["adaptive"] / v["dense_fp32"])

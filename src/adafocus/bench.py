@@ -199,10 +199,7 @@ def bench_backend(
         gc.collect()
     if reference:
         log(f"[{backend}] PyTorch-eager reference loop")
-        gflops = methods["adaptive"]["gflops_per_video"]  # the same exits, so the same compute
-        methods["torch_eager"] = _eager_method(
-            export, batches, thresholds, settings["precision"], repeats, warmup, gflops
-        )
+        methods["torch_eager"] = _eager_method(export, batches, thresholds, settings["precision"], repeats, warmup)
     a, d = methods["adaptive"], methods["dense"]
     report = {
         "backend": described,
@@ -306,19 +303,24 @@ def _fp32_methods(export: Export, backend: str, settings: dict, batches, thresho
     return {"adaptive_fp32": adaptive, "dense_fp32": _dense_method(export, backend, fp32, batches, repeats, warmup)}
 
 
-def _eager_method(export: Export, batches, thresholds, precision: str, repeats: int, warmup: int, gflops) -> dict:
-    """The PyTorch reference loop, in the backend's arithmetic (fp16 autocast for an fp16 GPU run)."""
+def _eager_method(export: Export, batches, thresholds, precision: str, repeats: int, warmup: int) -> dict:
+    """The PyTorch reference loop, in the backend's arithmetic (fp16 autocast for an fp16 GPU run; fp32
+    for an int8 run). Its compute is that of its own exits: in another arithmetic than the backend's
+    (fp32 beside int8, fp16 autocast) videos can exit at other steps."""
     device = batches[0].device
     model = export.load_model().to(device)
     fp16 = precision == "fp16" and device.type == "cuda"
+    spent: list[torch.Tensor] = []  # each video's GFLOPs in the last timed run
 
     def eager():
+        spent.clear()
         with strict_fp32(), torch.autocast("cuda", torch.float16, enabled=fp16):
             for videos in batches:
-                adaptive_inference(model, videos, thresholds)
+                spent.append(adaptive_inference(model, videos, thresholds).gflops)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     seconds = _timed(eager, repeats, warmup, sync)
+    gflops = float(torch.cat(spent).mean())
     return _summary([s / len(batches) for s in seconds], len(batches[0]), gflops)
 
 

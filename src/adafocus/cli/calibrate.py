@@ -176,7 +176,14 @@ def calibrate(export_dir, data, heldout, calibration_videos, seed, backend, devi
         from adafocus.runtime import Runtime
 
         engine = Runtime.load(export.path, backend, device, **({"precision": precision} if precision else {}))
+    compared = "heldout" in (export.int8 or {}) or "speed" in (export.int8 or {})
     report = _calibrate(export, sets, engine, cache, options)
+    if compared and not options["int8"] and not {"heldout", "speed"} & set(open_export(export.path).int8 or {}):
+        click.echo(
+            "note: the manifest's fp32-vs-int8 comparison ran at the old thresholds and was removed; "
+            "`adafocus-calibrate --int8` measures it at the new ones",
+            err=True,
+        )
     if options["as_json"]:
         click.echo(dumps(report))
         return
