@@ -284,3 +284,120 @@ def test_model_input_is_normalize_of_the_frames_over_255_to_the_bit():
     got = to_model_input(levels).numpy()
     assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     assert np.array_equal(to_model_input(torch.from_numpy(levels)).numpy(), got)
+
+
+# --- display rotation (phone videos) ---------------------------------------------------------------
+
+UPRIGHT = (64, 40)  # (height, width) as shown: a portrait clip, stored sideways where it is rotated
+
+
+def _upright_frames(count: int = 16) -> np.ndarray:
+    """(count, H, W, 3) uint8 frames no rotation or mirror maps onto itself: noise, a bright top-left
+    quadrant, and a level that changes from frame to frame (so a wrong index shows too)."""
+    rng = np.random.default_rng(7)
+    height, width = UPRIGHT
+    frames = rng.integers(0, 160, size=(count, height, width, 3), dtype=np.uint8)
+    frames[:, : height // 2, : width // 2] = 255
+    frames[:, -4:, :, 1] = (np.arange(count, dtype=np.uint8) * 12)[:, None, None]
+    return frames
+
+
+def _write_oriented(path: Path, stored: np.ndarray, degrees: float | None, hflip: bool = False, vflip: bool = False):
+    """write_lossless's codec (exact pixels back) with a display matrix: PyAV's set_display_rotation
+    takes the angle counter-clockwise, as VideoFrame.rotation reads it back, and mirrors after it.
+    GOPs of 4 frames, so that the seek path seeks."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(video.LOSSLESS["codec"], rate=8)
+        stream.width, stream.height, stream.pix_fmt = stored.shape[2], stored.shape[1], video.LOSSLESS["pix_fmt"]
+        stream.options = dict(video.LOSSLESS["options"], g="4")
+        if degrees is not None:
+            stream.set_display_rotation(degrees, hflip, vflip)
+        for rgb in stored:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _first_frame(path: Path) -> tuple[int, np.ndarray, bool]:
+    """What the file carries: its first frame's display rotation, its stored pixels, and whether a
+    display matrix is attached at all, read with plain PyAV."""
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        has_matrix = any(data.type.name == "DISPLAYMATRIX" for data in frame.side_data)
+        return frame.rotation, frame.to_ndarray(format="rgb24"), has_matrix
+
+
+@pytest.fixture(scope="module")
+def upright_files(tmp_path_factory) -> dict[str, Path]:
+    """The upright frames with no display matrix, as Matroska and as MP4 (where phones write theirs)."""
+    folder = tmp_path_factory.mktemp("upright")
+    paths = {suffix: folder / f"upright.{suffix}" for suffix in ("mkv", "mp4")}
+    for path in paths.values():
+        _write_oriented(path, _upright_frames(), None)
+        assert not _first_frame(path)[2], "precondition: no display matrix"
+    return paths
+
+
+# (degrees, hflip, vflip, VideoFrame.rotation read back, how the stored picture becomes the one
+# shown). FFmpeg's autorotate (fftools) turns a display matrix whose angle a (av_display_rotation_get,
+# counter-clockwise) is 90 into transpose=cclock, 180 into hflip+vflip, -90 into transpose=clock:
+# np.rot90 by a / 90. PyAV's flips mirror after the rotation; VideoFrame.rotation cannot tell them.
+ORIENTATIONS = [
+    (90, False, False, 90, lambda s: np.rot90(s, 1)),
+    (180, False, False, -180, lambda s: np.rot90(s, 2)),
+    (-90, False, False, -90, lambda s: np.rot90(s, -1)),
+    (270, False, False, -90, lambda s: np.rot90(s, -1)),
+    (0, True, False, -180, lambda s: s[:, ::-1]),  # mirrored: not a half turn, whatever .rotation says
+    (0, False, True, 0, lambda s: s[::-1]),  # upside down mirrored: .rotation sees nothing
+    (90, True, False, 90, lambda s: np.rot90(s, 1)[:, ::-1]),
+]
+
+
+# The eight ways to turn a picture by quarter turns and mirror it.
+DIHEDRAL = [lambda a, k=k, m=m: np.rot90(a[:, ::-1] if m else a, k) for k in range(4) for m in (False, True)]
+
+
+def _stored_for(upright: np.ndarray, shown) -> np.ndarray:
+    """The stored frames that `shown` turns into `upright`: the transform found by trying all eight."""
+    probe = np.arange(6).reshape(2, 3)
+    inverse = next(g for g in DIHEDRAL if np.array_equal(shown(g(probe)), probe))
+    return np.stack([np.ascontiguousarray(inverse(frame)) for frame in upright])
+
+
+@pytest.mark.parametrize("degrees,hflip,vflip,reads,shown", ORIENTATIONS)
+@pytest.mark.parametrize("method", ["auto", "sequential"])
+@pytest.mark.parametrize("suffix", ["mkv", "mp4"])
+def test_display_rotation_gives_the_upright_frames(
+    tmp_path, upright_files, suffix, degrees, hflip, vflip, reads, shown, method
+):
+    upright_file = upright_files[suffix]
+    upright = _upright_frames()
+    stored = _stored_for(upright, shown)
+    path = tmp_path / f"phone.{suffix}"
+    _write_oriented(path, stored, degrees, hflip, vflip)
+    rotation, first, has_matrix = _first_frame(path)
+    assert has_matrix and np.array_equal(first, stored[0]), "precondition: sideways pixels and a display matrix"
+    assert rotation == reads
+
+    kind = "seek" if method == "auto" else "sequential"
+    for size, resize in ((24, "imagenet"), (40, None)):  # resampled, and the exact pixels cropped
+        truth = load_clip(upright_file, 4, size, resize, method=method)
+        assert truth.decoded_by == kind and truth.source_size == (UPRIGHT[1], UPRIGHT[0])
+        expected = torch.stack([video.resize_crop(upright[i], size, resize) for i in truth.indices])
+        assert torch.equal(truth.pixels, expected), "the file without a display matrix is left as it is"
+
+        clip = load_clip(path, 4, size, resize, method=method)
+        assert clip.decoded_by == kind and clip.indices == truth.indices
+        assert clip.source_size == truth.source_size, "the size as shown"
+        assert torch.equal(clip.pixels, truth.pixels)
+        assert torch.equal(load_video(path, 4, size, resize), truth.frames)
+
+
+@pytest.mark.parametrize("degrees", [45, 30, -120])
+@pytest.mark.parametrize("method", ["auto", "sequential"])
+def test_display_rotation_off_the_quarter_turns_is_refused(tmp_path, degrees, method):
+    path = tmp_path / "tilted.mkv"
+    _write_oriented(path, _upright_frames(8), degrees)
+    assert abs(_first_frame(path)[0] - degrees) <= 1, "precondition: the file carries the angle"
+    with pytest.raises(AdaFocusError, match=rf"{degrees}°") as info:
+        load_clip(path, 4, 24, method=method)
+    assert str(path) in str(info.value) and "ffmpeg" in info.value.fix

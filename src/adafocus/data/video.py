@@ -30,6 +30,11 @@ shown first, run to the end and sample over what decoded: FFmpeg outputs nothing
 before the first keyframe of a stream cut mid-GOP).
 `VideoClip.decoded_by` says which path ran, and `fallback` why the sequential one.
 
+Frames are turned as players show them: a phone stores them as its sensor reads them (sideways,
+for a portrait video) with a display matrix saying how to turn them, which FFmpeg's command line
+applies by default ("autorotate"); both passes apply its quarter turns and mirrors to each kept frame
+before the resize and crop (`_orientation`), and refuse any other angle.
+
 Memory is bounded by T frames whatever the video's length: only sampled frames are converted, each
 already cropped to S×S.
 
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -85,7 +91,7 @@ class VideoClip:
     source_frames: int
     claimed_frames: int
     counted_by: str  # "container" (stream.frames) or "packets" (demux pass)
-    source_size: tuple[int, int]  # (width, height) of the decoded frames
+    source_size: tuple[int, int]  # (width, height) of the decoded frames as shown (turned by the display matrix)
     decoded_frames: int
     truncated: bool
     decoded_by: str
@@ -181,6 +187,59 @@ def resize_crop(rgb: np.ndarray, frame_size: int, resize_shorter_side: int | Non
         return image.round_().clamp_(0, 255).to(torch.uint8)
 
 
+# (transpose, reverse the rows, reverse the columns), in that order: how a stored picture becomes the
+# one shown. None: shown as stored, nothing to do (no copy).
+Orientation = tuple[bool, bool, bool] | None
+
+
+def _orientation(frame: av.VideoFrame, name: str) -> Orientation:
+    """How to turn the frames of `name` upright, from its display matrix, read from `frame`: the first
+    frame each pass decodes (once per file and pass, in this one place), because PyAV exposes the matrix
+    only on decoded frames (FFmpeg copies the stream's to each), not on the stream.
+
+    The raw matrix, not `frame.rotation`: that is only the matrix's angle (counter-clockwise, as
+    av_display_rotation_get gives it, cut to an integer), which reads a mirrored picture as a half
+    turn (-180) and one mirrored upside down as no turn at all. A matrix [a b .; c d .; . . .] in
+    16.16 fixed point shows the stored pixel at column p, row q at column a·p + c·q, row b·p + d·q
+    (plus a shift): a quarter turn, a half turn, a mirror or a mix of these has two zeros, on one
+    diagonal, and only the signs of the others matter (the scale is ignored, as FFmpeg's autorotate
+    ignores it). Any other angle is refused: FFmpeg's command line would resample the picture by it."""
+    try:
+        data = frame.side_data["DISPLAYMATRIX"]
+    except KeyError:
+        return None
+    a, b, _, c, d = np.frombuffer(bytes(data), dtype=np.int32, count=5).tolist()  # native byte order, as FFmpeg's
+    if b == c == 0 and a and d:
+        return None if a > 0 and d > 0 else (False, d < 0, a < 0)
+    if a == d == 0 and b and c:  # shown column from the stored row, shown row from the stored column
+        return (True, b < 0, c < 0)
+    scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
+    if scale_x and scale_y:
+        degrees = -math.degrees(math.atan2(b / scale_y, a / scale_x))  # av_display_rotation_get's angle
+        mirrored = " and mirrors it" if a * d < b * c else ""
+        turn = f"turns the picture by {round(degrees, 2):g}° counter-clockwise{mirrored}"
+    else:
+        turn = "shrinks the picture to a line"
+    raise AdaFocusError(
+        f"{name}: its display matrix {turn}, and only quarter turns and mirrors are applied",
+        "re-encode it upright: `ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4` turns it as it re-encodes",
+    )
+
+
+def _upright(rgb: np.ndarray, orientation: Orientation) -> np.ndarray:
+    """(H, W, 3) stored pixels -> the picture as shown (np.rot90 by the matrix's angle, for a pure turn)."""
+    if orientation is None:
+        return rgb
+    transpose, reverse_rows, reverse_columns = orientation
+    if transpose:
+        rgb = rgb.transpose(1, 0, 2)
+    if reverse_rows:
+        rgb = rgb[::-1]
+    if reverse_columns:
+        rgb = rgb[:, ::-1]
+    return np.ascontiguousarray(rgb)  # torch.from_numpy takes no negative strides
+
+
 class _Crops:
     """The seek path's RGB conversions and resizes on one helper thread while it decodes on: a
     keyframe decodes on one thread and leaves the other core idle, and a 720p frame's resize takes
@@ -199,16 +258,17 @@ class _Crops:
         self._waiting: deque[Future] = deque()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adafocus-crop")
 
-    def add(self, key: int, frame: av.VideoFrame) -> None:
-        """Hand `frame` over: the caller must not touch it again."""
+    def add(self, key: int, frame: av.VideoFrame, orientation: Orientation = None) -> None:
+        """Hand `frame` over, to be turned by `orientation` first: the caller must not touch it again."""
         while len(self._waiting) >= 2:
             self._waiting.popleft().result()
-        future = self._pool.submit(self._crop, frame)
+        future = self._pool.submit(self._crop, frame, orientation)
         self.kept[key] = future
         self._waiting.append(future)
 
-    def _crop(self, frame: av.VideoFrame) -> torch.Tensor:
-        return resize_crop(frame.to_ndarray(format="rgb24"), self.frame_size, self.resize_shorter_side)
+    def _crop(self, frame: av.VideoFrame, orientation: Orientation) -> torch.Tensor:
+        rgb = _upright(frame.to_ndarray(format="rgb24"), orientation)
+        return resize_crop(rgb, self.frame_size, self.resize_shorter_side)
 
     def __contains__(self, key: int) -> bool:
         return key in self.kept
@@ -530,10 +590,13 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
     codec = stream.codec_context
     last_shown: int | None = None
     missed = False
+    orientation: Orientation = None
 
     def take(frame) -> None:
         """One frame out of the decoder: checked, kept if wanted; `todo` moves past what is kept."""
-        nonlocal decoded, last_shown, todo, back, missed, size
+        nonlocal decoded, last_shown, todo, back, missed, size, orientation
+        if not decoded:
+            orientation = _orientation(frame, container.name)
         decoded += 1
         pts = frame.pts
         if pts not in position or (last_shown is not None and pts <= last_shown):
@@ -542,8 +605,8 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
             raise _NotExact(f"a damaged frame (pts {pts})")
         last_shown = pts
         if pts in wanted_set and pts not in kept:
-            size = (frame.width, frame.height)
-            kept.add(pts, frame)  # converted to RGB and resized on the helper thread
+            size = (frame.height, frame.width) if orientation and orientation[0] else (frame.width, frame.height)
+            kept.add(pts, frame, orientation)  # turned, converted to RGB and resized on the helper thread
         while todo < len(wanted) and wanted[todo] in kept:
             todo, back = todo + 1, 0
         if todo < len(wanted) and pts > wanted[todo]:
@@ -638,6 +701,7 @@ def _decode_indices(
     kept: dict[int, torch.Tensor] = {}
     decoded = 0
     failure = None
+    orientation: Orientation = None
     container, stream = _open(name)
     size = (stream.codec_context.width, stream.codec_context.height)
     with container:
@@ -645,9 +709,12 @@ def _decode_indices(
         stream.thread_count = threads
         try:
             for frame in container.decode(stream):
+                if not decoded:
+                    orientation = _orientation(frame, name)
                 if decoded in wanted:
-                    kept[decoded] = resize_crop(frame.to_ndarray(format="rgb24"), frame_size, resize_shorter_side)
-                    size = (frame.width, frame.height)
+                    rgb = _upright(frame.to_ndarray(format="rgb24"), orientation)
+                    kept[decoded] = resize_crop(rgb, frame_size, resize_shorter_side)
+                    size = (rgb.shape[1], rgb.shape[0])
                 decoded += 1
                 if decoded > last and not to_end:
                     break
