@@ -466,3 +466,84 @@ def test_resume_from_another_folder_finds_the_videos_already_done(export_dir, tm
     assert again.exit_code == 0, again.output
     assert "0 ok, 0 failed, 1 skipped" in again.stderr
     assert len(read_lines(out)) == 1
+
+
+def poison_glance(export: Path, level: float) -> None:
+    """Edit `export`'s glance graph (and re-seal its manifest) to give NaN logits and entropy to any
+    video whose mean normalised pixel is above `level`: a broken export that fails on some inputs
+    only. The NaN entropy passes no threshold test, so such a video leaves at the glance."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from adafocus.export.manifest import open_export, write_manifest
+
+    manifest = open_export(export).manifest
+    model = onnx.load(export / "glance.onnx")
+    graph = model.graph
+    for node in graph.node:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                if name in ("logits", "entropy"):
+                    names[i] = f"{name}_raw"
+    constants = {"axes": np.array([1, 2, 3, 4]), "level": np.float32(level), "nan": np.float32("nan")}
+    constants |= {"zero": np.float32(0), "one": np.array([1])}
+    graph.initializer.extend(numpy_helper.from_array(np.asarray(v), f"poison_{k}") for k, v in constants.items())
+    graph.node.extend(
+        [
+            helper.make_node("ReduceMean", ["videos", "poison_axes"], ["poison_mean"], keepdims=0),
+            helper.make_node("Greater", ["poison_mean", "poison_level"], ["poison_on"]),
+            helper.make_node("Where", ["poison_on", "poison_nan", "poison_zero"], ["poison"]),
+            helper.make_node("Add", ["entropy_raw", "poison"], ["entropy"]),
+            helper.make_node("Unsqueeze", ["poison", "poison_one"], ["poison_column"]),
+            helper.make_node("Add", ["logits_raw", "poison_column"], ["logits"]),
+        ]
+    )
+    onnx.checker.check_model(model)
+    onnx.save(model, export / "glance.onnx")
+    write_manifest(export, manifest)
+
+
+def write_white_video(path: Path, frames: int = 8) -> None:
+    """A small real MP4 of white frames (normalised mean ~2.4; write_video's greys stay below 1.9)."""
+    codec = next(c for c in ("libx264", "mpeg4") if c in av.codecs_available)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(frames):
+            white = np.full((48, 64, 3), 255, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(white, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_nonfinite_logits_are_that_videos_error_line_and_the_run_goes_on(export_dir, tmp_path):
+    """A broken export (or an fp16 overflow) gives NaN logits for one video: its line says so, the
+    other videos of the same batch (before and after it) are answered, and the exit status is 0."""
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(export_dir, poisoned)
+    poison_glance(poisoned, level=2.2)
+    videos = [tmp_path / "grey-a.mp4", tmp_path / "white.mp4", tmp_path / "grey-b.mp4"]
+    write_video(videos[0], 8)
+    write_white_video(videos[1])
+    write_video(videos[2], 8)
+    out = tmp_path / "results.jsonl"
+    result = invoke([*videos, "--export", poisoned, "--out", out, "--batch-size", 4])  # one batch
+    assert result.exit_code == 0, result.output
+    assert "2 ok, 1 failed" in result.stderr
+    lines = by_name(read_lines(out))
+    assert sorted(lines) == ["grey-a.mp4", "grey-b.mp4", "white.mp4"]
+    assert set(lines["white.mp4"]) == {"path", "error"}
+    error = lines["white.mp4"]["error"]
+    assert error.startswith(f"{videos[1]}: the model gave non-finite logits (NaN) for this video at exit step 0")
+    assert "fp32" in error and "re-export" in error
+    clean = by_name(read_lines(_run_clean(videos, export_dir, tmp_path)))
+    for name in ("grey-a.mp4", "grey-b.mp4"):
+        assert "error" not in lines[name], lines[name]
+        assert lines[name]["class"] == clean[name]["class"] and lines[name]["exit_step"] == clean[name]["exit_step"]
+    assert "error" not in clean["white.mp4"], "the unedited export answers the white video"
+
+
+def _run_clean(videos: list[Path], export_dir: str, tmp_path: Path) -> Path:
+    out = tmp_path / "clean.jsonl"
+    result = invoke([*videos, "--export", export_dir, "--out", out, "--batch-size", 4])
+    assert result.exit_code == 0, result.output
+    return out

@@ -522,3 +522,38 @@ def test_a_uni_adafocus_export_serves_its_patches(exported, tmp_path):
             )
     finally:
         assert served.stop() == 0, served.log.read_text(encoding="utf-8")[-3000:]
+
+
+def test_a_video_the_model_gives_nan_fails_alone_with_a_500(calibrated_demo, demo_files, tmp_path):
+    """A broken export gives one video NaN logits: in both modes that request alone is answered
+    INTERNAL (the engine's fault, not the request's) naming it, the requests around it get their
+    results, and adafocus-predict --server writes that video's error line and goes on."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from adafocus.cli import predict
+    from test_predict import poison_glance, write_white_video
+
+    poisoned = shutil.copytree(calibrated_demo.path, tmp_path / "poisoned")
+    poison_glance(poisoned, level=2.2)
+    white = tmp_path / "white.mp4"
+    write_white_video(white)
+    files = [demo_files[0], white, demo_files[1]]
+    served = start_server(poisoned, tmp_path, "--batch-size", "4")
+    try:
+        for model in ("adafocus", "adafocus_per_batch"):
+            batch = (lambda a: a[None]) if model == "adafocus_per_batch" else (lambda a: a)
+            answers = grpc_requests(served, model, [({"VIDEO_FILE": batch(file_input(f))}, None) for f in files])
+            (_, good_error), (_, nan_error), (_, other_error) = answers
+            assert good_error is None and other_error is None, (model, good_error, other_error)
+            assert nan_error.status() == "StatusCode.INTERNAL", (model, nan_error)
+            assert "the model gave non-finite logits (NaN)" in nan_error.message(), nan_error.message()
+        out = tmp_path / "remote.jsonl"
+        remote = CliRunner().invoke(predict, [*map(str, files), "--server", served.grpc, "--out", str(out)])
+        assert remote.exit_code == 0, remote.output
+        lines = {r["path"]: r for r in map(strict_loads, read_lines(out))}
+        assert "non-finite logits" in lines[str(white)]["error"]
+        assert all("class" in lines[str(f)] for f in (demo_files[0], demo_files[1]))
+    finally:
+        assert served.stop() == 0, served.log.read_text(encoding="utf-8")[-3000:]

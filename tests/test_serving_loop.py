@@ -5,7 +5,11 @@ import dataclasses
 import importlib
 import importlib.util
 import math
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +22,7 @@ from click.testing import CliRunner
 from adafocus.data.synthetic import SyntheticTask
 from adafocus.data.video import write_lossless
 from adafocus.errors import AdaFocusError, InternalError
+from adafocus.model.presets import get_preset
 from adafocus.runtime import Runtime
 from adafocus.runtime.backends import make_backend
 from adafocus.serve.budgets import Budgets, LatencyTarget
@@ -580,6 +585,63 @@ def test_a_decoder_pool_refuses_files_after_close_and_one_that_cannot_start_says
     starting.join(120)
     assert not starting.is_alive(), "DecoderPool() still waits for its workers"
     assert isinstance(raised[0], FileNotFoundError) and "/nonexistent/python3" in str(raised[0])
+
+
+_POOL_CHILD = """
+import time
+from adafocus.model.presets import get_preset
+from adafocus.serve.decoders import DecoderPool
+pool = DecoderPool(get_preset("demo"), 1)
+print(pool.folder, flush=True)
+time.sleep(600)
+"""
+
+
+def _pool_process(temporary: Path) -> tuple[subprocess.Popen, Path]:
+    """Another process (a model process of a server) holding a DecoderPool in `temporary`."""
+    command = [sys.executable, "-c", _POOL_CHILD]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=os.environ | {"TMPDIR": str(temporary)})
+    return process, Path(process.stdout.readline().strip())
+
+
+def test_the_decode_folder_of_a_killed_pool_is_removed_by_the_next_pool(tmp_path, monkeypatch):
+    """A SIGKILLed model process cannot remove its folder (with a client's upload in it): the next
+    pool does, and leaves alone a live process's, our own and a name it did not make."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    children = [_pool_process(temporary) for _ in range(2)]
+    (killed, killed_folder), (live, live_folder) = children
+    try:
+        assert killed_folder.parent == temporary and killed_folder.is_dir() and live_folder.is_dir()
+        (killed_folder / f"{killed.pid}-1").write_bytes(b"an uploaded video")  # a worker's file mid-decode
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(60)
+        assert killed_folder.is_dir() and any(killed_folder.iterdir()), "precondition: nothing cleaned up"
+        monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+        pool = DecoderPool(get_preset("demo"), 1)
+        try:
+            assert not killed_folder.exists(), "the killed process's folder outlived the next pool's start"
+            assert live_folder.is_dir() and pool.folder.is_dir()
+            assert pool.folder.name.startswith(f"adafocus-decode-{os.getpid()}-")
+            # the live process's PID with another start time: a dead owner whose PID was reused
+            _, _, pid, started, _ = live_folder.name.split("-")
+            reused = temporary / f"adafocus-decode-{pid}-{int(started) + 1}-abcd_123"
+            reused.mkdir()
+            unknown = temporary / "adafocus-decode-k2j4_x9q"  # an older name, without its owner: kept
+            unknown.mkdir()
+            again = DecoderPool(get_preset("demo"), 1)
+            again.close()
+            assert not reused.exists() and not again.folder.exists()
+            assert live_folder.is_dir() and unknown.is_dir() and pool.folder.is_dir(), "this process's other pool"
+        finally:
+            pool.close()
+        assert not pool.folder.exists()
+    finally:
+        for process, _ in children:
+            process.kill()
+            process.wait(60)
+            process.stdout.close()
+    assert live_folder.is_dir(), "SIGKILLed too: left for the next pool"
 
 
 def test_an_on_done_that_raises_is_not_called_again(calibrated_demo, videos):

@@ -10,6 +10,12 @@ class AdaFocusError(Exception):
         super().__init__(what if fix is None else f"{what}\n  fix: {fix}")
 
 
+class NonFiniteOutput(AdaFocusError):
+    """The model computed NaN or inf for an input whose pixels were finite: a fault of the engine (an
+    fp16 or INT8 overflow, a broken export), not of the input, so a server answers it as its own
+    fault (500), where other AdaFocusErrors ask the client to change the request (400)."""
+
+
 class InternalError(RuntimeError):
     """An invariant of adafocus-deploy itself does not hold: a bug to report, not a user error.
     Raised `from` the exception that revealed it, so the cause is kept."""

@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from stat import S_ISDIR
 
 from adafocus.errors import InternalError
 
@@ -111,6 +112,78 @@ def remove_stale_partials(folder: Path, name: str = "") -> list[Path]:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _started(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (field 22 of Linux's /proc/PID/stat);
+    None where that cannot be read (another OS, /proc mounted with hidepid, a process gone). Read
+    as bytes: the command name in it may be any bytes."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()  # after "PID (COMMAND) ", which may hold spaces
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def owner_prefix(prefix: str) -> str:
+    """`prefix` + our PID + our start time, for `tempfile.mkdtemp(prefix=...)`: a name that says
+    which process owns the folder, so that `remove_orphans` can remove it once that process is gone.
+
+    A PID alone is reused (pid_max is often 32768; a restarted container gives the same PIDs in the
+    same order), and `remove_stale_partials` then keeps a dead owner's folder while another process
+    holds its PID. A PID with its start time names one process for good ("x" where /proc cannot
+    tell it: then the PID alone decides)."""
+    started = _started(os.getpid())
+    return f"{prefix}{os.getpid()}-{'x' if started is None else started}-"
+
+
+def _owner_alive(pid: int, started: int | None) -> bool:
+    """Whether the process that made a folder named (pid, started) may still use it. In doubt,
+    yes: a folder kept too long costs disk, one removed under a live process loses its files.
+    (An exited process not yet reaped counts as alive: a thread group whose first thread ended
+    looks the same, and lives on.)"""
+    if not _alive(pid):
+        return False
+    now = _started(pid)
+    return started is None or now is None or now == started  # another start time: the PID was reused
+
+
+def remove_orphans(folder: Path, prefix: str) -> list[Path]:
+    """Delete the folders `owner_prefix(prefix)` named in `folder` (the temporary one) whose owner
+    is gone (killed with kill -9, by the OOM killer: nothing of theirs could clean up). A folder of
+    a live process, of another user, or of a name this did not make is left alone. Returns what
+    was removed."""
+    import re
+    import shutil
+
+    pattern = re.compile(re.escape(prefix) + r"(\d{1,10})-(\d{1,20}|x)-[A-Za-z0-9_]+")
+    removed = []
+    if not folder.is_dir():
+        return removed
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for entry in folder.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            info = entry.lstat()
+        except OSError:  # removed meanwhile
+            continue
+        if not S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid):
+            continue  # not a folder we could have made (a link, another user's)
+        pid, started = int(match.group(1)), match.group(2)
+        try:
+            if _owner_alive(pid, None if started == "x" else int(started)):
+                continue
+        except OverflowError:  # past any PID: not a name we made
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from adafocus.data.labelled import VIDEO_EXTENSIONS, decode_ahead
 from adafocus.errors import AdaFocusError, error_text
 from adafocus.figures import save_png
+from adafocus.model.checks import nonfinite_logits
 
 if TYPE_CHECKING:
     import torch
@@ -258,6 +259,9 @@ def result_record(path: str, result, class_names, top_k: int, frames: list[int],
     `decoding` is `VideoClip.decoding` ("seek", or "sequential: <why>")."""
     if result.error is not None:
         return {"path": path, "error": result.error}
+    # checked here, where both engines (local and Ray) make every line: that video's error, and the run goes on
+    if (error := nonfinite_logits(path, result.logits, result.exit_step)) is not None:
+        return {"path": path, "error": error_text(error)}
     record = {"path": path, **result.to_dict(class_names, top_k)}
     del record["index"]  # the position in this run's stream: meaningless to the caller
     record["frames"] = frames

@@ -148,7 +148,8 @@ def predict(
       sampled source frame indices), "decoded_by" ("seek": only the frames sampled were decoded;
       "sequential": from the first frame, "decode_fallback" saying why), plus "image" with --show;
     or "error", saying why the video could not be processed (unreadable, truncated, empty, too
-    short). Lines are written as videos finish, in completion order.
+    short, or the model gave it NaN or inf logits). Lines are written as videos finish, in
+    completion order.
 
     Exit status: 0 when the run completes, even if some videos failed (their lines say why, and a
     summary "N ok, M failed" goes to stderr); 1 if no video could be processed at all, or if the

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from adafocus.errors import AdaFocusError
+from adafocus.errors import AdaFocusError, NonFiniteOutput
 from adafocus.model.presets import Preset
 
 
@@ -64,6 +64,23 @@ def nonfinite_rows(videos) -> list[int]:
     if bool(torch.isfinite(videos.sum())):
         return []
     return (~torch.isfinite(videos.flatten(1)).all(1)).nonzero().flatten().tolist()
+
+
+def nonfinite_logits(what: str, logits, exit_step: int | None = None) -> NonFiniteOutput | None:
+    """The error for one video's logits that hold NaN or inf, else None. The input checks pass finite
+    pixels, yet an fp16 engine can overflow on them and a broken export can compute NaN: such logits
+    have no class and no probabilities (softmax makes them NaN), and strict JSON cannot hold them.
+    Returned, not raised: the callers answer that video with it and go on with the others."""
+    logits = np.asarray(logits)
+    if np.isfinite(logits).all():
+        return None
+    kinds = [name for name, bad in (("NaN", np.isnan(logits)), ("inf", np.isinf(logits))) if bad.any()]
+    at = "" if exit_step is None else f" at exit step {exit_step}"
+    return NonFiniteOutput(
+        f"{what}: the model gave non-finite logits ({' and '.join(kinds)}) for this video{at}",
+        "an fp16 or INT8 engine can overflow: run it in fp32 (--backend onnxruntime); "
+        "if fp32 gives them too, the export is broken: re-export the model",
+    )
 
 
 def check_thresholds(thresholds: Sequence[float | None], preset: Preset) -> list[float]:

@@ -5,7 +5,8 @@ its own, driven by one thread here that hands it one file at a time; when a work
 longer than `timeout_s`), only the file it was decoding fails, with an error that says so, and a new
 worker takes its place for the next file. Files are decoded by `adafocus.data.video` exactly as
 `adafocus-predict` decodes them, from a temporary file that is removed afterwards (also, by the
-driver, when its worker died holding it).
+driver, when its worker died holding it). The pool's folder of such files is named after the
+process that owns it, and the next pool removes one whose owner was killed before it could.
 
 Workers die with the process that started them (Linux: the parent-death signal; and a worker whose
 pipe closes exits), so killing a server's model process leaves no decoder behind.
@@ -32,9 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from adafocus.errors import AdaFocusError, error_text
+from adafocus.files import owner_prefix, remove_orphans
 from adafocus.model.presets import Preset, get_preset
 
 _STOP = None
+FOLDER_PREFIX = "adafocus-decode-"  # `adafocus-decode-PID-START-RANDOM` in the temporary folder (files.owner_prefix)
 
 
 @dataclass
@@ -64,7 +67,12 @@ class DecoderPool:
 
         self.preset, self.timeout_s = preset, timeout_s
         self.threads = decoder_threads(workers)  # FFmpeg threads in each worker: the cores shared
-        self.folder = Path(tempfile.mkdtemp(prefix="adafocus-decode-"))
+        # A SIGKILLed model process (Triton's stub killed, the OOM killer) cannot remove its folder,
+        # which may still hold a client's uploaded video: its name says whose it is, and each pool
+        # that starts removes those of owners that are gone.
+        temporary = Path(tempfile.gettempdir())
+        remove_orphans(temporary, FOLDER_PREFIX)
+        self.folder = Path(tempfile.mkdtemp(prefix=owner_prefix(FOLDER_PREFIX), dir=temporary))
         self.crashes = 0  # workers that died on a file (or were stopped for taking too long)
         self._lock = threading.Lock()  # for `crashes` (drivers) and `_closed` (submit against close)
         self._closed = False

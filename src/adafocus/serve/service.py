@@ -26,8 +26,8 @@ from typing import NamedTuple
 import numpy as np
 
 from adafocus.data.video import to_model_input
-from adafocus.errors import AdaFocusError
-from adafocus.model.checks import check_video, check_video_layout
+from adafocus.errors import AdaFocusError, NonFiniteOutput
+from adafocus.model.checks import check_video, check_video_layout, nonfinite_logits
 from adafocus.runtime import Runtime
 from adafocus.runtime.backends import make_backend
 from adafocus.runtime.loop import LoopStats
@@ -88,7 +88,7 @@ def failure_kind(error: BaseException) -> str:
     503), "bad_request" (the request must change, 400) or "internal" (a fault of ours, 500)."""
     if isinstance(error, Overloaded | Unavailable):
         return "unavailable"
-    if isinstance(error, AdaFocusError):
+    if isinstance(error, AdaFocusError) and not isinstance(error, NonFiniteOutput):
         return "bad_request"
     return "internal"
 
@@ -309,12 +309,16 @@ class Service:
         result = self.runtime.predict(videos, thresholds=np.stack([p.thresholds for p in points]))
         return [self._outputs_of(result.video(r), p.gflops, s) for r, (p, s) in enumerate(zip(points, sources))]
 
-    def _outputs(self, served, source) -> dict[str, np.ndarray]:
+    def _outputs(self, served, source) -> Outcome:
         if served.result.error is not None:
             raise AdaFocusError(served.result.error)
         return self._outputs_of(served.result, served.budget_gflops, source)
 
-    def _outputs_of(self, result, budget_gflops: float, source) -> dict[str, np.ndarray]:
+    def _outputs_of(self, result, budget_gflops: float, source) -> Outcome:
+        """The video's outputs, or its error where the model gave it NaN or inf (that video fails
+        alone, with a 500: it has no class to answer)."""
+        if (error := nonfinite_logits("this request's video", result.logits, result.exit_step)) is not None:
+            return error
         outputs = {
             "CLASS_INDEX": np.array([result.prediction], np.int64),
             "PROBABILITIES": result.probs.astype(np.float32),
@@ -352,7 +356,9 @@ class Service:
             self.loop.close()
 
 
-def _dense_outputs(logits: np.ndarray, gflops: float, source) -> dict[str, np.ndarray]:
+def _dense_outputs(logits: np.ndarray, gflops: float, source) -> Outcome:
+    if (error := nonfinite_logits("this request's video", logits)) is not None:
+        return error
     z = np.exp(logits.astype(np.float64) - logits.max())
     outputs = {
         "CLASS_INDEX": np.array([int(np.argmax(logits))], np.int64),
