@@ -17,9 +17,11 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/headeronly/version.h>
 
+#include <cctype>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -289,13 +291,27 @@ void run_batch(std::map<std::string, Graph>& g, const at::Tensor& videos, const 
   }
 }
 
+// As Python's --thresholds reads them (adafocus.cli.common.parse_thresholds): entropies, inf, -inf,
+// none/null (never exit), spaces and case ignored; a number is read as a double and then rounded to
+// float32, as Python's float() then numpy's float32 do (strtof's single rounding can differ). NaN
+// and text are refused: a NaN threshold compares false with every entropy and silently never exits.
 std::vector<float> parse_thresholds(const std::string& text) {
+  const std::string fix = "give comma-separated entropies, e.g. 0.5,0.4,0.3 (inf always exits there; -inf or none never)";
   std::vector<float> values;
   std::stringstream parts(text);
   for (std::string part; std::getline(parts, part, ',');) {
-    if (part == "none" || part == "-inf") values.push_back(-std::numeric_limits<float>::infinity());
-    else if (part == "inf") values.push_back(std::numeric_limits<float>::infinity());
-    else values.push_back(std::stof(part));
+    const size_t first = part.find_first_not_of(" \t"), last = part.find_last_not_of(" \t");
+    std::string word = first == std::string::npos ? "" : part.substr(first, last - first + 1);
+    for (char& c : word) c = char(std::tolower(static_cast<unsigned char>(c)));
+    if (word == "none" || word == "null") {
+      values.push_back(-std::numeric_limits<float>::infinity());
+      continue;
+    }
+    char* end = nullptr;
+    const double value = std::strtod(word.c_str(), &end);  // reads inf, -inf, infinity; ERANGE gives ±HUGE_VAL or 0
+    if (word.empty() || end != word.c_str() + word.size() || std::isnan(value))
+      throw Refusal("--thresholds: '" + word + "' is not a threshold", fix);
+    values.push_back(static_cast<float>(value));
   }
   return values;
 }

@@ -314,3 +314,41 @@ def test_aoti_backend_runs_the_uni_adafocus_family(exported, tmp_path):
     streamed = {r.index: r for r in runtime.stream(iter(videos), batch_size=8)}
     assert_reproduces(streamed.__getitem__, reference, fragile)
     assert excluded <= 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--precision", "fp16"], "fp16 packages need a CUDA GPU"),
+        (["--batch-range", "4:8:8"], "must include batch 3"),
+    ],
+)
+def test_cli_aoti_options_are_refused_before_the_onnx_export(tmp_path, args, message):
+    """Refused only after the minute the ONNX export takes, leaving that export behind."""
+    from click.testing import CliRunner
+
+    from adafocus import cli
+
+    result = CliRunner().invoke(cli.export, ["--aoti", *args, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("bad", ["nan", "0.5x", "", "abc"])
+def test_the_cpp_runner_refuses_thresholds_python_refuses(runner, exported, tmp_path, bad):
+    """A NaN threshold compares false with every entropy (never exits, silently); text crashed std::stof
+    (exit 2, "stof"). Thresholds are read before any package, so an export without them will do."""
+    export = exported("demo")
+    np.save(tmp_path / "videos.npy", np.zeros((1, *export.preset.video_shape), np.float32))
+    thresholds = ",".join(["0.5", bad, *["0.5"] * (export.preset.max_cubes - 1)])
+    done = run_cpp(runner, export.path, tmp_path / "videos.npy", "--thresholds", thresholds)
+    assert done.returncode == 1 and f"--thresholds: '{bad}' is not a threshold" in done.stderr, done.stderr
+
+
+def test_the_cpp_runner_reads_thresholds_as_python_does(runner, exported, tmp_path):
+    """Spaces, case and `null` as Python's --thresholds takes them: past parsing, to the missing packages."""
+    export = exported("demo")
+    np.save(tmp_path / "videos.npy", np.zeros((1, *export.preset.video_shape), np.float32))
+    thresholds = ",".join([" Inf", "NULL ", *["-inf"] * (export.preset.max_cubes - 1)])
+    done = run_cpp(runner, export.path, tmp_path / "videos.npy", "--thresholds", thresholds)
+    assert done.returncode == 1 and "has no AOTInductor cpu fp32 packages" in done.stderr, done.stderr

@@ -275,3 +275,91 @@ def test_a_change_that_cannot_be_sealed_leaves_the_export_readable(demo_copy):
         )
     assert open_export(demo_copy).manifest == before  # nothing moved, nothing deleted
     assert (demo_copy / "dense.onnx").is_file() and not (demo_copy / "extra.bin").exists()
+
+
+def test_validation_refuses_an_output_holding_nan():
+    """An engine whose output holds NaN must fail validation: `nan > rtol` is False, and max() then
+    recorded an error of 0.0 for it."""
+    from adafocus.export.validate import compare_outputs
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("demo")).eval()
+    spec = graph_specs(model)["local"]
+    case = Case("random, batch 2", spec.random_inputs(2, torch.Generator().manual_seed(0)))
+
+    def run(inputs):
+        with torch.no_grad():
+            features = spec.module(*inputs).numpy().copy()
+        features[0, 0] = np.nan
+        return [features]
+
+    with pytest.raises(AdaFocusError, match="output 'features'.*relative error nan"):
+        compare_outputs(spec, run, [case], model.preset, 1e-4, engine="test")
+
+
+def test_force_replaces_only_an_export_or_an_empty_folder(tmp_path):
+    """--force on a mistyped --out (a project folder) deleted everything in it after the export."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me", encoding="utf-8")
+    plain_file = tmp_path / "file.txt"
+    plain_file.write_text("keep me too", encoding="utf-8")
+    for out in (folder, plain_file):
+        refused = r"is not an adafocus export \(it holds (notes.txt|a file, not a folder)\); --force replaces only"
+        with pytest.raises(AdaFocusError, match=refused):
+            exporter.export_model(
+                build_model(get_preset("demo")),
+                out,
+                class_names=[str(i) for i in range(10)],
+                weights={"source": "random"},
+                force=True,
+                log=lambda _: None,
+            )
+    assert (folder / "notes.txt").read_text(encoding="utf-8") == "keep me"
+    assert plain_file.read_text(encoding="utf-8") == "keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "project"]
+    # what a damaged export holds is still replaced (the built-in cache rebuilds such an entry)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("glance.onnx", "model.pt", "manifest.schema.json", "glance.aoti-cpu-fp32.pt2", ".x.partial-1"):
+        (damaged / name).write_bytes(b"")
+    assert exporter._not_of_an_export(damaged) is None
+
+
+def test_an_out_that_cannot_be_created_is_one_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("", encoding="utf-8")
+    result = CliRunner().invoke(cli.export, ["--out", str(tmp_path / "afile" / "x")])
+    assert result.exit_code == 1, result.output
+    assert "cannot create the export directory" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--precision", "fp32"], "--precision does nothing without --trt or --aoti"),
+        (["--batch-range", "1:8:8"], "--batch-range does nothing without --trt or --aoti"),
+        (["--device", "cuda"], "--device does nothing without --aoti or --triton-repo"),
+        (["--triton-backend", "pytorch"], "--triton-backend does nothing without --triton-repo"),
+        (["--seed", "3"], "--seed does nothing with trained weights"),
+    ],
+)
+def test_cli_refuses_options_it_would_ignore(tmp_path, args, named):
+    result = CliRunner().invoke(cli.export, [*args, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and named in result.output, result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_into_refuses_the_options_of_a_fresh_export(tmp_path):
+    result = CliRunner().invoke(
+        cli.export, ["--into", str(tmp_path), "--aoti", "--preset", "demo", "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 1 and "--preset and --out do nothing with --into" in result.output, result.output
+
+
+def test_cli_refuses_a_non_empty_triton_repo_before_exporting(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "other_model").mkdir()
+    result = CliRunner().invoke(cli.export, ["--triton-repo", str(repo), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "is not empty" in result.output, result.output
+    assert not (tmp_path / "x").exists()  # refused before the export, not after it

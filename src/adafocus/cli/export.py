@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from adafocus.cli.common import CONTEXT, Command, parse_batch_range
+from adafocus.cli.common import CONTEXT, Command, parse_batch_range, refuse_unused
+from adafocus.errors import AdaFocusError
 
 
 @click.command(cls=Command, context_settings=CONTEXT)
@@ -118,11 +119,19 @@ def export(
     from the graphs, validation errors, sha256 of every file). With --trt, TensorRT engines too; with
     --aoti, AOTInductor packages (and with --into, only those, added to an existing export).
 
-    Nothing is left behind if any step fails: the directory appears only when complete.
+    Nothing is left behind if the export fails: the directory appears only when complete. --aoti packages
+    and the --triton-repo come after it: if one of those fails, the sealed export stays and --into adds them.
     """
-    from adafocus.export.aoti import compile_packages
+    from adafocus.export.aoti import check_options, compile_packages
     from adafocus.export.exporter import export_model
 
+    _refuse_ignored_options(into, trt, aoti, triton_repo, checkpoint, preset)
+    # every refusal that needs no work comes before the minute the ONNX export takes
+    if aoti:
+        for p in precision or (None,):
+            check_options(device, p, batch_range)
+    if triton_repo is not None and Path(triton_repo).is_dir() and any(Path(triton_repo).iterdir()):
+        raise AdaFocusError(f"{triton_repo} is not empty", "write the Triton repository into a new or empty folder")
     if into is not None:
         if trt or not (aoti or triton_repo):
             raise click.UsageError(
@@ -131,7 +140,14 @@ def export(
             )
         if aoti:
             for p in precision or (None,):
-                compile_packages(into, device=device, precision=p, batch_range=batch_range, log=click.echo)
+                compile_packages(
+                    into,
+                    device=device,
+                    precision=p,
+                    batch_range=batch_range,
+                    validate_batch=validate_batch,
+                    log=click.echo,
+                )
         if triton_repo:
             _write_triton_repo(into, triton_repo, triton_backend, device)
         return
@@ -153,11 +169,44 @@ def export(
         force=force,
         log=click.echo,
     )
-    if aoti:
-        for p in precision or (None,):
-            compile_packages(written.path, device=device, precision=p, batch_range=batch_range, log=click.echo)
-    if triton_repo:
-        _write_triton_repo(written.path, triton_repo, triton_backend, device)
+    try:
+        if aoti:
+            for p in precision or (None,):
+                compile_packages(
+                    written.path,
+                    device=device,
+                    precision=p,
+                    batch_range=batch_range,
+                    validate_batch=validate_batch,
+                    log=click.echo,
+                )
+        if triton_repo:
+            _write_triton_repo(written.path, triton_repo, triton_backend, device)
+    except AdaFocusError as e:  # the ONNX export is whole and sealed: say so, and how to finish without redoing it
+        raise AdaFocusError(
+            f"{e.what} (the ONNX export {written.path} is complete)",
+            f"{e.fix}; then add what failed with --into {written.path}"
+            if e.fix
+            else f"retry with --into {written.path}",
+        ) from None
+
+
+def _refuse_ignored_options(into, trt, aoti, triton_repo, checkpoint, preset) -> None:
+    """Options that would do nothing in this combination are refused, not silently ignored."""
+    if into is not None:
+        refuse_unused(
+            ("checkpoint", "preset", "classes", "seed", "out", "opset", "exporter", "force"),
+            "with --into (the export is not re-exported)",
+            "leave them out, or export afresh without --into",
+        )
+    if not (trt or aoti):
+        refuse_unused(("precision", "batch_range"), "without --trt or --aoti", "add --trt or --aoti, or leave them out")
+    if not (aoti or triton_repo):
+        refuse_unused(("device",), "without --aoti or --triton-repo", "add --aoti, or leave it out")
+    if not triton_repo:
+        refuse_unused(("triton_backend",), "without --triton-repo", "add --triton-repo DIR, or leave it out")
+    if into is None and (checkpoint is not None or preset is None):
+        refuse_unused(("seed",), "with trained weights (it seeds the random weights of --preset alone)", "leave it out")
 
 
 def _write_triton_repo(export_dir, folder, backend: str, device: str) -> None:
@@ -197,8 +246,6 @@ def _model_to_export(checkpoint, preset_name, seed):
 
 def read_class_names(path, preset) -> list[str]:
     """One name per line (blank lines and surrounding spaces ignored), as many as the preset's classes."""
-    from adafocus.errors import AdaFocusError
-
     try:
         names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:

@@ -71,7 +71,7 @@ def compile_packages(
     dense baseline that adafocus-bench compares with: the loop itself does not need it) for
     `device`/`precision` to the export in `export_dir`, then reseal it."""
     export = open_export(export_dir)
-    precision = _check(device, precision, batch_range)
+    precision = check_options(device, precision, batch_range)
     model = export.load_model().to(device)
     specs = {name: spec for name, spec in graph_specs(model).items() if dense or name != DENSE}
     cases = _on(device, validation_cases(model, validate_batch))
@@ -99,7 +99,8 @@ def compile_packages(
     return updated
 
 
-def _check(device: str, precision: str | None, batch_range) -> str:
+def check_options(device: str, precision: str | None, batch_range) -> str:
+    """The precision packages for `device` get; refuses what cannot be compiled here, before any work."""
     if device not in PRECISIONS:
         raise AdaFocusError(
             f"AOTInductor packages are built for cpu or cuda, not {device!r}", "use --device cpu or cuda"

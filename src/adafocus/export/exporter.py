@@ -21,6 +21,7 @@ from adafocus.errors import AdaFocusError, InternalError
 from adafocus.export.graphs import DENSE, GraphSpec, graph_specs
 from adafocus.export.manifest import (
     FORMAT,
+    MANIFEST,
     PROTOCOL_VERSION,
     SCHEMA_FILE,
     SCHEMA_VERSION,
@@ -90,17 +91,22 @@ def export_model(
     log: Callable[[str], None] = print,
 ) -> Export:
     """Export, validate and seal `model` into the directory `out`; returns the opened export."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # `--out .` has no name to build a sibling `.NAME.partial-PID` from
     _check_arguments(out, force, opset, trt, precisions, batch_range)
     preset = model.preset
     model = model.eval()
     specs = graph_specs(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_partials(out.parent):
-        log(f"removed {stale}, left by an export that was killed")
     work = partial_path(out)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_partials(out.parent):
+            log(f"removed {stale}, left by an export that was killed")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+    except OSError as e:  # a parent that is a file, a read-only folder: before any work, not a traceback
+        raise AdaFocusError(
+            f"cannot create the export directory {out}: {e.strerror or e}", "choose an --out in a writable folder"
+        ) from None
     try:
         log(f"exporting preset {preset.name} ({weights['source']}) to {out}")
         cases = validation_cases(model, validate_batch)
@@ -131,6 +137,14 @@ def _check_arguments(out: Path, force: bool, opset: int, trt: bool, precisions, 
     """Every refusal that needs no work, before any."""
     if out.exists() and not force:
         raise AdaFocusError(f"{out} already exists", "pass --force to replace it, or choose another --out")
+    # --force replaces an export (or an empty folder, or a damaged export: the built-in cache rebuilds
+    # those), never whatever else the path names: a mistyped --out (a home or project folder) would
+    # otherwise be deleted with everything in it
+    if out.exists() and (foreign := _not_of_an_export(out)):
+        raise AdaFocusError(
+            f"{out} is not an adafocus export (it holds {foreign}); --force replaces only exports or empty folders",
+            "choose another --out, or remove it yourself if it is really to go",
+        )
     if opset < 18:
         raise AdaFocusError(f"opset {opset} is too old", "use --opset 18 or newer")
     if trt:
@@ -142,6 +156,21 @@ def _check_arguments(out: Path, force: bool, opset: int, trt: bool, precisions, 
         raise AdaFocusError(f"unknown precision {bad}", f"use {' or '.join(PRECISIONS)}")
     if not 1 <= batch_range[0] <= batch_range[1] <= batch_range[2]:
         raise AdaFocusError(f"batch range {batch_range} is not min <= opt <= max", "e.g. --batch-range 1:128:128")
+
+
+_EXPORT_FILES = (MANIFEST, SCHEMA_FILE, PYTORCH_FILE, "timing.cache", "*.onnx", "*.engine", "*.pt2")
+
+
+def _not_of_an_export(out: Path) -> str | None:
+    """The first entry of `out` that no export writes (or `out` itself, when it is no folder); None if none."""
+    if not out.is_dir():
+        return "a file, not a folder"
+    for entry in sorted(out.iterdir()):
+        if entry.name.startswith("."):  # partial and temporary files of the writers
+            continue
+        if entry.is_dir() or not any(entry.match(pattern) for pattern in _EXPORT_FILES):
+            return entry.name
+    return None
 
 
 def _pytorch_gflops(preset) -> dict[str, float]:

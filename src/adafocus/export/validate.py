@@ -112,7 +112,7 @@ def compare_outputs(
                         f"for its own centres (off by up to {int(np.abs(got[name] - rule).max())})",
                         "the export is broken; report this with the preset",
                     )
-            elif max_rel > rtol:
+            elif not max_rel <= rtol:  # NaN too: `nan > rtol` is False, and max() below would drop it
                 raise AdaFocusError(
                     f"{spec.name} graph, output {name!r} ({case.label}): relative error {max_rel:.2e} "
                     f"(max abs {max_abs:.2e}) is past the {'fp32' if rtol == FP32_RTOL else 'fp16'} tolerance "
