@@ -79,7 +79,11 @@ from adafocus.errors import AdaFocusError
     help="MIN:OPT:MAX batch sizes the engines take: TensorRT's optimisation profile, AOTInductor's dynamic batch "
     "axis (larger batches are split by the runtime).",
 )
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace --out if it exists and is an export (or an empty folder): any other folder is refused.",
+)
 @click.option(
     "--triton-repo",
     type=click.Path(file_okay=False),
