@@ -32,6 +32,15 @@ def test_wrong_number_of_class_names_is_refused(demo, tmp_path):
         save_checkpoint(tmp_path / "x.pt", demo, ["a", "b", "c"])
 
 
+def test_a_file_with_the_wrong_number_of_class_names_is_refused_on_load(demo, tmp_path):
+    path = save_checkpoint(tmp_path / "x.pt", demo)
+    record = torch.load(path, weights_only=True)
+    record["class_names"] = record["class_names"][:9]  # edited by hand: the last class has no name
+    torch.save(record, path)
+    with pytest.raises(AdaFocusError, match="has 9 class names for its 10 classes"):
+        load_checkpoint(path)
+
+
 def official_names(state: dict) -> dict:
     """Our keys as the official DDP code would name them (the inverse of the prefix table)."""
     renamed = {}

@@ -353,7 +353,8 @@ def test_training_refuses_a_multi_label_set_before_decoding(own_videos, exported
         FileSource(multi, None, preset, seed=0)
     with pytest.raises(AdaFocusError, match=said):
         FileSource(single, multi, preset, seed=0)
-    assert FileSource(single, single, preset, seed=0).class_names == list(classes)
+    heldout = read_labelled(own_videos["test"], classes)
+    assert FileSource(single, heldout, preset, seed=0).class_names == list(classes)
     result = CliRunner().invoke(main, ["train", "--data", listing, "--out", str(tmp_path / "run"), "--steps", "1"])
     assert result.exit_code != 0 and "training takes one label per video" in result.output
     assert decodes == [] and not (tmp_path / "run" / "model.pt").exists()
@@ -374,3 +375,22 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, name, text):
     videos = read_labelled(tmp_path / name, ("cat", "dog"))
     assert videos.paths == (str(tmp_path / "clips" / "a.mp4"), str(tmp_path / "clips" / "b.mp4"))
     assert videos.labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv"])
+def test_a_video_listed_twice_is_an_error_naming_the_lines(tmp_path, suffix):
+    # the same file twice (here once relative, once absolute) with two different labels
+    again = tmp_path / "v" / "a.mp4"
+    if suffix == ".txt":
+        text = f"v/a.mp4 0\nv/b.mp4 1\n{again} 1\n"
+    else:
+        text = f"path,label\nv/a.mp4,0\nv/b.mp4,1\n{again},1\n"
+    listing = tmp_path / f"set{suffix}"
+    listing.write_text(text, encoding="utf-8")
+    with pytest.raises(
+        AdaFocusError,
+        match=r"1 video is listed more than once \(line 4 repeats line 2: .*a\.mp4\)"
+        if suffix == ".csv"
+        else r"1 video is listed more than once \(line 3 repeats line 1: .*a\.mp4\)",
+    ):
+        read_labelled(listing, ["x", "y"])

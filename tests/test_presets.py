@@ -61,3 +61,10 @@ def test_preset_record_round_trip_and_unknown_fields():
     assert Preset.from_dict(p.to_dict()) == p
     with pytest.raises(AdaFocusError, match="unknown fields"):
         Preset.from_dict(p.to_dict() | {"colour": "blue"})
+
+
+def test_preset_record_missing_fields_is_one_error_naming_them():
+    record = get_preset("demo").to_dict()
+    del record["max_cubes"], record["num_frames"]
+    with pytest.raises(AdaFocusError, match=r"'demo' lacks the fields \['num_frames', 'max_cubes'\]"):
+        Preset.from_dict(record)

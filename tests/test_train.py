@@ -82,23 +82,44 @@ def test_pixel_path_equals_the_crop_at_integer_positions():
     torch.testing.assert_close(sampled, exact, rtol=1e-5, atol=1e-5)
 
 
+def test_crop_training_cuts_the_cubes_inference_cuts(batch):
+    # refine (and stage 1's random policy) train on cropped cubes: a plan aiming several frame-wise
+    # cubes at one frame must give the frames inference gives (each frame once), not that frame again
+    from adafocus.model.reference import adaptive_inference
+
+    videos, _ = batch
+    model = fresh_model().eval()
+    centres = torch.rand(len(videos), DEMO.max_cubes, 3, generator=torch.Generator().manual_seed(0))
+    centres[..., 2] = 0.4  # every cube on frame 3
+    with torch.no_grad():
+        trained = torch.stack(training_logits(model, videos, CUBE_FEATURES["crop"], centres), dim=1)
+        run = adaptive_inference(model, videos, [None] * DEMO.num_exits, centres)
+    assert run.cube_starts[0, :, 2].tolist() == [3, 2, 4, 1]
+    torch.testing.assert_close(trained, run.step_logits, rtol=1e-5, atol=1e-5)
+
+
 def tiny_config(**changes) -> TrainConfig:
     base = dict(steps=4, batch_size=4, val_every=2, val_videos=8, checkpoint_every=2, warmup_steps=1)
     return TrainConfig(**(base | changes))
 
 
-def test_resumed_training_ends_where_an_uninterrupted_run_does(tmp_path):
+# stop_at=2 pauses right at the switch to stage 2 (its state still holds stage 1's optimizer);
+# stop_at=3 pauses between two history records (the loss of step 2 must count in the record of 4)
+@pytest.mark.parametrize("stop_at", [2, 3])
+def test_resumed_training_ends_where_an_uninterrupted_run_does(tmp_path, stop_at):
     config = tiny_config(schedule="two-stage", stage_one_share=0.5)
     straight = load_checkpoint(train(DEMO, tmp_path / "a", config, progress=False, log=lambda _: None))
 
     state = tmp_path / "b"
-    assert train(DEMO, state, config, stop_at=3, progress=False, log=lambda _: None) is None
+    assert train(DEMO, state, config, stop_at=stop_at, progress=False, log=lambda _: None) is None
     assert not (state / "model.pt").exists()
     resumed = load_checkpoint(train(DEMO, state, config, resume=True, progress=False, log=lambda _: None))
 
     for key, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
     assert [h["step"] for h in resumed.meta["history"]] == [2, 4]
+    for ours, theirs in zip(resumed.meta["history"], straight.meta["history"]):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
 
 
 def test_training_refuses_to_overwrite_or_mix_runs(tmp_path):

@@ -25,7 +25,8 @@ def test_thirty_steps_on_files_lower_the_loss(own_videos, tmp_path):
     preset = get_preset("demo")
     classes = default_class_names(preset)
     videos = read_labelled(own_videos["val"], classes)
-    val = dataclasses.replace(videos, paths=videos.paths[:32], labels=videos.labels[:32])
+    heldout = read_labelled(own_videos["test"], classes)
+    val = dataclasses.replace(heldout, paths=heldout.paths[:32], labels=heldout.labels[:32])
     source = FileSource(videos, val, preset, seed=0, workers=2)
     config = TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup_steps=5, val_every=10, seed=0)
     path = train(preset, tmp_path / "run", config, source=source, progress=False, log=lambda _: None)
@@ -34,6 +35,33 @@ def test_thirty_steps_on_files_lower_the_loss(own_videos, tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert trained.meta["task"] == "files" and trained.meta["train_data"]["sha256"] == videos.digest()
     assert len(trained.meta["history"][-1]["val_accuracy_per_step"]) == preset.num_exits
+
+
+def test_validation_videos_that_are_trained_on_are_refused(tmp_path):
+    from adafocus.data.labelled import LabelledVideos
+
+    preset = get_preset("demo")
+    classes = tuple(default_class_names(preset))
+    paths = tuple(str(tmp_path / f"{i}.mp4") for i in range(6))
+    train_set = LabelledVideos("train.txt", paths[:4], torch.arange(4).numpy(), classes)
+    val_set = LabelledVideos("val.txt", paths[3:], torch.arange(3).numpy(), classes)  # 3.mp4 in both
+    with pytest.raises(AdaFocusError, match=r"1 of the 3 validation videos of val.txt are also in the training set"):
+        FileSource(train_set, val_set, preset, seed=0)
+    disjoint = dataclasses.replace(val_set, paths=paths[4:], labels=val_set.labels[:2])
+    assert FileSource(train_set, disjoint, preset, seed=0).val is disjoint
+
+
+def test_validation_decoding_shows_progress_when_training_does(tmp_path):
+    # validating on thousands of files takes minutes: train(progress=True) asks for a bar
+    from adafocus.data.labelled import LabelledVideos
+
+    preset = get_preset("demo")
+    classes = tuple(default_class_names(preset))
+    paths = tuple(str(tmp_path / f"{i}.mp4") for i in range(4))
+    train_set = LabelledVideos("train.txt", paths[:2], torch.arange(2).numpy(), classes)
+    val_set = LabelledVideos("val.txt", paths[2:], torch.arange(2).numpy(), classes)
+    source = FileSource(train_set, val_set, preset, seed=0)
+    assert source.validation(progress=True).progress and not source.validation(progress=False).progress
 
 
 def test_file_batches_are_a_function_of_seed_and_step():

@@ -26,7 +26,8 @@ class-per-folder tree is always single-label.
 In lists, blank lines and lines starting with `#` are skipped, and relative paths are taken against
 the list file's folder (or `root=`). Labels are checked against the model's class names when the
 set is read, before anything is decoded: one error names the first offenders and the fix (and one
-names every field of several labels with an empty part or a class given twice).
+names every field of several labels with an empty part or a class given twice, one every video
+listed twice).
 
 Decoding is `adafocus.data.video.load_clip_for`, the code adafocus-predict runs, in a pool of
 decoder threads (PyAV releases the GIL) that works at most two batches ahead, so memory is bounded
@@ -148,6 +149,7 @@ def read_labelled(
     if offenders:
         raise _label_error(name, offenders, class_names, by_name)
     paths = tuple(p if os.path.isabs(p) else os.path.join(folder, p) for _, p, _ in rows)
+    _refuse_repeats(name, [number for number, _, _ in rows], paths)
     if any(len(indices) > 1 for indices in label_sets):
         labels = np.zeros((len(label_sets), len(class_names)), bool)
         for row, indices in enumerate(label_sets):
@@ -155,6 +157,25 @@ def read_labelled(
     else:
         labels = np.asarray([indices[0] for indices in label_sets], np.int64)
     return LabelledVideos(name, paths, labels, class_names)
+
+
+def _refuse_repeats(name: str, numbers: list[int], paths: Sequence[str]) -> None:
+    """A video listed twice is counted twice in every metric and trained on twice as often, and with
+    two different labels it contradicts itself: one error naming the lines, before any decoding."""
+    first_line: dict[str, int] = {}
+    repeats = []
+    for number, path in zip(numbers, paths):
+        key = os.path.normcase(os.path.abspath(path))
+        if key in first_line:
+            repeats.append(f"line {number} repeats line {first_line[key]}: {path}")
+        else:
+            first_line[key] = number
+    if repeats:
+        raise AdaFocusError(
+            f"{name}: {len(repeats)} video{'s are' if len(repeats) != 1 else ' is'} listed more than once "
+            f"({first_of(repeats)}); nothing was decoded",
+            f"list each video once; give a video's several classes in one field separated by `{LABEL_SEPARATOR}`",
+        )
 
 
 def top1_hits(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:

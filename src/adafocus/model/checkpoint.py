@@ -139,6 +139,14 @@ def load_checkpoint(path: str | os.PathLike, preset: Preset | None = None, *, st
                 f"{path} holds a {stored.name!r} model, not {preset.name!r}", "drop --preset or pick the matching one"
             )
         state, names, meta, foreign = record["state_dict"], record["class_names"], record["meta"], False
+        # save_checkpoint writes one name per class; a file with another count (edited, or made by
+        # hand) would name the wrong classes, or fail on the last ones, only when predictions come
+        if not isinstance(names, list) or len(names) != stored.num_classes:
+            count = len(names) if isinstance(names, list) else type(names).__name__
+            raise AdaFocusError(
+                f"{path} has {count} class names for its {stored.num_classes} classes",
+                "use the file as adafocus-deploy wrote it (save_checkpoint with one name per class)",
+            )
     else:
         state = _foreign_state_dict(record, path)
         if preset is None:

@@ -128,6 +128,14 @@ class Preset:
                 f"preset record has unknown fields {unknown}",
                 "it was written by a newer adafocus-deploy; upgrade this one",
             )
+        # a damaged or hand-edited record: one error naming what it lacks, not a TypeError traceback
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise AdaFocusError(
+                f"preset record {data.get('name', '?')!r} lacks the fields {missing}",
+                "the file is damaged or was edited: use the file as adafocus-deploy wrote it",
+            )
         return cls(**data)
 
 

@@ -109,4 +109,16 @@ def cropped_cube(model: AdaFocusV3, videos: torch.Tensor, centres: torch.Tensor)
     return model.local(crop_cubes(videos, rows, starts, p.cube_size, p.cube_frames))
 
 
+def whole_plan_centres(centres: torch.Tensor, preset) -> torch.Tensor:
+    """centres (B, K, 3) -> the same, with t moved to the middle of the frame the whole plan gives
+    each cube. Frame-wise cubes never re-use a frame (adafocus.model.cubes): a rule over all K
+    cubes that `cropped_cube`, which sees one cube at a time, cannot apply, so without this a
+    policy that aims two cubes at one frame trains on that frame twice but is run on two."""
+    if not preset.frame_wise:
+        return centres
+    frames = plan_cubes(centres.detach(), preset)[..., 2]
+    t = (frames.to(centres.dtype) + 0.5) / preset.num_frames  # the crop rule maps it back to `frames`
+    return torch.cat([centres[..., :2], t[..., None]], dim=-1)
+
+
 CUBE_FEATURES = {"deep": deep_feature_cube, "pixel": pixel_cube, "crop": cropped_cube}

@@ -11,11 +11,12 @@ each clip's offsets come from (seed, step, position), so step s sees the same fr
 run was interrupted. A video that cannot be decoded is named once and left out of its batches;
 more than `max_bad` of the training set that way stops the run. Training takes one label per
 video: a multi-label set (adafocus.data.labelled) is refused, for training or validation, before
-anything is decoded.
+anything is decoded; so is a validation set that shares videos with the training set.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 
@@ -24,7 +25,7 @@ import torch
 
 from adafocus.data.labelled import DEFAULT_MAX_BAD, DecodedBatches, LabelledVideos, check_left_out
 from adafocus.data.synthetic import TASK_ID, SyntheticTask, TaskVideos
-from adafocus.errors import AdaFocusError, error_text
+from adafocus.errors import AdaFocusError, error_text, first_of
 from adafocus.model.presets import Preset
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -44,7 +45,7 @@ class SyntheticSource:
             first = step * batch_size
             yield self.task.batch("train", range(first, first + batch_size))
 
-    def validation(self):
+    def validation(self, progress: bool = False):  # generated in moments: no bar
         return TaskVideos(self.task, "val", self.val_videos)
 
 
@@ -120,6 +121,8 @@ class FileSource:
         for videos in (train, val):
             if videos is not None:
                 _refuse_multi_label(videos)
+        if val is not None:
+            _refuse_overlap(train, val)
         self.train, self.val, self.preset = train, val, preset
         self.seed, self.workers, self.max_bad = seed, workers, max_bad
         self.log = log or (lambda line: print(line, file=sys.stderr))
@@ -146,11 +149,19 @@ class FileSource:
             check_left_out(self.train, len(self.left_out), self.max_bad)
             yield videos, labels
 
-    def validation(self):
+    def validation(self, progress: bool = False):
+        """The validation videos, decoded when iterated; `progress`: a bar while they decode."""
         if self.val is None:
             return None
         return DecodedBatches(
-            self.val, self.preset, workers=self.workers, max_bad=self.max_bad, progress=False, log=self.log
+            self.val,
+            self.preset,
+            workers=self.workers,
+            max_bad=self.max_bad,
+            # decoding a large validation set takes minutes: its own bar (leave=False: gone when done)
+            progress=progress,
+            desc="validation videos",
+            log=self.log,
         )
 
 
@@ -167,3 +178,20 @@ def _refuse_multi_label(videos: LabelledVideos) -> None:
         "train on a list with one class per video (no `;` in a label); multi-label sets are for "
         "`adafocus calibrate` and `adafocus evaluate` (--metric map)",
     )
+
+
+def _refuse_overlap(train: LabelledVideos, val: LabelledVideos) -> None:
+    """A validation video that is also trained on makes the validation accuracy a training accuracy:
+    one error naming the shared videos, before anything is decoded."""
+
+    def key(path: str) -> str:
+        return os.path.normcase(os.path.abspath(path))
+
+    trained = {key(p) for p in train.paths}
+    shared = [p for p in val.paths if key(p) in trained]
+    if shared:
+        raise AdaFocusError(
+            f"{len(shared)} of the {len(val)} validation videos of {val.source} are also in the training set "
+            f"{train.source} ({first_of(shared, 3)})",
+            "validate on videos the model is not trained on: remove them from one of the two lists",
+        )

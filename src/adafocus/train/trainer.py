@@ -38,7 +38,7 @@ from adafocus.model.checkpoint import save_checkpoint, torch_bytes
 from adafocus.model.networks import AdaFocusV3
 from adafocus.model.presets import Preset
 from adafocus.model.reference import adaptive_inference
-from adafocus.train.cube_gradients import CUBE_FEATURES
+from adafocus.train.cube_gradients import CUBE_FEATURES, cropped_cube, whole_plan_centres
 from adafocus.train.sources import FileSource, SyntheticSource
 
 
@@ -114,6 +114,8 @@ def training_logits(
     logits, global_state = model.classifier.glance(pooled)
     if centres is None:
         centres = model.policy(maps.detach())  # the policy reads the glance but does not train it
+    if cube_features is cropped_cube:  # cut where inference cuts (frame-wise: no frame twice)
+        centres = whole_plan_centres(centres, model.preset)
     local_state = torch.zeros_like(global_state)
     outputs = [logits]
     for k in range(model.preset.max_cubes):
@@ -213,6 +215,7 @@ class _Run:
     history: list = dataclasses.field(default_factory=list)
     elapsed: float = 0.0
     initialised: dict | None = None
+    losses: list = dataclasses.field(default_factory=list)  # since the last history record
 
 
 def train(
@@ -245,7 +248,7 @@ def train(
     bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc=f"train {preset.name}", unit="step")
     started = time.perf_counter() - run.elapsed
     end = min(config.steps, stop_at or config.steps)
-    losses: list[float] = []
+    losses = run.losses  # saved with the state, so a resumed run's history records the same means
     for videos, labels in source.batches(run.step, end, config.batch_size):
         if len(labels):
             losses.append(_one_step(run, videos, labels, config, log))
@@ -254,11 +257,11 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "-", stage=run.stage)
         if run.step % config.val_every == 0 or run.step == config.steps:
-            validation = source.validation()
+            validation = source.validation(progress=progress)
             accuracy = accuracy_on(run.model, validation) if validation is not None else None
             loss = sum(losses) / len(losses) if losses else None  # mean over the steps since the last record
             run.history.append({"step": run.step, "loss": loss, "val_accuracy_per_step": accuracy})
-            losses = []
+            losses.clear()
             say = bar.write if progress else log  # bar.write keeps the progress bar intact
             shown = "-" if loss is None else f"{loss:.3f}"
             seen = "" if accuracy is None else ", val accuracy after t cubes " + " ".join(f"{a:.3f}" for a in accuracy)
@@ -303,11 +306,15 @@ def _start(preset: Preset, config: TrainConfig, state_path: Path, resume: bool, 
         )
     initialised = saved.get("initialised") if saved else (start_from(model) if start_from else None)
     step = saved["step"] if saved else 0
-    stage = config.stage(step)
+    # the stage the saved optimizer belongs to: a run saved right at the switch to stage 2 still
+    # holds stage 1's optimizer (the switch, to a fresh one, happens at the next step); files
+    # without it were saved after step - 1 ran
+    stage = saved.get("stage", config.stage(max(step - 1, 0))) if saved else config.stage(step)
     run = _Run(model, _optimizer(model, config, stage), stage, step, initialised=initialised)
     if saved is not None:
         run.optimizer.load_state_dict(saved["optimizer"])
         run.history, run.elapsed = saved["history"], saved["elapsed_s"]
+        run.losses = list(saved.get("losses", []))
         log(f"resumed from {state_path} at step {step}")
     _set_stage(model, stage)
     return run
@@ -340,7 +347,9 @@ def _save_state(path: Path, run: _Run, config: TrainConfig, preset: Preset, data
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "step": run.step,
+        "stage": run.stage,
         "history": run.history,
+        "losses": run.losses,
         "elapsed_s": run.elapsed,
         "config": dataclasses.asdict(config),
         "preset": preset.to_dict(),
