@@ -9,15 +9,18 @@
 #      both modes, fp16 agreement, the C++ runner on CUDA); TensorRT tests where TensorRT is
 #      installed (skipped with the reason);
 #   3. the same in fp32, if the time allows.
-# Results go to $OUT if set (a lent machine's output folder), else benchmarks/results/.
+# Results go to $OUT if set (a lent machine's output folder), else benchmarks/results/ (a DRY_RUN's to
+# the git-ignored adafocus-results/gpu-host-dry-run/: a CPU check is not a result to record).
 # DRY_RUN=1 runs the same steps on the CPU with the demo (to check the script without a GPU).
+# Exit status 1 when a step failed or was cut off (named at the end); the other steps still run.
 set -uo pipefail
 # Every step's limit is cut to what is left of BUDGET_S (default 580 s: the call's 10 minutes less the
 # transfers; 1500 s for a DRY_RUN on 2 CPU cores), so the script always ends in time and what it
 # measured is kept.
 deadline=$((SECONDS + ${BUDGET_S:-$([ "${DRY_RUN:-0}" = 1 ] && echo 1500 || echo 580)}))
 limit() { local left=$((deadline - SECONDS)); echo $(($1 < left ? $1 : (left > 1 ? left : 1))); }
-out=${OUT:-benchmarks/results}
+out=${OUT:-$([ "${DRY_RUN:-0}" = 1 ] && echo adafocus-results/gpu-host-dry-run || echo benchmarks/results)}
+failed=()  # steps that failed or ran out of time: each step still runs, the status says so at the end
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 ADAFOCUS_CACHE=${ADAFOCUS_CACHE:-/tmp/adafocus-cache}
 step() { echo; echo "=== $* ($(date +%T))"; }
@@ -41,22 +44,22 @@ export_dir=$(timeout "$(limit 150)" python3 -c "
 import sys
 from adafocus.builtin import demo_export, random_export
 e = demo_export() if '$preset' == 'demo' else random_export('$preset')
-print(e.path)" | tail -1)
+print(e.path)" | tail -1) || failed+=(export)
 echo "$export_dir"
 
 step "AOTInductor packages, $device $precision"
 timeout "$(limit 240)" python3 -m adafocus export --aoti --device "$device" --precision "$precision" --into "$export_dir" \
-    2>&1 | tee "$out/aoti-compile-$preset-$device-$precision.log"
+    2>&1 | tee "$out/aoti-compile-$preset-$device-$precision.log" || failed+=("aoti $precision")
 
 step "benchmark: $preset, batch $batch, $precision: aoti (compiled) vs pytorch (eager)"
 timeout "$(limit 200)" python3 -m adafocus bench "$export_dir" --budget "$budget" --backend aoti --backend pytorch \
     --device "$device" --precision "$precision" --batch "$batch" --repeats "$repeats" --warmup "$warmup" \
-    --out "$out/bench-$preset-aoti-pytorch-$device-$precision.json"
+    --out "$out/bench-$preset-aoti-pytorch-$device-$precision.json" || failed+=("bench $precision")
 
 step "GPU tests"
 # -p no:warnings: this host's torch may warn where the pinned one does not; warnings are not what is checked here
 timeout "$(limit "$test_limit")" python3 -m pytest -q -rs -s -p no:warnings -p no:cacheprovider tests/test_runtime.py tests/test_tensorrt.py \
-    tests/test_aoti.py -k "${GPU_TESTS:-$tests}" 2>&1 | tee "$out/gpu-tests.log"
+    tests/test_aoti.py -k "${GPU_TESTS:-$tests}" 2>&1 | tee "$out/gpu-tests.log" || failed+=(tests)
 
 if [ "$device" = cuda ]; then
     step "fp32: packages and benchmark (if the time allows)"
@@ -64,6 +67,10 @@ if [ "$device" = cuda ]; then
         2>&1 | tee "$out/aoti-compile-$preset-cuda-fp32.log" &&
     timeout "$(limit 60)" python3 -m adafocus bench "$export_dir" --budget "$budget" --backend aoti --backend pytorch \
         --device cuda --precision fp32 --batch "$batch" --repeats "$repeats" --warmup "$warmup" \
-        --out "$out/bench-$preset-aoti-pytorch-cuda-fp32.json"
+        --out "$out/bench-$preset-aoti-pytorch-cuda-fp32.json" || failed+=("fp32")
 fi
 step "done ($SECONDS s)"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed or cut off: ${failed[*]}"
+    exit 1
+fi

@@ -65,8 +65,18 @@ def main() -> None:
     recorded = json.loads((RESULTS / "bench-sthsth-v1-t12-onnxruntime.json").read_text(encoding="utf-8"))
     thresholds = recorded["thresholds"]
     from adafocus.builtin import random_export
+    from adafocus.errors import AdaFocusError
     from adafocus.files import write_json
     from adafocus.machine import cpu_record, package_versions
+    from adafocus.model import get_preset
+
+    # the recorded thresholds are that preset's: any other preset's adaptive rows all failed (wrong
+    # count of thresholds), and the run still ended "successfully" with a table of errors
+    if get_preset(args.preset).name != recorded["preset"]:
+        raise AdaFocusError(
+            f"--preset {args.preset}: the thresholds this script uses were recorded for {recorded['preset']}",
+            "give --preset sthsth-v1",
+        )
 
     random_export(args.preset)  # exported (and cached) once, outside the measured processes
     rows = []
@@ -82,9 +92,9 @@ def main() -> None:
                 str(args.max_call_gflops),
                 json.dumps(thresholds),
             ]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                row = {"batch": batch, "method": method, "error": done.stderr.strip().splitlines()[-1][:300]}
+            done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8")
+            if done.returncode != 0:  # kept in the report (a batch may not fit), and the run exits 1
+                row = {"batch": batch, "method": method, "error": done.stderr.strip()[-600:]}
             else:
                 row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
@@ -100,6 +110,8 @@ def main() -> None:
     }
     if args.out:
         write_json(args.out, report)
+    if failed := [row for row in rows if "error" in row]:
+        sys.exit(f"error: {len(failed)} of {len(rows)} measurements failed (their rows say why)")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ def run_side(side: str, args) -> dict:
     command = [sys.executable, __file__, args.hide, *([args.export] if args.export else []), "--child"]
     for option in ("precision", "batch", "threads", "repeats", "thresholds"):
         if getattr(args, option) is not None:
-            command += [f"--{option}", str(getattr(args, option))]
+            # one `--option=value` word: as two, a value starting with "-" (thresholds "-inf,...") reads
+            # to argparse as another option, and the child refused it
+            command.append(f"--{option}={getattr(args, option)}")
     if side == "hidden":
         command = ["bash", str(AS_AVX2_CPU), *(["--amx-only"] if args.hide == "amx" else []), *command]
     done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8")

@@ -42,6 +42,10 @@ def run(command: list[str], env: dict) -> dict:
     if done.returncode != 0:
         raise SystemExit(done.stderr[-2000:])
     lines = [json.loads(line) for line in done.stdout.splitlines()]
+    # adafocus-predict exits 0 when some videos fail (their lines say why): a failed video takes no
+    # inference, so counting its line would raise videos/s for work not done
+    if failed := [line for line in lines if "error" in line]:
+        raise SystemExit(f"{len(failed)} of {len(lines)} videos failed, e.g. {failed[0]['path']}: {failed[0]['error']}")
     summary = [line for line in done.stderr.splitlines() if "on Ray" in line or " ok, " in line]
     row = {"command": " ".join(command[1:]), "videos": len(lines), "wall_seconds": seconds, "summary": summary}
     ray = next((s for s in summary if "on Ray" in s), None)

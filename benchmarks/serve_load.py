@@ -272,7 +272,9 @@ def main() -> None:
     export = open_export(args.export) if args.export else demo_export()
     requests = Requests(export, args.videos)
     budgets = Budgets(export, export.thresholds)
-    cheap = args.cheap_budget or _cheap_budget(export)
+    # only for the second table: an export without a calibrated table has no cheap entry to pick, and
+    # --no-cheap must not fail on it
+    cheap = None if args.no_cheap else args.cheap_budget or _cheap_budget(export)
     report = {
         "benchmark": "serve_load",
         "export": str(export.path),

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,58 @@ def test_cpu_flags_are_read_from_the_cpu_as_the_kernels_see_it():
     kernels = torch.backends.cpu.get_cpu_capability()
     assert ("avx512f" in record["flags"]) == (kernels == "AVX512"), (kernels, record["flags"])
     assert ("avx2" in record["flags"]) == (kernels in ("AVX2", "AVX512")), (kernels, record["flags"])
+
+
+def test_ray_vs_local_counts_no_failed_video_as_throughput():
+    """benchmarks/ray_vs_local.py: adafocus-predict exits 0 with some videos failed (their lines carry
+    "error"); such a run is refused, not timed as if every video had been classified."""
+    import importlib.util
+    import os
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ray_vs_local.py"
+    spec = importlib.util.spec_from_file_location("ray_vs_local", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ok, bad = '{"path": "a.mp4", "class": "x"}', '{"path": "b.mp4", "error": "b.mp4: truncated"}'
+    command = [sys.executable, "-c", f"print({ok!r}); print({bad!r})"]
+    with pytest.raises(SystemExit, match="1 of 2 videos failed, e.g. b.mp4: b.mp4: truncated"):
+        module.run(command, dict(os.environ))
+    assert module.run([sys.executable, "-c", f"print({ok!r})"], dict(os.environ))["videos"] == 1
+
+
+def test_memory_vs_batch_refuses_a_preset_its_recorded_thresholds_are_not_for(tmp_path):
+    """benchmarks/memory_vs_batch.py times the loop at thresholds recorded for sthsth-v1: with another
+    --preset every adaptive row failed and the run still ended with status 0. Refused up front now."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_vs_batch.py"
+    out = tmp_path / "memory.json"
+    command = [sys.executable, str(script), "--preset", "demo", "--batches", "2", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", timeout=600)
+    assert done.returncode != 0
+    assert "the thresholds this script uses were recorded for sthsth-v1-t12" in done.stderr
+    assert not out.exists()
+
+
+def test_gpu_host_dry_run_leaves_the_recorded_results_alone_and_says_what_failed(tmp_path):
+    """benchmarks/gpu_host.sh with DRY_RUN=1 (its CPU check) wrote its logs and report into
+    benchmarks/results/, beside the recorded GPU results, and ended with status 0 whatever its steps
+    did. Here every step is cut off at once (a budget of a few seconds): nothing goes to
+    benchmarks/results, and the status and the last line name the steps."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_host.sh"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env |= {"DRY_RUN": "1", "BUDGET_S": "4", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+    env["ADAFOCUS_CACHE"] = str(tmp_path / "cache")  # nothing cached: the export step is cut off too
+    work = tmp_path / "checkout"
+    work.mkdir()
+    done = subprocess.run(["bash", str(script)], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert not (work / "benchmarks").exists()
+    assert (work / "adafocus-results" / "gpu-host-dry-run" / "gpu-tests.log").is_file()
+    assert done.returncode == 1
+    assert done.stdout.splitlines()[-1].startswith("failed or cut off: export")

@@ -47,3 +47,26 @@ def test_nothing_to_hide_is_refused_before_any_work():
     assert done.returncode == 1
     assert "this CPU has none of amx_int8, amx_tile to hide" in done.stderr
     assert "round" not in done.stdout
+
+
+def test_a_side_gets_thresholds_that_start_with_a_minus(monkeypatch):
+    """`--thresholds=-inf,...` (never exit at those steps) reaches each side's process as given: passed
+    as two words, the child's argparse took the value for an option and refused the run."""
+    import importlib.util
+    from argparse import Namespace
+
+    spec = importlib.util.spec_from_file_location("paired_cpu_features", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    k = demo_export().preset.num_exits
+    args = Namespace(
+        hide="avx512",
+        export=None,
+        precision="fp32",
+        batch=2,
+        threads=1,
+        repeats=1,
+        thresholds="-inf," * (k - 1) + "1e9",
+    )
+    side = script.run_side("native", args)  # the native side: no CPU feature hidden, runs on any CPU
+    assert side["exits_per_step"] == [0] * (k - 1) + [2]  # the thresholds were applied: every video ran every cube
