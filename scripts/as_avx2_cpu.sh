@@ -37,7 +37,14 @@ if ! command -v gcc >/dev/null; then
 fi
 
 source_file="$here/avx2_cpuid.c"
-library="${TMPDIR:-/tmp}/adafocus-avx2-cpuid-$(sha256sum "$source_file" | cut -c1-16).so"
+# one per user (the uid in its name): in a shared /tmp, a library found there is preloaded into every
+# program this runs, so one that another user put there (or could have) is refused, never used
+library="${TMPDIR:-/tmp}/adafocus-avx2-cpuid-$(id -u)-$(sha256sum "$source_file" | cut -c1-16).so"
+if [ -e "$library" ] && { [ ! -O "$library" ] || [ -L "$library" ] || [ -n "$(find "$library" -perm /022)" ]; }; then
+    echo "error: $library is not a file of yours that only you can write; preloading it would run" \
+        "someone else's code in this command: remove it, or set TMPDIR to a folder of your own" >&2
+    exit 2
+fi
 if [ ! -f "$library" ]; then
     partial=$(mktemp "$library.XXXXXX")  # renamed into place: runs side by side never see half a file
     if ! gcc -O2 -Wall -Werror -shared -fPIC -o "$partial" "$source_file" -ldl; then

@@ -64,3 +64,22 @@ def test_a_real_segmentation_fault_still_kills_the_process(faulthandler):
     done = run_as_avx2_cpu([*args, "-c", "import ctypes; ctypes.string_at(0)"], timeout=60)
     assert done.returncode == -11, (done.returncode, done.stderr)
     assert ("Fatal Python error: Segmentation fault" in done.stderr) == faulthandler, done.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="planting another user's file needs root")
+def test_a_library_another_user_left_in_the_temporary_folder_is_never_preloaded(tmp_path):
+    """In a shared /tmp, another user can put a file where the script looks for its library: it would run their
+    code in every program the script starts (here it is junk, which the loader would skip with a warning, leaving
+    the features silently shown). Refused, with exit status 2, under the name of before and the per-user one."""
+    import hashlib
+
+    from conftest import AS_AVX2_CPU
+
+    digest = hashlib.sha256((AS_AVX2_CPU.parent / "avx2_cpuid.c").read_bytes()).hexdigest()[:16]
+    for name in (f"adafocus-avx2-cpuid-{digest}.so", f"adafocus-avx2-cpuid-{os.getuid()}-{digest}.so"):
+        planted = tmp_path / name
+        planted.write_bytes(b"not a library")
+        os.chown(planted, 65534, 65534)
+    done = run_as_avx2_cpu(["-c", "print('ran')"], env={"TMPDIR": str(tmp_path)}, timeout=120)
+    assert done.returncode == 2 and "ran" not in done.stdout, (done.returncode, done.stdout, done.stderr)
+    assert "is not a file of yours" in done.stderr

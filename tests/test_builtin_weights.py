@@ -73,3 +73,45 @@ def test_one_pass_evaluation_agrees_with_separate_passes(demo):
     assert results["accuracy_per_step"]["pixel"] is None
     point = results["early_exit"][0]
     assert point["gflops"] < results["gflops_per_exit_step"][-1]  # some videos did exit early
+
+
+def test_two_processes_building_a_cached_export_at_once_build_it_once(exported, tmp_path, monkeypatch):
+    """Two commands started at once on a fresh cache: one builds, the other waits and reuses it, rather
+    than building it again and replacing the directory under the first. (Threads stand in for the
+    processes: each opens the lock file itself, and flock locks belong to the open file.)"""
+    import shutil
+    import threading
+    import time
+
+    from adafocus import builtin
+    from adafocus.export.manifest import open_export
+
+    monkeypatch.setenv("ADAFOCUS_CACHE", str(tmp_path))
+    source = exported("demo").path  # made before the threads start
+    builds = []
+
+    def slow_export(model, target, **_):  # a real export, copied into place as slowly as a real build
+        builds.append(target)
+        time.sleep(1.0)
+        shutil.copytree(source, f"{target}.partial-{threading.get_ident()}")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(f"{target}.partial-{threading.get_ident()}", target)
+        return open_export(target)
+
+    monkeypatch.setattr(builtin, "export_model", slow_export)
+    monkeypatch.setattr(builtin, "random_model", lambda preset, seed: None)
+    got, errors = [], []
+
+    def build():
+        try:
+            got.append(builtin.random_export("demo", log=lambda line: None).path)
+        except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and len(got) == 2 and got[0] == got[1]
+    assert len(builds) == 1, builds

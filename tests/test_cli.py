@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from adafocus.cli import main
@@ -94,3 +95,45 @@ def test_evaluate_refuses_options_of_the_other_mode(tmp_path):
         assert what in result.output and fix in result.output, result.output
         assert "Traceback" not in result.output
     assert not (tmp_path / "front.png").exists()
+
+
+def test_predict_refuses_the_options_of_the_engine_it_does_not_run(tmp_path, monkeypatch):
+    """Ray's sizing options without --engine ray, --workers with it, --in-flight without --server: each is
+    refused before any work (the built-in export is not even built), not accepted and ignored."""
+    import adafocus.builtin
+
+    monkeypatch.setattr(adafocus.builtin, "demo_export", lambda *a, **k: pytest.fail("the refusal came too late"))
+    video = tmp_path / "a.mp4"
+    video.write_bytes(b"")
+    cases = [
+        (["--actors", "4", "--decoders", "3"], "--actors and --decoders do nothing without --engine ray"),
+        (
+            ["--address", "auto", "--gpus-per-actor", "1"],
+            "--address and --gpus-per-actor do nothing without --engine ray",
+        ),
+        (["--cpus-per-actor", "0.5"], "--cpus-per-actor does nothing without --engine ray"),
+        (
+            ["--engine", "ray", "--workers", "4"],
+            "--workers does nothing with --engine ray, whose decoders are Ray tasks",
+        ),
+        (["--in-flight", "3"], "--in-flight does nothing without --server"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["predict", str(video), *args])
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+
+
+def test_python_m_adafocus_runs_the_command_and_importing_it_runs_nothing():
+    import subprocess
+    import sys
+
+    ran = subprocess.run([sys.executable, "-m", "adafocus", "presets"], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0 and "sthsth-v1-t12" in ran.stdout, ran.stderr
+    imported = subprocess.run(
+        [sys.executable, "-c", "import adafocus.__main__; print('imported')"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert imported.returncode == 0 and imported.stdout == "imported\n", (imported.stdout, imported.stderr)

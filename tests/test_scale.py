@@ -111,3 +111,21 @@ def test_without_the_extra_the_ray_engine_says_how_to_install_it(corpus, exporte
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
     assert done.returncode == 1
     assert "--engine ray needs Ray Data" in done.stderr and 'pip install -e ".[scale]"' in done.stderr
+
+
+@pytest.mark.parametrize(
+    "policy, message",
+    [(["--thresholds", "0.5"], "needs 5 exit thresholds"), (["--budget", "0.01"], "has no calibrated budgets")],
+)
+def test_an_unusable_exit_policy_is_one_clear_error_before_any_work(
+    ray_cluster, corpus, exported, tmp_path, policy, message
+):
+    """As with the local engine: one message and exit status 1, not the actor's death as a Ray traceback, and
+    the --out file left as it was (the export of these tests is not calibrated: no budget to choose)."""
+    out = tmp_path / "results.jsonl"
+    out.write_text('{"path": "kept.mp4", "error": "x"}\n', encoding="utf-8")
+    args = [corpus, "--export", exported("demo").path, "--engine", "ray", "--out", out, *policy]
+    result = CliRunner().invoke(predict, [str(a) for a in args])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert message in result.stderr and "fix:" in result.stderr, result.stderr
+    assert out.read_text(encoding="utf-8") == '{"path": "kept.mp4", "error": "x"}\n'

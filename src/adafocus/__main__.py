@@ -2,4 +2,7 @@
 
 from adafocus.cli import main
 
-main()
+# only when run: importing this module (pydoc, documentation tools, a module walk) must not parse that
+# process's own argv as a command line and exit
+if __name__ == "__main__":
+    main(prog_name="python -m adafocus")

@@ -12,6 +12,7 @@ only opens the path it is given.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -48,25 +49,55 @@ def demo_export(log=_stderr) -> Export:
     checkpoint = builtin_checkpoint()
     digest = sha256_file(checkpoint)
     target = _cached(f"demo-{digest[:12]}")
-    if target.exists():
-        try:
-            export = open_export(target)
-            return export if export.budgets else _calibrate(export, log)
-        except ManifestEncodingError:  # not damage: deleting the cache would not help
-            raise
-        except AdaFocusError as e:  # a damaged cache entry is rebuilt, and said so
-            log(f"re-exporting the built-in demo model: the cached export is unusable ({e.what})")
-    log(f"exporting and calibrating the built-in demo model once, to {target}")
-    loaded = load_checkpoint(checkpoint)
-    export = export_model(
-        loaded.model,
-        target,
-        class_names=loaded.class_names,
-        weights={"source": DEMO_SOURCE, "sha256": digest},
-        force=True,
-        log=log,
-    )
-    return _calibrate(export, log)
+    export = _reusable(target, "the built-in demo model", None)
+    if export is not None and export.budgets:
+        return export
+    with _building(target):
+        export = _reusable(target, "the built-in demo model", log)  # built by another process meanwhile?
+        if export is None:
+            log(f"exporting and calibrating the built-in demo model once, to {target}")
+            loaded = load_checkpoint(checkpoint)
+            export = export_model(
+                loaded.model,
+                target,
+                class_names=loaded.class_names,
+                weights={"source": DEMO_SOURCE, "sha256": digest},
+                force=True,
+                log=log,
+            )
+        return export if export.budgets else _calibrate(export, log)
+
+
+def _reusable(target: Path, what: str, log) -> Export | None:
+    """The cached export at `target` if it opens; None if there is none or it is damaged (said with
+    `log`, unless None: a damaged entry is rebuilt)."""
+    if not target.exists():
+        return None
+    try:
+        return open_export(target)
+    except ManifestEncodingError:  # not damage: deleting the cache would not help
+        raise
+    except AdaFocusError as e:
+        if log is not None:
+            log(f"re-exporting {what}: the cached export is unusable ({e.what})")
+        return None
+
+
+@contextlib.contextmanager
+def _building(target: Path):
+    """Held while one process builds, repairs or calibrates the cached export `target`: a second
+    process (two commands started at once on a fresh cache, parallel test runs) waits here and then
+    reuses what the first built, instead of building it again and replacing the directory (rmtree,
+    rename) under the first one while that one reads it. Without fcntl (Windows): no lock."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(target.parent / f".{target.name}.lock", "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, or the process dies
+        yield
 
 
 def _calibrate(export: Export, log) -> Export:
@@ -88,23 +119,27 @@ def random_export(preset_name: str, seed: int = 0, log=_stderr) -> Export:
     generated videos (`adafocus.model.batchnorm`), cached like the demo export."""
     preset = get_preset(preset_name)
     target = _cached(f"{preset.name}-random{seed}")
-    if target.exists():
-        try:
-            return open_export(target)
-        except ManifestEncodingError:
-            raise
-        except AdaFocusError as e:
-            log(f"re-exporting {preset.name}: the cached export is unusable ({e.what})")
-    log(f"measuring BatchNorm statistics of random {preset.name} weights on generated videos")
-    model = random_model(preset, seed)
-    return export_model(
-        model,
-        target,
-        class_names=default_class_names(preset),
-        weights={"source": "random", "seed": seed, "batchnorm": f"statistics of {BATCHNORM_VIDEOS} generated videos"},
-        force=True,
-        log=log,
-    )
+    export = _reusable(target, preset.name, None)
+    if export is not None:
+        return export
+    with _building(target):
+        export = _reusable(target, preset.name, log)  # built by another process meanwhile?
+        if export is not None:
+            return export
+        log(f"measuring BatchNorm statistics of random {preset.name} weights on generated videos")
+        model = random_model(preset, seed)
+        return export_model(
+            model,
+            target,
+            class_names=default_class_names(preset),
+            weights={
+                "source": "random",
+                "seed": seed,
+                "batchnorm": f"statistics of {BATCHNORM_VIDEOS} generated videos",
+            },
+            force=True,
+            log=log,
+        )
 
 
 def random_model(preset: Preset, seed: int = 0) -> Model:

@@ -25,7 +25,9 @@ import numpy as np
 
 from adafocus.errors import AdaFocusError, InternalError, error_text
 from adafocus.export.manifest import open_export
+from adafocus.model.checks import check_thresholds
 from adafocus.predict import result_record
+from adafocus.runtime.runtime import budget_entry
 
 INSTALL = 'pip install -e ".[scale]" (or pip install "ray[data]")'
 
@@ -158,64 +160,77 @@ def predict_dataset(
 ) -> Iterator[dict]:
     """One dict per path (adafocus-predict's lines), in completion order, from a Ray Data pipeline.
     `address`: a running cluster ("auto", "ray://head:10001", ...); None starts or joins a local one.
-    `decode`: "auto" (seek where exact) or "sequential" (`adafocus.data.video.load_clip`'s method)."""
+    `decode`: "auto" (seek where exact) or "sequential" (`adafocus.data.video.load_clip`'s method).
+
+    Everything the driver can check is checked when this is called, not when the lines are first
+    asked for: a caller (adafocus-predict) opens its --out file between the two."""
     ray = require_ray()
     if actors < 1 or decoders < 1 or batch_size < 1 or gpus_per_actor < 0 or cpus_per_actor < 0:
         raise AdaFocusError("actors, decoders and batch_size must be >= 1, GPUs and CPUs per actor >= 0")
     export = open_export(export_dir)  # verified on the driver, before any cluster work
-    preset = export.preset
+    # The actors apply thresholds and budget in their constructors, where an error kills the actor
+    # and comes back as a page of Ray traceback (ActorDiedError): refused here, as the local engine does.
+    if thresholds is not None:
+        check_thresholds(thresholds, export.preset)
+    if budget is not None:
+        budget_entry(export, budget)
     names = [os.fspath(p) for p in paths]
     stats = stats if stats is not None else ScaleStats()
-    stats.actors, stats.decoders = actors, decoders
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
-    stats.cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    started = time.perf_counter()
-    items = [{"position": i, "path": p} for i, p in enumerate(names)]
-    blocks = max(1, min(len(items), 8 * decoders))
-    decoded = ray.data.from_items(items, override_num_blocks=blocks).map(
-        decode_row,
-        fn_kwargs={
-            "num_frames": preset.num_frames,
-            "frame_size": preset.frame_size,
-            "resize_shorter_side": preset.resize_shorter_side,  # the preprocessing the model declares
-            "method": decode,
-        },
-        compute=ray.data.TaskPoolStrategy(size=decoders),
-        num_cpus=1,
-    )
-    classified = decoded.map_batches(
-        Classifier,
-        fn_constructor_kwargs={
-            "export_dir": str(export.path),
-            "backend": backend,
-            "device": device,
-            "thresholds": thresholds,
-            "budget": budget,
-            "top_k": top_k,
-            "exit_after_first_batch": exit_after_first_batch,
-        },
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=gpus_per_actor,
-        num_cpus=cpus_per_actor,
-    )
-    seen: set[int] = set()
-    for row in classified.iter_rows():
-        position = int(row["position"])
-        if position in seen:  # a retried batch must not answer twice
-            raise InternalError(f"the Ray pipeline answered input {position} ({names[position]}) twice")
-        seen.add(position)
-        stats.decode_seconds += float(row["decode_seconds"])
-        stats.inference_seconds += float(row["inference_seconds"])
-        record = json.loads(row["line"])
-        stats.videos += 1
-        stats.failed += "error" in record
-        yield record
-    stats.seconds = time.perf_counter() - started
-    if len(seen) != len(names):
-        missing = sorted(set(range(len(names))) - seen)[:5]
-        raise InternalError(
-            f"the Ray pipeline lost {len(names) - len(seen)} inputs (first: {[names[m] for m in missing]})"
+
+    def lines() -> Iterator[dict]:  # the pipeline, started when the first line is asked for
+        preset = export.preset
+        stats.actors, stats.decoders = actors, decoders
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        stats.cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        started = time.perf_counter()
+        items = [{"position": i, "path": p} for i, p in enumerate(names)]
+        blocks = max(1, min(len(items), 8 * decoders))
+        decoded = ray.data.from_items(items, override_num_blocks=blocks).map(
+            decode_row,
+            fn_kwargs={
+                "num_frames": preset.num_frames,
+                "frame_size": preset.frame_size,
+                "resize_shorter_side": preset.resize_shorter_side,  # the preprocessing the model declares
+                "method": decode,
+            },
+            compute=ray.data.TaskPoolStrategy(size=decoders),
+            num_cpus=1,
         )
+        classified = decoded.map_batches(
+            Classifier,
+            fn_constructor_kwargs={
+                "export_dir": str(export.path),
+                "backend": backend,
+                "device": device,
+                "thresholds": thresholds,
+                "budget": budget,
+                "top_k": top_k,
+                "exit_after_first_batch": exit_after_first_batch,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=gpus_per_actor,
+            num_cpus=cpus_per_actor,
+        )
+        seen: set[int] = set()
+        for row in classified.iter_rows():
+            position = int(row["position"])
+            if position in seen:  # a retried batch must not answer twice
+                raise InternalError(f"the Ray pipeline answered input {position} ({names[position]}) twice")
+            seen.add(position)
+            stats.decode_seconds += float(row["decode_seconds"])
+            stats.inference_seconds += float(row["inference_seconds"])
+            record = json.loads(row["line"])
+            stats.videos += 1
+            stats.failed += "error" in record
+            yield record
+        stats.seconds = time.perf_counter() - started
+        if len(seen) != len(names):
+            missing = sorted(set(range(len(names))) - seen)[:5]
+            raise InternalError(
+                f"the Ray pipeline lost {len(names) - len(seen)} inputs (first: {[names[m] for m in missing]})"
+            )
+
+    return lines()

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from adafocus.cli.common import CONTEXT, Command, backend_choice, parse_thresholds
+from adafocus.cli.common import CONTEXT, Command, backend_choice, parse_thresholds, refuse_unused
 from adafocus.errors import AdaFocusError
 from adafocus.files import dumps
 
@@ -165,6 +165,14 @@ def predict(
         raise click.UsageError("give --thresholds or --budget, not both")
     if engine == "ray" and show_dir is not None:
         raise click.UsageError("--show draws in this process: use it with --engine local")
+    # options of the ways of running not chosen would be silently ignored: refused instead
+    if engine == "local":
+        ray_sizes = ("address", "actors", "gpus_per_actor", "cpus_per_actor", "decoders")
+        refuse_unused(ray_sizes, "without --engine ray", "add --engine ray, or leave them out")
+    else:
+        refuse_unused(("workers",), "with --engine ray, whose decoders are Ray tasks", "give --decoders instead")
+    if server is None:
+        refuse_unused(("in_flight",), "without --server", "add --server HOST:PORT, or leave it out")
     if engine == "ray":
         from adafocus.scale import require_ray
 
