@@ -122,6 +122,10 @@ def test_predict_refuses_the_options_of_the_engine_it_does_not_run(tmp_path, mon
         result = CliRunner().invoke(main, ["predict", str(video), *args])
         assert result.exit_code == 1 and message in result.output, (args, result.output)
         assert "Traceback" not in result.output
+    # the server decodes and batches with its own engine (no server listens at port 1: refused before)
+    server = ["--server", "127.0.0.1:1", "--backend", "onnxruntime", "--workers", "2", "--batch-size", "8"]
+    result = CliRunner().invoke(main, ["predict", str(video), *server])
+    assert result.exit_code == 2 and "not with --backend, --workers, --batch-size" in result.output, result.output
 
 
 def test_python_m_adafocus_runs_the_command_and_importing_it_runs_nothing():
@@ -137,3 +141,17 @@ def test_python_m_adafocus_runs_the_command_and_importing_it_runs_nothing():
         timeout=120,
     )
     assert imported.returncode == 0 and imported.stdout == "imported\n", (imported.stdout, imported.stderr)
+
+
+def test_options_for_your_videos_are_refused_without_them_even_at_their_default_values(tmp_path):
+    """--workers, --max-bad (and --root, --val-data) do nothing without your videos: refused when given,
+    also at the default value (compared with the defaults, `--workers 2` passed unnoticed)."""
+    cases = [
+        (["train", "--out", str(tmp_path / "run"), "--workers", "2"], "--workers does nothing without --data"),
+        (["evaluate", "--max-bad", "0.05"], "--max-bad does nothing without --data"),
+        (["calibrate", "--workers", "2", "--max-bad", "0.05"], "--workers and --max-bad do nothing without your"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+    assert not (tmp_path / "run").exists()

@@ -153,8 +153,9 @@ def train(preset, out, data, val_data, init, glance_weights, local_weights, root
 
     if options["threads"]:
         torch.set_num_threads(options["threads"])
-    if data is None and (val_data or root or workers != 2 or max_bad != 0.05):
-        raise AdaFocusError("--val-data, --root, --workers and --max-bad are for your videos", "give --data")
+    if data is None:  # given, not compared with the defaults: `--workers 2` alone is refused too
+        for_files = ("val_data", "root", "workers", "max_bad")
+        refuse_unused(for_files, "without --data: they are for your videos", "give --data")
     if options["schedule"] == "refine" and init is None:
         raise AdaFocusError(
             "--schedule refine trains fL and fC under a trained policy, and there is none without --init",
@@ -341,8 +342,7 @@ def evaluate(
         "without --export or --data: a PyTorch checkpoint is evaluated",
         "give --export (or --data) to evaluate an export on that backend, or leave them out",
     )
-    if any(sets[k] != v for k, v in (("root", None), ("workers", 2), ("max_bad", 0.05))):
-        raise AdaFocusError("--root, --workers and --max-bad are for your videos", "give --data")
+    refuse_unused(("root", "workers", "max_bad"), "without --data: they are for your videos", "give --data")
     if metric != "accuracy":
         raise AdaFocusError("--metric is measured on an export", "give --export (or --data)")
     from adafocus.data.synthetic import SyntheticTask

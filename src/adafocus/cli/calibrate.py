@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from adafocus.cli.common import CONTEXT, Command, backend_choice, device_choice, given
+from adafocus.cli.common import CONTEXT, Command, backend_choice, device_choice, given, refuse_unused
 from adafocus.cli.sets import LIST_FORMATS, FileSets, report_left_out, set_options
 from adafocus.errors import AdaFocusError
 from adafocus.export.manifest import Export, open_export
@@ -167,8 +167,12 @@ def calibrate(export_dir, data, heldout, calibration_videos, seed, backend, devi
     if backend is None and (device or precision):
         raise AdaFocusError("--device and --precision choose the engine of --backend", "add --backend NAME")
     no_files = data is None and options["int8_data"] is None and (heldout is None or heldout.strip().isdigit())
-    if no_files and any(options[k] != DEFAULTS[k] for k in DEFAULTS):
-        raise AdaFocusError("--root, --workers and --max-bad are for your videos", "give --data (or --heldout FILE)")
+    if no_files:  # given, not compared with the defaults: `--workers 2` alone is refused too
+        refuse_unused(
+            ("root", "workers", "max_bad"),
+            "without your videos (--data, --int8-data or --heldout FILE): they are for those",
+            "give --data (or --heldout FILE)",
+        )
     export = open_export(export_dir) if export_dir else demo_export()
     sets = _Sets(export, seed, data, heldout, calibration_videos, options)
     engine = None

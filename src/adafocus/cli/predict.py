@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from adafocus.cli.common import CONTEXT, Command, backend_choice, parse_thresholds, refuse_unused
+from adafocus.cli.common import CONTEXT, Command, backend_choice, given, parse_thresholds, refuse_unused
 from adafocus.errors import AdaFocusError
 from adafocus.files import dumps
 
@@ -180,10 +180,12 @@ def predict(
     if server is not None:
         local_only = {"--export": export_dir, "--thresholds": thresholds, "--show": show_dir}
         local_only["--decode sequential"] = "sequential" if decode == "sequential" else None
-        given = [name for name, value in local_only.items() if value is not None] + ["--engine ray"] * (engine == "ray")
-        if given:
+        named = [name for name, value in local_only.items() if value is not None] + ["--engine ray"] * (engine == "ray")
+        # the server decodes and batches with its own engine: these would be ignored
+        named += [f"--{p.replace('_', '-')}" for p in ("backend", "workers", "batch_size") if given(p)]
+        if named:
             raise click.UsageError(
-                f"--server runs the model on the server: not with {', '.join(given)} "
+                f"--server runs the model on the server: not with {', '.join(named)} "
                 "(the server serves its own export; --budget goes with each request)"
             )
     # Where the results and pictures go is checked before anything is loaded or decoded.
