@@ -136,16 +136,13 @@ def export(
             check_options(device, p, batch_range)
     if triton_repo is not None and Path(triton_repo).is_dir() and any(Path(triton_repo).iterdir()):
         raise AdaFocusError(f"{triton_repo} is not empty", "write the Triton repository into a new or empty folder")
-    if into is not None:
-        if trt or not (aoti or triton_repo):
-            raise click.UsageError(
-                "--into adds AOTInductor packages (--aoti) or a Triton repository (--triton-repo) to an export, "
-                "not TensorRT engines"
-            )
+
+    def add_to(export_dir) -> None:
+        """The AOTInductor packages and the Triton repository asked for, added to `export_dir`."""
         if aoti:
             for p in precision or (None,):
                 compile_packages(
-                    into,
+                    export_dir,
                     device=device,
                     precision=p,
                     batch_range=batch_range,
@@ -153,7 +150,15 @@ def export(
                     log=click.echo,
                 )
         if triton_repo:
-            _write_triton_repo(into, triton_repo, triton_backend, device)
+            _write_triton_repo(export_dir, triton_repo, triton_backend, device)
+
+    if into is not None:
+        if trt or not (aoti or triton_repo):
+            raise click.UsageError(
+                "--into adds AOTInductor packages (--aoti) or a Triton repository (--triton-repo) to an export, "
+                "not TensorRT engines"
+            )
+        add_to(into)
         return
     model, class_names, weights = _model_to_export(checkpoint, preset, seed)
     if classes is not None:
@@ -174,18 +179,7 @@ def export(
         log=click.echo,
     )
     try:
-        if aoti:
-            for p in precision or (None,):
-                compile_packages(
-                    written.path,
-                    device=device,
-                    precision=p,
-                    batch_range=batch_range,
-                    validate_batch=validate_batch,
-                    log=click.echo,
-                )
-        if triton_repo:
-            _write_triton_repo(written.path, triton_repo, triton_backend, device)
+        add_to(written.path)
     except AdaFocusError as e:  # the ONNX export is whole and sealed: say so, and how to finish without redoing it
         raise AdaFocusError(
             f"{e.what} (the ONNX export {written.path} is complete)",
