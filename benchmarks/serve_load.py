@@ -272,8 +272,8 @@ def main() -> None:
     export = open_export(args.export) if args.export else demo_export()
     requests = Requests(export, args.videos)
     budgets = Budgets(export, export.thresholds)
-    # only for the second table: an export without a calibrated table has no cheap entry to pick, and
-    # --no-cheap must not fail on it
+    if not budgets.calibrated:  # the adafocus_slo model of every table steers along the budgets
+        sys.exit(f"serve_load: {export.path} has no calibrated budgets; run adafocus-calibrate on it first")
     cheap = None if args.no_cheap else args.cheap_budget or _cheap_budget(export)
     report = {
         "benchmark": "serve_load",
@@ -282,7 +282,8 @@ def main() -> None:
         "machine": cpu_record(),
         "packages": package_versions(),
         "settings": vars(args) | {"per_batch_variants": PER_BATCH_VARIANTS, "cheap_budget": cheap},
-        "default_budget_gflops": budgets.default.gflops,
+        # thresholds that are no calibrated entry (set by hand) have no GFLOPs until videos run
+        "default_budget_gflops": budgets.default.gflops if math.isfinite(budgets.default.gflops) else None,
     }
     with tempfile.TemporaryDirectory(prefix="serve-load-") as folder:
         slo_ms = args.slo_ms
@@ -453,6 +454,8 @@ def _unloaded_p50(export, args, requests, folder: Path) -> float:
 def _cheap_budget(export) -> float:
     """The most accurate calibrated entry where most (held-out) videos exit by the first cube."""
     by_first = [b for b in export.budgets if sum(b.get("heldout_exit_fractions", b["exit_fractions"])[:2]) > 0.5]
+    if not by_first:
+        sys.exit(f"serve_load: no budget of {export.path} exits most videos by the first cube; give --cheap-budget")
     return max(by_first, key=lambda b: b["accuracy"])["gflops"]
 
 

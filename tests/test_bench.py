@@ -169,3 +169,22 @@ def test_gpu_host_dry_run_leaves_the_recorded_results_alone_and_says_what_failed
     assert (work / "adafocus-results" / "gpu-host-dry-run" / "gpu-tests.log").is_file()
     assert done.returncode == 1
     assert done.stdout.splitlines()[-1].startswith("failed or cut off: export")
+
+
+def test_serve_load_refuses_an_export_without_budgets_before_starting_servers(exported, tmp_path):
+    """benchmarks/serve_load.py serves a latency-target model in every table, which steers along the
+    calibrated budgets: an uncalibrated export is refused up front (it went on to time an unloaded
+    server first, then failed as Triton refused to load that model)."""
+    import subprocess
+    import sys
+
+    export = exported("demo")  # exported, not calibrated
+    assert not export.budgets
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    out = tmp_path / "load.json"
+    command = [sys.executable, str(script), "--export", str(export.path), "--no-cheap", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", timeout=300)
+    assert done.returncode != 0
+    assert f"{export.path} has no calibrated budgets; run adafocus-calibrate on it first" in done.stderr
+    assert "latency target" not in done.stderr  # refused before the unloaded probe
+    assert not out.exists()
