@@ -14,6 +14,7 @@ from adafocus.export.graphs import GRAPH_NAMES, graph_specs
 from adafocus.export.manifest import MANIFEST, check_schema, open_export, update_manifest
 from adafocus.export.onnx_flops import count_gmacs
 from adafocus.export.validate import Case, cpu_session, validate_graph
+from adafocus.files import partial_path
 from adafocus.model import build_model, get_preset, load_checkpoint
 from adafocus.model.flops import count_flops
 from adafocus.weights import builtin_checkpoint
@@ -175,7 +176,7 @@ def test_a_later_export_removes_what_a_killed_one_left(tmp_path, monkeypatch):
     import time
 
     writer = subprocess.Popen([sys.executable, "-m", "adafocus", "export", "--out", str(tmp_path / "X")])
-    partial = tmp_path / f".X.partial-{writer.pid}"
+    partial = partial_path(tmp_path / "X", pid=writer.pid)  # what that process names it
     deadline = time.monotonic() + 120
     while not partial.exists() and writer.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

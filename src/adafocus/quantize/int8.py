@@ -120,7 +120,7 @@ def int8_file(graph: str) -> str:
 # the loop runs on passes of a few videos (`videos_per_pass`), every recorded feed goes to a spill
 # folder on disk, and the calibrator replays them one recorded call at a time.
 PASS_BYTES = 64 * 2**20  # preprocessed video bytes per recording pass (sthsth-v1: 6 videos; demo: 42)
-SPILL_NAME = "adafocus-int8-feeds"  # `.adafocus-int8-feeds.partial-PID.RANDOM` in the temporary folder
+SPILL_NAME = "adafocus-int8-feeds"  # `.adafocus-int8-feeds.partial-PID-WHERE.RANDOM` in the temporary folder
 
 
 def videos_per_pass(preset) -> int:
@@ -391,7 +391,7 @@ def _reader(feeds):
 
 
 # quantising ---------------------------------------------------------------------------------------
-WORK_NAME = "adafocus-int8-work"  # `.adafocus-int8-work.partial-PID.RANDOM` in the temporary folder
+WORK_NAME = "adafocus-int8-work"  # `.adafocus-int8-work.partial-PID-WHERE.RANDOM` in the temporary folder
 
 
 def check_options(method: str, activations: str, weight_bits: int) -> None:
@@ -409,7 +409,7 @@ def check_options(method: str, activations: str, weight_bits: int) -> None:
 @contextlib.contextmanager
 def _work_folder() -> Iterator[str]:
     """A scratch folder for one graph's preprocessed copy, ranges and augmented model, named as the
-    spill is (`.NAME.partial-PID.RANDOM`) so that the next run removes one left by a killed run (a
+    spill is (`.NAME.partial-PID-WHERE.RANDOM`) so that the next run removes one left by a killed run (a
     TemporaryDirectory's random name would say nothing of its dead owner)."""
     temporary = Path(tempfile.gettempdir())
     remove_stale_partials(temporary, WORK_NAME)

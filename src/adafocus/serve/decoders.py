@@ -37,7 +37,7 @@ from adafocus.files import owner_prefix, remove_orphans
 from adafocus.model.presets import Preset, get_preset
 
 _STOP = None
-FOLDER_PREFIX = "adafocus-decode-"  # `adafocus-decode-PID-START-RANDOM` in the temporary folder (files.owner_prefix)
+FOLDER_PREFIX = "adafocus-decode-"  # `adafocus-decode-PID-START-WHERE.RANDOM` in $TMPDIR (files.owner_prefix)
 
 
 @dataclass
