@@ -1,9 +1,12 @@
 """The Ray engine on a real local Ray cluster (started once for these tests, no network beyond this
 machine): the same lines as the local engine over real and broken videos, nothing lost or answered
-twice when an actor dies, --resume across engines, and the install hint without the extra."""
+twice when an actor dies, --resume across engines (and no cluster when nothing is left), options and
+addresses refused before any work, and the install hint without the extra."""
 
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from adafocus.cli import predict
+from adafocus.errors import AdaFocusError
+from adafocus.export.graphs import GRAPH_NAMES
+from adafocus.export.manifest import Export
 from conftest import strict_loads, write_video
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -37,6 +43,27 @@ def corpus(data_dir, tmp_path_factory) -> Path:
     data = (data_dir / "bikes.mp4").read_bytes()
     (folder / "truncated.mp4").write_bytes(data[: len(data) // 3])
     (folder / "notes.mp4").write_text("not a video\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def aoti_upto_8(exported, tmp_path_factory):
+    """The demo export with CPU AOTInductor packages of the loop's graphs for batches 1..8 (compiled
+    here, a few minutes: test_aoti.py's session fixture is not visible from this module, and its
+    packages end at batch 128, which only a batch of 129 decodable videos would pass)."""
+    from adafocus.export.aoti import compile_packages
+
+    target = tmp_path_factory.mktemp("aoti") / "demo"
+    shutil.copytree(exported("demo").path, target)
+    return compile_packages(target, device="cpu", batch_range=(1, 3, 8), dense=False, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def ten_videos(tmp_path_factory) -> Path:
+    """Ten decodable videos: a batch of 9 of them is past the packages' largest batch."""
+    folder = tmp_path_factory.mktemp("ten")
+    for i in range(10):
+        write_video(folder / f"grey-{i}.mp4", 8, size=(96, 80))
     return folder
 
 
@@ -129,3 +156,105 @@ def test_an_unusable_exit_policy_is_one_clear_error_before_any_work(
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
     assert message in result.stderr and "fix:" in result.stderr, result.stderr
     assert out.read_text(encoding="utf-8") == '{"path": "kept.mp4", "error": "x"}\n'
+
+
+KEPT = '{"path": "kept.mp4", "error": "x"}\n'
+
+
+@pytest.mark.parametrize("engine", [[], ["--engine", "ray"]], ids=["local", "ray"])
+def test_a_batch_past_the_engines_range_is_one_clear_error_before_any_work(
+    ray_cluster, aoti_upto_8, ten_videos, tmp_path, engine
+):
+    """Both engines refuse a --batch-size past the AOTInductor packages' largest batch with the runtime's
+    message and exit status 1, --out left as it was (not: the local engine emptying it first; the Ray
+    engine failing in an actor once a batch of 9 decodable videos comes, as a page of Ray traceback);
+    the largest batch itself runs."""
+    out = tmp_path / "results.jsonl"
+    out.write_text(KEPT, encoding="utf-8")
+    args = [ten_videos, "--export", aoti_upto_8.path, "--backend", "aoti", "--out", out, *engine]
+    result = CliRunner().invoke(predict, [str(a) for a in [*args, "--batch-size", "9"]])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "batch_size 9 is past the largest batch of this aoti backend's engines (8)" in result.stderr
+    assert "fix: use batch_size <= 8" in result.stderr and "Traceback" not in result.output
+    assert out.read_text(encoding="utf-8") == KEPT
+    code, _, stderr = run([*args, "--batch-size", "8"])
+    assert code == 0, stderr
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 10 and not any("error" in line for line in lines)
+
+
+def test_the_largest_batch_is_read_from_the_manifest(aoti_upto_8):
+    """What the driver checks --batch-size against, without opening the engines (built for the workers'
+    GPU): AOTInductor packages' and TensorRT engines' batch ranges, the TensorRT provider's profile."""
+    from adafocus.runtime.backends import largest_batch
+
+    assert largest_batch(aoti_upto_8, "aoti", None) == 8 and largest_batch(aoti_upto_8, "aoti", "cpu") == 8
+    assert largest_batch(aoti_upto_8, "aoti", "cuda") is None  # none built: the actors say so themselves
+    assert largest_batch(aoti_upto_8, "onnxruntime", None) is None  # any batch
+    assert largest_batch(aoti_upto_8, "onnxruntime", "tensorrt") == 128
+    manifest = copy.deepcopy(aoti_upto_8.manifest)
+    manifest["engines"]["fp16"] = {  # as adafocus-export --trt records fp16 engines for batches 1..64
+        g: {
+            "file": f"{g}.fp16.engine",
+            "profile": {
+                name: {"min": [1, 3], "opt": [16, 3], "max": [64, 3]} for name in aoti_upto_8.graph(g).input_names
+            },
+        }
+        for g in GRAPH_NAMES
+    }
+    assert largest_batch(Export(aoti_upto_8.path, manifest), "tensorrt", None) == 64
+
+
+def test_an_address_other_than_the_connected_clusters_is_refused(ray_cluster, corpus, exported):
+    """ray.init joins one cluster per process: where this process is connected already, an address
+    naming another cluster is one clear error when predict_dataset is called (it used to run on the
+    connected cluster regardless); no address, or one naming the connected cluster, runs there."""
+    from adafocus.predict import expand_paths
+    from adafocus.scale import predict_dataset
+
+    paths, export = expand_paths([corpus])[:2], exported("demo").path
+    for other in ("10.255.255.1:6379", "10.255.255.2:6380"):
+        with pytest.raises(AdaFocusError, match=f"connected to the cluster at .* already, not to '{other}'"):
+            predict_dataset(paths, export, address=other)
+    connected = ray_cluster.get_runtime_context().gcs_address
+    port = connected.rsplit(":", 1)[1]
+    for address in (None, f"127.0.0.1:{port}"):  # 127.0.0.1 resolves to this node's address, as ray.init does
+        predict_dataset(paths, export, address=address)
+    assert sorted(line["path"] for line in predict_dataset(paths, export, address=connected)) == sorted(paths)
+
+
+def test_resume_with_nothing_left_starts_no_cluster(corpus, exported, tmp_path):
+    """Every input already in --out: the summary says so and no Ray cluster is started or joined (in a
+    process of its own, which has not called ray.init)."""
+    from adafocus.predict import expand_paths
+
+    out = tmp_path / "results.jsonl"
+    done = [{"path": os.path.abspath(p), "error": "x"} for p in expand_paths([corpus])]
+    out.write_text("".join(json.dumps(line) + "\n" for line in done), encoding="utf-8")
+    args = [str(corpus), "--export", str(exported("demo").path), "--engine", "ray", "--out", str(out), "--resume"]
+    code = (
+        "import ray\n"
+        "from adafocus.cli import predict\n"
+        f"predict.main({args!r}, standalone_mode=False)\n"
+        "print('ray initialised:', ray.is_initialized())\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    assert ran.returncode == 0, ran.stderr
+    assert "ray initialised: False" in ran.stdout, ran.stderr
+    assert f"0 ok, 0 failed, 7 skipped (already in {out})" in ran.stderr
+    assert "on Ray:" not in ran.stderr and "Started a local Ray instance" not in ran.stderr
+
+
+@pytest.mark.parametrize("where", ["option", "environment"])
+def test_ray_client_is_refused_with_the_fix(corpus, exported, monkeypatch, where):
+    """Ray Data does not run through Ray Client: a ray:// address (given, or in RAY_ADDRESS, which
+    ray.init reads) is one clear error before any cluster work, not an AttributeError of Ray's
+    internals once the pipeline starts."""
+    from adafocus.predict import expand_paths
+    from adafocus.scale import predict_dataset
+
+    address = "ray://head.example:10001"
+    if where == "environment":
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(AdaFocusError, match=r"do not run through Ray Client \(ray://head.example:10001\)"):
+        predict_dataset(expand_paths([corpus]), exported("demo").path, address=address if where == "option" else None)

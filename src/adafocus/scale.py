@@ -27,6 +27,7 @@ from adafocus.errors import AdaFocusError, InternalError, error_text
 from adafocus.export.manifest import open_export
 from adafocus.model.checks import check_thresholds
 from adafocus.predict import result_record
+from adafocus.runtime.backends import largest_batch
 from adafocus.runtime.runtime import budget_entry
 
 INSTALL = 'pip install -e ".[scale]" (or pip install "ray[data]")'
@@ -138,6 +139,37 @@ class Classifier:
         }
 
 
+# address this module gave ray.init -> the GCS address of the cluster it joined ("local" resolves to none)
+_joined: dict[str | None, str] = {}
+
+
+def check_connected(ray, address: str | None) -> None:
+    """Refuse `address` when it names a cluster other than the one this process is connected to.
+
+    ray.init joins one cluster per process and is not called again, so a different address would be
+    ignored and the work would run where the process happens to be connected (a local cluster, after
+    a ray.init() for something else). An address names the connected cluster when it is the GCS
+    address, resolves to it as ray.init resolves it ("auto", "localhost:6379"), or is the one this
+    module joined it with (so that the same call twice runs twice)."""
+    if address is None:
+        return
+    connected = ray.get_runtime_context().gcs_address
+    if _joined.get(address) == connected or address == connected:
+        return
+    try:  # ray.init's own resolution, private to Ray: should it move, only the GCS address is accepted
+        from ray._private.services import canonicalize_bootstrap_address
+
+        resolved = canonicalize_bootstrap_address(address)
+    except Exception:  # also an address ray.init could not use: it names no cluster, this one included
+        resolved = None
+    if resolved != connected:
+        raise AdaFocusError(
+            f"Ray in this process is connected to the cluster at {connected} already, not to {address!r} "
+            "(a process joins one cluster)",
+            "pass no address to run on the connected cluster, or call ray.shutdown() first to join the other",
+        )
+
+
 def predict_dataset(
     paths: Sequence[str],
     export_dir: str | os.PathLike,
@@ -159,12 +191,21 @@ def predict_dataset(
     exit_after_first_batch: str | None = None,
 ) -> Iterator[dict]:
     """One dict per path (adafocus-predict's lines), in completion order, from a Ray Data pipeline.
-    `address`: a running cluster ("auto", "ray://head:10001", ...); None starts or joins a local one.
+    `address`: a running cluster ("auto", "head:6379", ...); None starts or joins a local one (or
+    $RAY_ADDRESS's, as ray.init does). Not Ray Client (ray://...): Ray Data does not run through it.
+    A process joins one cluster: where Ray is initialised already, None runs on that cluster and an
+    address naming another is refused. No paths: no lines, and no cluster started or joined.
     `decode`: "auto" (seek where exact) or "sequential" (`adafocus.data.video.load_clip`'s method).
 
     Everything the driver can check is checked when this is called, not when the lines are first
     asked for: a caller (adafocus-predict) opens its --out file between the two."""
     ray = require_ray()
+    client = address if address is not None else os.environ.get("RAY_ADDRESS", "")
+    if client.startswith("ray://"):  # Ray Data's executor needs a driver in the cluster (ray-project/ray#42739)
+        raise AdaFocusError(
+            f"Ray Data pipelines do not run through Ray Client ({client}): the driver must be part of the cluster",
+            "run adafocus-predict on a node of the cluster (--address auto, or HEAD:6379), e.g. with ray job submit",
+        )
     if actors < 1 or decoders < 1 or batch_size < 1 or gpus_per_actor < 0 or cpus_per_actor < 0:
         raise AdaFocusError("actors, decoders and batch_size must be >= 1, GPUs and CPUs per actor >= 0")
     export = open_export(export_dir)  # verified on the driver, before any cluster work
@@ -174,14 +215,29 @@ def predict_dataset(
         check_thresholds(thresholds, export.preset)
     if budget is not None:
         budget_entry(export, budget)
+    # Runtime.stream refuses a batch past the engines' batch range, but in an actor, only once a batch
+    # holds more decodable videos than that (perhaps after other batches' lines were written), as a
+    # page of Ray traceback: refused here whatever the videos, as the local engine does, in its words.
+    limit = largest_batch(export, backend, device)
+    if limit is not None and batch_size > limit:
+        raise AdaFocusError(
+            f"batch_size {batch_size} is past the largest batch of this {backend} backend's engines ({limit})",
+            f"use batch_size <= {limit} (TensorRT engines and AOTInductor packages: or re-export with a larger "
+            "--batch-range)",
+        )
+    if ray.is_initialized():
+        check_connected(ray, address)
     names = [os.fspath(p) for p in paths]
     stats = stats if stats is not None else ScaleStats()
 
     def lines() -> Iterator[dict]:  # the pipeline, started when the first line is asked for
+        if not names:  # nothing to do (--resume after a finished run): no cluster is started or joined for it
+            return
         preset = export.preset
         stats.actors, stats.decoders = actors, decoders
         if not ray.is_initialized():
             ray.init(address=address, log_to_driver=False, include_dashboard=False)
+            _joined[address] = ray.get_runtime_context().gcs_address
         stats.cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         started = time.perf_counter()
         items = [{"position": i, "path": p} for i, p in enumerate(names)]

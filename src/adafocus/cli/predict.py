@@ -75,7 +75,12 @@ from adafocus.files import dumps
     help="local: this process, decoder threads beside the runtime. ray: a Ray Data pipeline (decoding as CPU "
     "tasks, the runtime in a pool of actors), on a local or remote cluster (needs the [scale] extra).",
 )
-@click.option("--address", default=None, help='With --engine ray: the cluster to join ("auto", ray://HOST:10001).')
+@click.option(
+    "--address",
+    default=None,
+    help='With --engine ray: the cluster to join ("auto" on a node of it, or HEAD:6379; not ray://: Ray Data does '
+    "not run through Ray Client).",
+)
 @click.option("--actors", type=click.IntRange(1), default=1, show_default=True, help="With --engine ray: runtimes.")
 @click.option(
     "--gpus-per-actor", type=click.FloatRange(0), default=0.0, show_default=True, help="With --engine ray: GPUs each."
@@ -226,7 +231,7 @@ def predict(
     if out is not None:
         summary += f"; results in {out}"
     click.echo(summary, err=True)
-    if stats is not None:
+    if stats is not None and todo:  # with nothing left to do no cluster was started: no Ray figures to give
         click.echo(stats.summary(), err=True)
     if todo and ok == 0:
         ctx.exit(1)
@@ -246,6 +251,10 @@ def _local(todo, export_dir, backend, workers, show_dir, *, batch_size, top_k, t
             f"accuracy {chosen['accuracy']:.3f}",
             err=True,
         )
+    # Runtime.stream checks batch_size (TensorRT engines and AOTInductor packages end at a largest
+    # batch) only when the first line is asked for, after _write has opened --out and emptied it:
+    # its checks run here, on no videos, before anything is written.
+    list(runtime.stream(iter(()), batch_size=batch_size))
     return predict_paths(
         todo, runtime, batch_size=batch_size, workers=workers, top_k=top_k, show_dir=show_dir, decode=decode
     )

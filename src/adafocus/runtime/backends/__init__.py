@@ -4,7 +4,15 @@ backend is."""
 
 from adafocus.runtime.backends import aoti, onnxruntime, pytorch, tensorrt  # noqa: F401  (they register)
 from adafocus.runtime.backends.aoti import AotiBackend
-from adafocus.runtime.backends.base import BACKENDS, Backend, backend_names, device_names, make_backend, register
+from adafocus.runtime.backends.base import (
+    BACKENDS,
+    Backend,
+    backend_names,
+    device_names,
+    largest_batch,
+    make_backend,
+    register,
+)
 from adafocus.runtime.backends.onnxruntime import EXACT_U8U8, Int8PrecisionWarning, OnnxRuntimeBackend
 from adafocus.runtime.backends.pytorch import PyTorchBackend
 from adafocus.runtime.backends.tensorrt import TensorRTBackend
@@ -20,6 +28,7 @@ __all__ = [
     "TensorRTBackend",
     "backend_names",
     "device_names",
+    "largest_batch",
     "make_backend",
     "register",
 ]

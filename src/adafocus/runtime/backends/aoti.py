@@ -23,6 +23,12 @@ class AotiBackend(Backend):
     name = "aoti"
     devices = PRECISIONS
 
+    @classmethod
+    def recorded_max_batch(cls, export: Export, kind: str, precision: str) -> int | None:
+        records = export.manifest["engines"].get("aoti", {}).get(kind, {}).get(precision, {})
+        ends = [records[g]["batch_range"][2] for g in GRAPH_NAMES if g in records]
+        return min(ends) if len(ends) == len(GRAPH_NAMES) else None
+
     def __init__(
         self,
         export: Export,

@@ -94,6 +94,14 @@ class Backend:
         self.call_workers = 1  # parts of a split call that run at once (backends that can set more)
         self._activation_bytes: dict[str, int] = {}  # graph -> its largest tensor per row, read once
 
+    @classmethod
+    def recorded_max_batch(cls, export: Export, kind: str, precision: str) -> int | None:
+        """`max_batch` as the export's manifest records it for `kind` (a device without its index)
+        and `precision`, read without opening anything: the engines of a GPU backend are built for
+        workers' GPUs, which a driver may not have. None: any batch, or not recorded for every graph
+        (opening the backend then refuses it with its own error)."""
+        return None
+
     @property
     def device(self):
         return self.arrays.device
@@ -211,6 +219,18 @@ def make_backend(export: Export, backend: str, device: str | None = None, **opti
             setattr(opened, key, limit)
             opened.settings[key] = limit
     return opened
+
+
+def largest_batch(export: Export, backend: str, device: str | None = None) -> int | None:
+    """The largest batch `backend` on `device` (None: its default), at its default precision, will
+    take once opened (`Backend.max_batch`), from the export's manifest alone."""
+    cls = BACKENDS.get(backend)
+    if cls is None:
+        return None  # make_backend names the unknown backend when it is opened
+    kind = (device or cls.default_device).split(":")[0]
+    if kind not in cls.devices:
+        return None  # the same: opening it refuses the device
+    return cls.recorded_max_batch(export, kind, cls.devices[kind][0])
 
 
 def backend_names() -> list[str]:

@@ -65,6 +65,11 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     devices = {"cpu": ("fp32", "int8"), "cuda": ("fp32", "int8"), "tensorrt": ("fp32", "fp16", "int8")}
 
+    @classmethod
+    def recorded_max_batch(cls, export: Export, kind: str, precision: str) -> int | None:
+        # the TensorRT provider's one optimisation profile ends there (_providers), as a TensorRT engine's
+        return TRT_EP_MAX_BATCH if kind == "tensorrt" else None
+
     def __init__(
         self,
         export: Export,
@@ -77,8 +82,7 @@ class OnnxRuntimeBackend(Backend):
         graphs: Sequence[str] = GRAPH_NAMES,
     ):
         super().__init__(export, device, precision, graphs)
-        if device == "tensorrt":  # its one optimisation profile ends there (_providers), as a TensorRT engine's
-            self.max_batch = TRT_EP_MAX_BATCH
+        self.max_batch = self.recorded_max_batch(export, device.split(":")[0], self.precision)
         self.provider_device, self.threads = device, threads
         self.io_binding = io_binding or device != "cpu"
         self.settings |= {"threads": threads, "io_binding": io_binding, "call_workers": call_workers}

@@ -22,6 +22,17 @@ class TensorRTBackend(Backend):
     devices = {"cuda": ("fp16", "fp32")}
     default_device = "cuda"
 
+    @classmethod
+    def recorded_max_batch(cls, export: Export, kind: str, precision: str) -> int | None:
+        # the profile of each engine's first input, as build_engine records it (the open backend reads
+        # the same from the engines themselves)
+        records = export.manifest["engines"].get(precision, {})
+        profiles = [
+            records[g].get("profile", {}).get(export.graph(g).input_names[0]) for g in GRAPH_NAMES if g in records
+        ]
+        ends = [p["max"][0] for p in profiles if p]
+        return min(ends) if len(ends) == len(GRAPH_NAMES) else None
+
     def __init__(
         self,
         export: Export,
