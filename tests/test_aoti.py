@@ -64,6 +64,54 @@ def test_packages_are_recorded_sealed_and_validated(aoti_export):
     open_export(aoti_export.path)  # the resealed directory passes every reader's checks
 
 
+# Run in a child process: a package reads AOTI_RUNTIME_CHECK_INPUTS once, at its first call, and
+# keeps what it read for as long as the process has it loaded.
+CHECKED_RUN = """
+import json, sys
+import torch
+from adafocus.export.graphs import graph_specs
+from adafocus.export.manifest import open_export
+from adafocus.export.validate import compare_outputs, validation_cases
+
+export = open_export(sys.argv[1])
+model = export.load_model()
+specs = graph_specs(model)
+records = export.manifest["engines"]["aoti"]["cpu"]["fp32"]
+lo, _, hi = next(iter(records.values()))["batch_range"]
+assert lo == 1  # validation_cases: real inputs at batch 1 and `hi` (random crop pools exceed `hi`)
+cases = {g: [c for c in cs if c.label.startswith("real")] for g, cs in validation_cases(model, hi).items()}
+for name, record in records.items():
+    package = torch._inductor.aoti_load_package(str(export.path / record["file"]))
+    def run(inputs):
+        with torch.inference_mode():
+            out = package(*[x.contiguous() for x in inputs])
+        return [y.numpy() for y in ([out] if isinstance(out, torch.Tensor) else out)]
+    compare_outputs(specs[name], run, cases[name], export.preset, 1e-4, engine="AOTInductor")
+over = specs["classifier"].random_inputs(hi + 1, torch.Generator().manual_seed(0))
+try:  # the check is on: a batch past the range is refused
+    torch._inductor.aoti_load_package(str(export.path / records["classifier"]["file"]))(*over)
+    refused = ""
+except RuntimeError as e:
+    refused = str(e)
+print(json.dumps({"range": [lo, hi], "graphs": sorted(records), "refused": refused}))
+"""
+
+
+def test_packages_run_their_whole_recorded_range_with_input_checks_on(aoti_export):
+    """AOTI_RUNTIME_CHECK_INPUTS=1 makes a package hold its inputs to the bounds it was compiled
+    for: every package takes the recorded range's smallest and largest batch (real inputs, within
+    the validation tolerance of PyTorch), and refuses the next batch up. torch.export assumed batch
+    >= 2, and Inductor narrowed the glance graph to 3 videos at most, the local one to 15."""
+    env = {**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", CHECKED_RUN, str(aoti_export.path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["range"] == [1, 128] and result["graphs"] == sorted([*GRAPH_NAMES, DENSE])
+    assert "dim value is too large" in result["refused"], result
+
+
 @pytest.mark.parametrize("batch", [1, 7, 128])
 def test_aoti_backend_reproduces_the_reference_in_both_modes(aoti_export, demo_data, batch):
     model, videos, thresholds = demo_data

@@ -5,8 +5,10 @@
     compile_packages("exports/demo", device="cpu")     # adds <graph>.aoti-cpu-fp32.pt2, reseals
 
 Each package comes from the export's own PyTorch model (`model.pt`) through `torch.export` with the
-graphs' symbolic axes dynamic over a batch range, and is validated against PyTorch on the same cases
-and tolerances as the ONNX graphs before it is added. The manifest records it under
+graphs' symbolic axes dynamic over a batch range, which the package's compiled bounds cover (the
+bounds it checks inputs against when run with AOTI_RUNTIME_CHECK_INPUTS=1), and is validated against
+PyTorch on the same cases and tolerances as the ONNX graphs, and on real inputs at the range's
+largest batch (at most VALIDATE_TOP), before it is added. The manifest records it under
 `engines.aoti.<device>.<precision>.<graph>` with what it is bound to: the torch version that built it
 (packages hold compiled code against that libtorch), the device, and for CPU packages the vector
 instruction set Inductor compiled for (a package built for AVX-512 does not run on an AVX2 CPU),
@@ -23,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
 from adafocus.export.exporter import Fp16Graph
-from adafocus.export.graphs import DENSE, GraphSpec, graph_specs
+from adafocus.export.graphs import DENSE, GraphSpec, graph_specs, real_inputs
 from adafocus.export.manifest import Export, open_export, sha256_file, update_manifest
 from adafocus.export.onnx_export import EXAMPLE_BATCH
-from adafocus.export.validate import FP32_RTOL, compare_outputs, validation_cases
+from adafocus.export.validate import FP32_RTOL, Case, compare_outputs, validation_cases
 from adafocus.files import partial_path, remove_stale_partials
 from adafocus.model.numerics import strict_fp32
 
@@ -74,7 +77,12 @@ def compile_packages(
     precision = check_options(device, precision, batch_range)
     model = export.load_model().to(device)
     specs = {name: spec for name, spec in graph_specs(model).items() if dense or name != DENSE}
-    cases = _on(device, validation_cases(model, validate_batch))
+    cases = validation_cases(model, validate_batch)
+    top = min(batch_range[2], VALIDATE_TOP)
+    if top != validate_batch:  # (_compile_one: the code chosen at the traced batch, checked far from it)
+        for name, more in _real_cases(model, top).items():
+            cases[name].extend(more)
+    cases = _on(device, cases)
     remove_stale_partials(export.path)
     staged = {
         package_file(g, device, precision): partial_path(export.path / package_file(g, device, precision), ".pt2")
@@ -122,6 +130,19 @@ def check_options(device: str, precision: str | None, batch_range) -> str:
     return precision
 
 
+# The largest batch a package is also validated at (the range's top where smaller): past the sizes at
+# which ATen's choice of convolution backend changes (16 images), and small enough that a paper
+# preset's dense graph at that batch fits a CPU's memory and a GPU host's time limit.
+VALIDATE_TOP = 32
+
+
+def _real_cases(model, batch: int) -> dict[str, list[Case]]:
+    """Real inputs of every graph at `batch` (validation_cases' real ones)."""
+    videos, _ = SyntheticTask.for_preset(model.preset, seed=0).batch("test", range(batch))
+    inputs = real_inputs(model, videos, torch.Generator().manual_seed(0))
+    return {name: [Case(f"real, batch {batch}", graph_inputs)] for name, graph_inputs in inputs.items()}
+
+
 def _on(device: str, cases: dict) -> dict:
     for graph_cases in cases.values():
         for case in graph_cases:
@@ -145,15 +166,32 @@ def _compile_one(spec: GraphSpec, path: Path, device, precision, batch_range, ca
     module = spec.module if precision == "fp32" else Fp16Graph(spec)
     example = tuple(x.to(device) for x in spec.random_inputs(EXAMPLE_BATCH, torch.Generator().manual_seed(0)))
     try:
-        with torch.no_grad(), strict_fp32():  # fp32 means fp32 (TF32 off; Inductor reads it when it picks kernels)
+        # fp32 means fp32 (TF32 off; Inductor reads it when it picks kernels). Size-oblivious
+        # reasoning: torch.export otherwise assumes a dynamic size is never 0 or 1, and the package
+        # then refuses batch 1 (its compiled lower bound becomes 2) however the range starts.
+        with torch.no_grad(), strict_fp32(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
             program = torch.export.export(module.eval(), example, dynamic_shapes=dynamic)
-            torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+            shapes = _shape_env(program)
+            # Inductor lowers the graph at the traced batch and narrows the batch's range to the side
+            # of each size comparison it meets there. The fake CPU convolution asks ATen which
+            # backend it would pick (oneDNN takes an unstrided 1x1 kernel from 16 images up, so the
+            # glance graph, 4 frames a video, came out compiled for 2..3 videos, the policy and
+            # local ones for 2..15), and a view of a kernel's output asks whether the batch is 1.
+            # Inductor does not enforce these guards (it logs "Ignored guard"): ATen picks the
+            # backend again on every call, from the real batch, and a size-1 axis's stride
+            # addresses nothing. But the narrowed range is what the package checks its inputs
+            # against (AOTI_RUNTIME_CHECK_INPUTS=1), and running outside it relies on code nobody
+            # checked for those sizes. With them suppressed the compiled bounds are the recorded
+            # range, and the package is validated at batch 1 and at a large batch (VALIDATE_TOP).
+            with shapes.suppress_guards():
+                torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     except Exception as e:  # torch.export and Inductor raise many types; name the graph and keep the cause
         raise AdaFocusError(
             f"AOTInductor could not compile the {spec.name} graph: {type(e).__name__}: {str(e)[:400]}",
             "report this with the preset and the torch version",
         ) from e
     seconds = time.perf_counter() - started
+    _check_bounds(spec, program, shapes, lo, hi)
     package = torch._inductor.aoti_load_package(str(path))
 
     def run(inputs):
@@ -178,6 +216,29 @@ def _compile_one(spec: GraphSpec, path: Path, device, precision, batch_range, ca
         "validation": validation,
         "tolerance": rtol,
     }
+
+
+def _shape_env(program: torch.export.ExportedProgram):
+    """The ShapeEnv of `program`'s symbolic sizes: Inductor lowers the program in it."""
+    for node in program.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        for size in value.shape if isinstance(value, torch.Tensor) else ():
+            if isinstance(size, torch.SymInt):
+                return size.node.shape_env
+    raise AssertionError("the exported program has no symbolic size")
+
+
+def _check_bounds(spec: GraphSpec, program, shapes, lo: int, hi: int) -> None:
+    """Refuses a package whose compiled batch bounds (what its input check holds inputs to) do not
+    cover the range it is recorded with."""
+    for symbol in program.range_constraints:
+        bounds = shapes.var_to_range.get(symbol)
+        if bounds is not None and not (bounds.lower <= lo and hi <= bounds.upper):
+            raise AdaFocusError(
+                f"AOTInductor compiled the {spec.name} graph for batches {bounds.lower}..{bounds.upper}, "
+                f"not the whole range {lo}..{hi}",
+                "report this with the preset and the torch version",
+            )
 
 
 def packages_for(export: Export, device: str, precision: str, graphs: Sequence[str] = ()) -> dict[str, dict]:
