@@ -28,7 +28,7 @@ from adafocus.export.manifest import open_export
 from adafocus.model.checks import check_thresholds
 from adafocus.predict import result_record
 from adafocus.runtime.backends import largest_batch
-from adafocus.runtime.runtime import budget_entry
+from adafocus.runtime.runtime import budget_entry, check_batch_size
 
 INSTALL = 'pip install -e ".[scale]" (or pip install "ray[data]")'
 
@@ -218,13 +218,7 @@ def predict_dataset(
     # Runtime.stream refuses a batch past the engines' batch range, but in an actor, only once a batch
     # holds more decodable videos than that (perhaps after other batches' lines were written), as a
     # page of Ray traceback: refused here whatever the videos, as the local engine does, in its words.
-    limit = largest_batch(export, backend, device)
-    if limit is not None and batch_size > limit:
-        raise AdaFocusError(
-            f"batch_size {batch_size} is past the largest batch of this {backend} backend's engines ({limit})",
-            f"use batch_size <= {limit} (TensorRT engines and AOTInductor packages: or re-export with a larger "
-            "--batch-range)",
-        )
+    check_batch_size(batch_size, largest_batch(export, backend, device), backend)
     if ray.is_initialized():
         check_connected(ray, address)
     names = [os.fspath(p) for p in paths]

@@ -105,6 +105,17 @@ class BatchResult:
         )
 
 
+def check_batch_size(batch_size: int, limit: int | None, backend: str) -> None:
+    """Refuses a pool of `batch_size` videos past `limit`, the largest batch of `backend`'s engines
+    (`Backend.max_batch`: TensorRT engines, AOTInductor packages; None: any)."""
+    if limit and batch_size > limit:
+        raise AdaFocusError(
+            f"batch_size {batch_size} is past the largest batch of this {backend} backend's engines ({limit})",
+            f"use batch_size <= {limit} (TensorRT engines and AOTInductor packages: or re-export with a larger "
+            "--batch-range)",
+        )
+
+
 def budget_entry(export: Export, gflops: float) -> dict:
     """The calibrated entry of `export` with the best accuracy (or mAP, for a table calibrated by it:
     `Export.budget_metric`) among those costing <= `gflops`."""
@@ -299,14 +310,7 @@ class Runtime:
         checked every video for NaN/inf already (their shapes are checked all the same)."""
         if batch_size < 1:
             raise AdaFocusError(f"batch_size must be >= 1, got {batch_size}")
-        limit = self.backend.max_batch
-        if limit and batch_size > limit:
-            raise AdaFocusError(
-                f"batch_size {batch_size} is past the largest batch of this {self.backend.name} backend's engines "
-                f"({limit})",
-                f"use batch_size <= {limit} (TensorRT engines and AOTInductor packages: or re-export with a larger "
-                "--batch-range)",
-            )
+        check_batch_size(batch_size, self.backend.max_batch, self.backend.name)
         source = Arrivals(videos, self.backend.arrays, self.preset, batch_size, values_checked=values_checked)
         timer = self._timer(self.stats)
         for done in self._run(source, capacity=batch_size, timer=timer, stats=None, row_thresholds=row_thresholds):
