@@ -161,6 +161,24 @@ def own_videos(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def aoti_export(exported, tmp_path_factory):
+    """The demo export with CPU fp32 AOTInductor packages of every graph, for batches 1..128
+    (compiled once per test run: minutes; test_aoti.py and test_scale.py use it)."""
+    import time
+
+    from adafocus.export.aoti import compile_packages
+
+    target = tmp_path_factory.mktemp("aoti") / "demo"
+    shutil.copytree(exported("demo").path, target)
+    started = time.perf_counter()
+    lines = []
+    export = compile_packages(target, device="cpu", log=lines.append)
+    print(f"\nAOTInductor compile of the demo's six graphs: {time.perf_counter() - started:.0f} s")
+    print("\n".join(lines))
+    return export
+
+
 @pytest.fixture
 def demo_copy(exported, tmp_path) -> Path:
     """A private copy of the (uncalibrated) demo export, for tests that write into it."""

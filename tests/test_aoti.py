@@ -28,19 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 PROB_TOL_CPP = 1e-4
 
 
-@pytest.fixture(scope="session")
-def aoti_export(exported, tmp_path_factory):
-    """The demo export with CPU fp32 packages of every graph (compiled once per test run)."""
-    target = tmp_path_factory.mktemp("aoti") / "demo"
-    shutil.copytree(exported("demo").path, target)
-    started = time.perf_counter()
-    lines = []
-    export = compile_packages(target, device="cpu", log=lines.append)
-    print(f"\nAOTInductor compile of the demo's six graphs: {time.perf_counter() - started:.0f} s")
-    print("\n".join(lines))
-    return export
-
-
 @pytest.fixture(scope="module")
 def demo_data(exported):
     from adafocus.data.synthetic import SyntheticTask

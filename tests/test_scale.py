@@ -6,7 +6,6 @@ addresses refused before any work, and the install hint without the extra."""
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,20 +46,9 @@ def corpus(data_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def aoti_upto_8(exported, tmp_path_factory):
-    """The demo export with CPU AOTInductor packages of the loop's graphs for batches 1..8 (compiled
-    here, a few minutes: test_aoti.py's session fixture is not visible from this module, and its
-    packages end at batch 128, which only a batch of 129 decodable videos would pass)."""
-    from adafocus.export.aoti import compile_packages
-
-    target = tmp_path_factory.mktemp("aoti") / "demo"
-    shutil.copytree(exported("demo").path, target)
-    return compile_packages(target, device="cpu", batch_range=(1, 3, 8), dense=False, log=lambda _: None)
-
-
-@pytest.fixture(scope="module")
 def ten_videos(tmp_path_factory) -> Path:
-    """Ten decodable videos: a batch of 9 of them is past the packages' largest batch."""
+    """Ten decodable videos: fewer than the packages' largest batch, so only a check of --batch-size
+    itself (not of the batches the videos make) refuses a larger one."""
     folder = tmp_path_factory.mktemp("ten")
     for i in range(10):
         write_video(folder / f"grey-{i}.mp4", 8, size=(96, 80))
@@ -163,46 +151,46 @@ KEPT = '{"path": "kept.mp4", "error": "x"}\n'
 
 @pytest.mark.parametrize("engine", [[], ["--engine", "ray"]], ids=["local", "ray"])
 def test_a_batch_past_the_engines_range_is_one_clear_error_before_any_work(
-    ray_cluster, aoti_upto_8, ten_videos, tmp_path, engine
+    ray_cluster, aoti_export, ten_videos, tmp_path, engine
 ):
     """Both engines refuse a --batch-size past the AOTInductor packages' largest batch with the runtime's
     message and exit status 1, --out left as it was (not: the local engine emptying it first; the Ray
-    engine failing in an actor once a batch of 9 decodable videos comes, as a page of Ray traceback);
-    the largest batch itself runs."""
+    engine running on, since each actor's pool held only the videos of its batch, and failing in an
+    actor, as a page of Ray traceback, once one held more); the largest batch itself runs."""
     out = tmp_path / "results.jsonl"
     out.write_text(KEPT, encoding="utf-8")
-    args = [ten_videos, "--export", aoti_upto_8.path, "--backend", "aoti", "--out", out, *engine]
-    result = CliRunner().invoke(predict, [str(a) for a in [*args, "--batch-size", "9"]])
+    args = [ten_videos, "--export", aoti_export.path, "--backend", "aoti", "--out", out, *engine]
+    result = CliRunner().invoke(predict, [str(a) for a in [*args, "--batch-size", "129"]])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert "batch_size 9 is past the largest batch of this aoti backend's engines (8)" in result.stderr
-    assert "fix: use batch_size <= 8" in result.stderr and "Traceback" not in result.output
+    assert "batch_size 129 is past the largest batch of this aoti backend's engines (128)" in result.stderr
+    assert "fix: use batch_size <= 128" in result.stderr and "Traceback" not in result.output
     assert out.read_text(encoding="utf-8") == KEPT
-    code, _, stderr = run([*args, "--batch-size", "8"])
+    code, _, stderr = run([*args, "--batch-size", "128"])
     assert code == 0, stderr
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(lines) == 10 and not any("error" in line for line in lines)
 
 
-def test_the_largest_batch_is_read_from_the_manifest(aoti_upto_8):
+def test_the_largest_batch_is_read_from_the_manifest(aoti_export):
     """What the driver checks --batch-size against, without opening the engines (built for the workers'
     GPU): AOTInductor packages' and TensorRT engines' batch ranges, the TensorRT provider's profile."""
     from adafocus.runtime.backends import largest_batch
 
-    assert largest_batch(aoti_upto_8, "aoti", None) == 8 and largest_batch(aoti_upto_8, "aoti", "cpu") == 8
-    assert largest_batch(aoti_upto_8, "aoti", "cuda") is None  # none built: the actors say so themselves
-    assert largest_batch(aoti_upto_8, "onnxruntime", None) is None  # any batch
-    assert largest_batch(aoti_upto_8, "onnxruntime", "tensorrt") == 128
-    manifest = copy.deepcopy(aoti_upto_8.manifest)
+    assert largest_batch(aoti_export, "aoti", None) == 128 and largest_batch(aoti_export, "aoti", "cpu") == 128
+    assert largest_batch(aoti_export, "aoti", "cuda") is None  # none built: the actors say so themselves
+    assert largest_batch(aoti_export, "onnxruntime", None) is None  # any batch
+    assert largest_batch(aoti_export, "onnxruntime", "tensorrt") == 128
+    manifest = copy.deepcopy(aoti_export.manifest)
     manifest["engines"]["fp16"] = {  # as adafocus-export --trt records fp16 engines for batches 1..64
         g: {
             "file": f"{g}.fp16.engine",
             "profile": {
-                name: {"min": [1, 3], "opt": [16, 3], "max": [64, 3]} for name in aoti_upto_8.graph(g).input_names
+                name: {"min": [1, 3], "opt": [16, 3], "max": [64, 3]} for name in aoti_export.graph(g).input_names
             },
         }
         for g in GRAPH_NAMES
     }
-    assert largest_batch(Export(aoti_upto_8.path, manifest), "tensorrt", None) == 64
+    assert largest_batch(Export(aoti_export.path, manifest), "tensorrt", None) == 64
 
 
 def test_an_address_other_than_the_connected_clusters_is_refused(ray_cluster, corpus, exported):
