@@ -28,6 +28,20 @@ pass instead, for the whole file: decode from the first frame, keep the sampled 
 last (or, where the header and the packets disagree, or the stream does not start on a keyframe
 shown first, run to the end and sample over what decoded: FFmpeg outputs nothing for the packets
 before the first keyframe of a stream cut mid-GOP).
+
+Damage makes a file decode on one thread. FFmpeg conceals a damaged frame, but with frame threads
+it reports the frame's rows as done before it conceals them, so whatever references that frame sees
+all, part or none of the concealment depending on timing (a B-frame shown before the damaged frame
+differed by up to 161 levels from one full decode to the next), and whether the damaged frame comes
+out flagged as corrupt varies too. On one thread both are reproducible, so that decode is the truth
+for a damaged file. Decoding on several threads is therefore told to fail at damage instead of
+concealing it (`err_detect=explode`, `_decode_on`): the error comes out in decode order, before any
+frame decoded after the damaged one, and the pass runs again on one thread. The seeking pass fails
+that way at an open GOP too (after a seek, its frames reference frames the decoder has not seen,
+which FFmpeg stands in for): a file whose packets show an open GOP is sought on one thread from the
+start. Both passes also check that no frame whose packet they sent comes out flagged (the decoder
+is drained before a seek and at the end: a damaged frame shown after the last frame kept comes out
+after it).
 `VideoClip.decoded_by` says which path ran, and `fallback` why the sequential one.
 
 Frames are turned as players show them: a phone stores them as its sensor reads them (sideways,
@@ -352,18 +366,25 @@ def _load_clip(
         if fallback is None:
             order = sorted(packets.pts)  # presentation order: frame i is the i-th smallest pts
             indices = sample(len(order), num_frames)
+            wanted = sorted({order[i] for i in indices})
+            # Seeking into an open GOP gives frames whose references the decoder has not seen, which
+            # fails on several threads (_OnOneThread): one thread from the start saves the attempt.
+            seek_threads = 1 if packets.open_gop else threads
             try:
-                kept, decoded, size = _decode_by_seeking(
-                    container,
-                    stream,
-                    packets,
-                    sorted({order[i] for i in indices}),
-                    frame_size,
-                    resize_shorter_side,
-                    threads,
-                )
+                try:
+                    kept, decoded, size = _decode_by_seeking(
+                        container, stream, packets, wanted, frame_size, resize_shorter_side, seek_threads
+                    )
+                except _OnOneThread:
+                    again, stream_again = _open(name)  # the thread count is fixed once the decoder opened
+                    with again:
+                        kept, decoded, size = _decode_by_seeking(
+                            again, stream_again, packets, wanted, frame_size, resize_shorter_side, 1
+                        )
             except _NotExact as why:
                 fallback = str(why)
+                if isinstance(why, _Damaged):
+                    threads = 1
             else:
                 pixels = torch.stack([kept[order[i]] for i in indices])
                 return VideoClip(
@@ -387,7 +408,7 @@ def _load_clip(
     count_known = packets.damaged is None and packets.container_frames in (0, len(packets.pts)) and packets.starts_clean
     guess = len(packets.pts) or claimed
     indices = sample(guess, num_frames)
-    kept, decoded, failure, size = _decode_indices(
+    kept, decoded, failure, size, threads = _decode_indices(
         name, indices, frame_size, resize_shorter_side, to_end=not count_known, threads=threads
     )
     truncated = failure is not None or packets.damaged is not None
@@ -403,7 +424,7 @@ def _load_clip(
             )
         source = decoded
         indices = sample(decoded, num_frames)
-        kept, _, _, size = _decode_indices(name, indices, frame_size, resize_shorter_side, threads=threads)
+        kept, _, _, size, _ = _decode_indices(name, indices, frame_size, resize_shorter_side, threads=threads)
         if len(kept) < len(set(indices)):  # the decoder gave a different answer the second time round
             raise AdaFocusError(f"{name}: damaged: decoding stops at a different frame on each pass", _REENCODE)
     else:
@@ -489,6 +510,14 @@ class PacketIndex:
     starts_clean: bool
     not_seekable: str | None  # why frames cannot be found by seeking (None: they can)
 
+    @property
+    def open_gop(self) -> bool:
+        """A keyframe after the first is followed, in decode order, by a frame shown before it: an
+        open GOP's leading frame, which references the GOP before."""
+        ends = self.keyframes[2:] + [len(self.pts)]
+        gops = zip(self.keyframes[1:], ends)
+        return any(any(p < self.pts[key] for p in self.pts[key + 1 : end]) for key, end in gops)
+
 
 def index_packets(name: str) -> PacketIndex:
     """The demux pass: packet timestamps and keyframes of the first video stream."""
@@ -550,6 +579,27 @@ class _NotExact(Exception):
     """The seeking pass cannot vouch that its frames are those a full decode gives."""
 
 
+class _Damaged(_NotExact):
+    """The seeking pass met damage (a decoding error, a frame flagged as corrupt): the sequential
+    pass decodes on one thread (see the module's docstring)."""
+
+
+class _OnOneThread(_NotExact):
+    """Decoding on several threads failed (see _decode_on): at damage, or at what an open GOP's
+    frames reference before the keyframe sought to, which concealment stands in for unseen (the
+    full decode has it): the seeking pass again, on one thread."""
+
+
+def _decode_on(stream, threads: int) -> None:
+    """Decode `stream` on `threads` FFmpeg threads (0: FFmpeg's choice, one per core and one more),
+    frame and slice threads; with more than one, failing at damage rather than concealing it (see
+    the module's docstring). Before the first decode: the options apply when the decoder opens."""
+    stream.thread_type = "AUTO"  # frame + slice threads: several times faster on long videos
+    stream.thread_count = threads
+    if threads != 1:
+        stream.codec_context.options = {**stream.codec_context.options, "err_detect": "explode"}
+
+
 # How many keyframes further back a seek may go when the decoder lands past the frame it was sent
 # for (a demuxer that seeks by decode timestamps, an open GOP's leading frames).
 _RETRIES = 2
@@ -585,12 +635,33 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
     decoded, todo, back, seeks = 0, 0, 0, 0
     next_packet = -1  # the demuxer's position: -1 at the end of the demux pass or after a drain (seek first)
     size = (0, 0)
-    stream.thread_type = "AUTO"  # frame + slice threads; skip_frame travels with each packet
-    stream.thread_count = threads
+    _decode_on(stream, threads)  # skip_frame travels with each packet to its frame thread
     codec = stream.codec_context
     last_shown: int | None = None
     missed = False
     orientation: Orientation = None
+
+    pending = False  # packets sent since the decoder was last drained (or flushed by a seek)
+
+    def failed(err: av.error.FFmpegError) -> _NotExact:
+        if threads != 1:
+            return _OnOneThread(f"decoding on {threads or 'several'} threads failed ({err})")
+        return _Damaged(f"damaged: decoding failed ({err})")
+
+    def settle() -> None:
+        """Drain what the decoder still holds before a seek flushes it, and at the end: a frame kept
+        may reference a damaged one that has not come out yet (a B-frame shown before it). What
+        comes out is checked, not kept (a flush would wait for the frame threads all the same)."""
+        nonlocal pending, next_packet
+        if not pending:
+            return
+        try:
+            for frame in codec.decode(None):
+                if frame.is_corrupt:
+                    raise _Damaged(f"damaged: the frame at pts {frame.pts} came out concealed")
+        except av.error.FFmpegError as err:
+            raise failed(err) from err
+        pending, next_packet = False, -1  # a drained decoder takes packets again only after a seek
 
     def take(frame) -> None:
         """One frame out of the decoder: checked, kept if wanted; `todo` moves past what is kept."""
@@ -601,8 +672,8 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
         pts = frame.pts
         if pts not in position or (last_shown is not None and pts <= last_shown):
             raise _NotExact(f"a frame out of timestamp order (pts {pts})")
-        if frame.is_corrupt:  # concealment may depend on the frames skipped
-            raise _NotExact(f"a damaged frame (pts {pts})")
+        if frame.is_corrupt:  # concealment may depend on the frames skipped, and on timing
+            raise _Damaged(f"damaged: the frame at pts {pts} came out concealed")
         last_shown = pts
         if pts in wanted_set and pts not in kept:
             size = (frame.height, frame.width) if orientation and orientation[0] else (frame.width, frame.height)
@@ -616,6 +687,7 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
         key = keyframe_for(wanted[todo], back)
         sought = next_packet < 0 or key > next_packet or back > 0
         if sought:
+            settle()
             seeks += 1
             if seeks > (_RETRIES + 1) * len(wanted):  # a demuxer that never lands where asked
                 raise _NotExact("seeking does not reach the wanted frames")
@@ -634,13 +706,15 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
                     if first and here > key:  # landed past the keyframe: one further back
                         missed = True
                         break
-                    first, next_packet = False, here + 1
+                    first, next_packet, pending = False, here + 1, True
                     is_wanted = packet.pts in wanted_set
                     codec.skip_frame = "DEFAULT" if is_wanted else "NONREF"
                     if is_wanted:
                         fed.add(packet.pts)
                 for frame in packet.decode():
                     take(frame)
+                if not packet.size:
+                    pending = False  # the demuxer's last, empty packet drains the decoder
                 if missed or todo == len(wanted):
                     break
                 if packet.size and packet.pts in fed:
@@ -653,7 +727,7 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
                     if ahead is None or keyframe_for(ahead, 0) > next_packet:
                         for frame in codec.decode(None):
                             take(frame)
-                        next_packet = -1  # a drained decoder takes packets again only after a seek
+                        pending, next_packet = False, -1  # a drained decoder takes packets again only after a seek
                         if todo < len(wanted) and wanted[todo] in fed:
                             missed = True  # sent, drained, and never shown
                         break
@@ -664,8 +738,10 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
             else:
                 if todo < len(wanted):
                     missed = True  # the end of the file, a wanted frame never shown
+            if todo == len(wanted):
+                settle()
         except av.error.FFmpegError as err:
-            raise _NotExact(f"a decoding error: {err}") from err
+            raise failed(err) from err
         if missed:
             if back == _RETRIES:
                 raise _NotExact(f"the frame at pts {wanted[todo]} was not found by seeking")
@@ -693,36 +769,50 @@ def _count_frames(name: str) -> tuple[int, str]:
 
 def _decode_indices(
     name: str, indices: list[int], frame_size: int, resize_shorter_side, to_end: bool = False, threads: int = 0
-) -> tuple[dict[int, torch.Tensor], int, str | None, tuple[int, int]]:
-    """The sequential pass keeping `indices`: (kept frames, frames decoded, decode error, (w, h)).
-    It stops right after the last index, unless `to_end` (then `decoded` counts the whole file)."""
+) -> tuple[dict[int, torch.Tensor], int, str | None, tuple[int, int], int]:
+    """The sequential pass keeping `indices`: (kept frames, frames decoded, decode error, (w, h),
+    decoder threads). It stops right after the last index, unless `to_end` (then `decoded` counts
+    the whole file). On several threads, damage (an error, a frame flagged as corrupt) starts it
+    again on one (see the module's docstring), which the last value says."""
     wanted = set(indices)
     last = indices[-1]
     kept: dict[int, torch.Tensor] = {}
     decoded = 0
     failure = None
+    damaged = False
     orientation: Orientation = None
     container, stream = _open(name)
     size = (stream.codec_context.width, stream.codec_context.height)
     with container:
-        stream.thread_type = "AUTO"  # frame + slice threads: several times faster on long videos
-        stream.thread_count = threads
+        _decode_on(stream, threads)
+        codec = stream.codec_context
         try:
-            for frame in container.decode(stream):
-                if not decoded:
-                    orientation = _orientation(frame, name)
-                if decoded in wanted:
-                    rgb = _upright(frame.to_ndarray(format="rgb24"), orientation)
-                    kept[decoded] = resize_crop(rgb, frame_size, resize_shorter_side)
-                    size = (rgb.shape[1], rgb.shape[0])
-                decoded += 1
+            for packet in container.demux(stream):
+                frames = packet.decode()
+                for frame in frames:
+                    damaged |= frame.is_corrupt
+                    if not decoded:
+                        orientation = _orientation(frame, name)
+                    if decoded in wanted:
+                        rgb = _upright(frame.to_ndarray(format="rgb24"), orientation)
+                        kept[decoded] = resize_crop(rgb, frame_size, resize_shorter_side)
+                        size = (rgb.shape[1], rgb.shape[0])
+                    decoded += 1
+                    if decoded > last and not to_end:
+                        break
                 if decoded > last and not to_end:
+                    # What the decoder still holds: damage shown after the last frame kept.
+                    damaged |= any(frame.is_corrupt for frame in frames)
+                    if packet.size:
+                        damaged |= any(frame.is_corrupt for frame in codec.decode(None))
                     break
         except av.error.FFmpegError as err:
             failure = str(err)  # a damaged or cut-off stream; the caller decides what that means
+    if (damaged or failure) and threads != 1:
+        return _decode_indices(name, indices, frame_size, resize_shorter_side, to_end, threads=1)
     if not decoded and failure:
         raise AdaFocusError(f"{name}: no frame could be decoded ({failure})", _REENCODE)
-    return kept, decoded, failure, size
+    return kept, decoded, failure, size, threads
 
 
 LOSSLESS = {"codec": "libx264rgb", "options": {"qp": "0", "preset": "veryfast"}, "pix_fmt": "rgb24", "suffix": ".mkv"}
