@@ -272,7 +272,7 @@ def probe(path: Path) -> Probe:
     decoded, b_frames, error, corrupt = 0, 0, None, []
     with av.open(os.fspath(path)) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream.thread_count = 1  # with frame threads, whether a concealed frame is flagged varies
         try:
             for frame in container.decode(stream):
                 if frame.is_corrupt:
