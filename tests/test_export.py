@@ -18,6 +18,7 @@ from adafocus.files import partial_path
 from adafocus.model import build_model, get_preset, load_checkpoint
 from adafocus.model.flops import count_flops
 from adafocus.weights import builtin_checkpoint
+from conftest import WITHOUT_DENSE
 
 PAPER_PRESETS = ["sthsth-v1-t8", "activitynet-p96"]
 
@@ -26,7 +27,8 @@ PAPER_PRESETS = ["sthsth-v1-t8", "activitynet-p96"]
 def test_export_round_trips_within_tolerance(exported, name):
     export = exported(name)
     m = export.manifest
-    assert set(m["graphs"]) == {*GRAPH_NAMES, "dense"} == set(m["validation"])
+    expected = {*GRAPH_NAMES} if name in WITHOUT_DENSE else {*GRAPH_NAMES, "dense"}
+    assert set(m["graphs"]) == expected == set(m["validation"])
     for graph, outputs in m["validation"].items():
         assert set(outputs) == {t["name"] for t in m["graphs"][graph]["outputs"]}
         for output, errors in outputs.items():
@@ -55,8 +57,12 @@ def test_gflops_counted_from_the_graphs_match_pytorch(exported, name):
     np.testing.assert_allclose(m["gflops"]["per_exit_step"], torch_count.exit_cumulative, rtol=1e-6)
     assert m["graphs"]["local"]["gflops"] == pytest.approx(torch_count.cube, rel=1e-6)
     assert m["graphs"]["crop"]["gflops"] == 0
+    assert m["gflops"]["dense_baseline_pytorch"] == pytest.approx(torch_count.dense_baseline, rel=1e-6)
     head = get_preset(name).hidden_dim * get_preset(name).num_classes / 1e9  # the p0 head the dense graph lacks
-    assert m["gflops"]["dense_baseline"] == pytest.approx(torch_count.dense_baseline - head, rel=1e-6)
+    if name in WITHOUT_DENSE:  # no graph to count: the key is left out, not filled from PyTorch's count
+        assert "dense_baseline" not in m["gflops"]
+    else:
+        assert m["gflops"]["dense_baseline"] == pytest.approx(torch_count.dense_baseline - head, rel=1e-6)
 
 
 def test_onnx_mac_counter_on_a_hand_built_graph(tmp_path):
@@ -149,12 +155,12 @@ def test_validation_names_the_output_past_tolerance(exported):
 
 
 def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
-    def fail_on_local(spec, *args, **kwargs):
-        if spec.name == "local":
+    def fail_on_policy(spec, *args, **kwargs):  # the second graph: the glance's file is written by then
+        if spec.name == "policy":
             raise AdaFocusError("injected failure")
         return {name: {"max_abs_error": 0.0, "max_rel_error": 0.0} for name in spec.outputs}
 
-    monkeypatch.setattr(exporter, "validate_graph", fail_on_local)
+    monkeypatch.setattr(exporter, "validate_graph", fail_on_policy)
     out = tmp_path / "out"
     with pytest.raises(AdaFocusError, match="injected"):
         exporter.export_model(
@@ -352,9 +358,39 @@ def test_cli_refuses_options_it_would_ignore(tmp_path, args, named):
 
 def test_cli_into_refuses_the_options_of_a_fresh_export(tmp_path):
     result = CliRunner().invoke(
-        cli.export, ["--into", str(tmp_path), "--aoti", "--preset", "demo", "--out", str(tmp_path / "x")]
+        cli.export, ["--into", str(tmp_path), "--aoti", "--preset", "demo", "--out", str(tmp_path / "x"), "--no-dense"]
     )
-    assert result.exit_code == 1 and "--preset and --out do nothing with --into" in result.output, result.output
+    assert result.exit_code == 1, result.output
+    assert "--preset, --out and --no-dense do nothing with --into" in result.output, result.output
+
+
+def test_an_export_without_the_dense_graph_refuses_each_use_of_it_before_any_work(exported, tmp_path):
+    """`--no-dense` leaves out what adafocus-bench compares with, nothing the loop needs (test_runtime and
+    test_protocol run this export's loop): each use of the dense graph names the fix, before any work."""
+    from adafocus import bench
+    from adafocus.data.synthetic import SyntheticTask, TaskVideos
+    from adafocus.export.aoti import compile_packages
+    from adafocus.quantize.int8 import quantize_export
+
+    export = exported("activitynet-p96")
+    assert not export.has_graph("dense") and not (export.path / "dense.onnx").exists()
+    files = {p.name: p.stat().st_mtime_ns for p in export.path.iterdir()}
+    videos = TaskVideos(SyntheticTask.for_preset(export.preset, seed=0), "val", 2)
+    uses = {
+        "bench": lambda: bench.run(export, batch=1, log=pytest.fail),  # fails the test if it logs any work
+        "gflops": lambda: export.dense_gflops,
+        "int8": lambda: quantize_export(export.path, videos, graphs=("glance", "dense")),
+        "aoti": lambda: compile_packages(export.path, dense=True, log=pytest.fail),
+    }
+    for use, call in uses.items():
+        with pytest.raises(AdaFocusError) as caught:
+            call()
+        assert caught.value.what.startswith(f"{export.path} has no dense graph"), (use, caught.value)
+        assert caught.value.fix == "re-export it without --no-dense", (use, caught.value)
+    result = CliRunner().invoke(cli.calibrate, [str(export.path), "--int8", "--int8-graphs", "glance,dense"])
+    assert result.exit_code == 1 and "has no dense graph" in result.output, result.output
+    assert "re-export it without --no-dense" in result.output and "calibrat" not in result.output.lower()
+    assert {p.name: p.stat().st_mtime_ns for p in export.path.iterdir()} == files  # nothing written
 
 
 def test_cli_refuses_a_non_empty_triton_repo_before_exporting(tmp_path):

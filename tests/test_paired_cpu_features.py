@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from adafocus.bench import bench_videos
-from adafocus.builtin import demo_export
 from adafocus.machine import cpu_flags, hidden_flags
 from adafocus.runtime.runtime import Runtime
 from conftest import near_thresholds, run_as_avx2_cpu, strict_loads
@@ -20,12 +19,15 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
 
 
-def test_each_side_runs_in_its_own_process_and_sees_its_own_cpu(tmp_path):
+def test_each_side_runs_in_its_own_process_and_sees_its_own_cpu(calibrated_demo, tmp_path):
+    """(On the session's calibrated demo export, not the built-in one: a fresh machine would first build
+    that, a minute and a half, and nothing else in the tests needs it.)"""
     run_as_avx2_cpu(["-c", "pass"])  # skips, saying why, where features cannot be hidden here
     if "avx512f" not in cpu_flags():
         pytest.skip(f"this process sees no AVX-512 to hide (hidden from it: {hidden_flags()})")
     out = tmp_path / "paired.json"
-    done = _run("avx512", "--precision", "fp32", "--batch", "4", "--rounds", "2", "--repeats", "1", "--out", str(out))
+    options = ("--precision", "fp32", "--batch", "4", "--rounds", "2", "--repeats", "1", "--out", str(out))
+    done = _run("avx512", str(calibrated_demo.path), *options)
     assert done.returncode == 0, done.stderr
     report = strict_loads(out.read_text(encoding="utf-8"))
     native, hidden = report["machine"]["native"], report["machine"]["hidden"]
@@ -34,7 +36,7 @@ def test_each_side_runs_in_its_own_process_and_sees_its_own_cpu(tmp_path):
     assert [len(report["seconds"][side]) for side in ("native", "hidden")] == [2, 2]
     assert set(report["speedup"]) == {"adaptive", "dense"} and all(v > 0 for v in report["speedup"].values())
     # fp32 on two kernel sets differs by float noise (~1e-6): the same exits, none of the videos being near an edge
-    runtime = Runtime.load(demo_export().path, "onnxruntime")
+    runtime = Runtime.load(calibrated_demo.path, "onnxruntime")
     assert not near_thresholds(runtime, bench_videos(runtime.export, 4).numpy(), runtime.thresholds, tol=1e-3).any()
     assert report["exits_per_step"]["native"] == report["exits_per_step"]["hidden"]
     assert sum(report["exits_per_step"]["native"]) == 4
@@ -49,7 +51,7 @@ def test_nothing_to_hide_is_refused_before_any_work():
     assert "round" not in done.stdout
 
 
-def test_a_side_gets_thresholds_that_start_with_a_minus(monkeypatch):
+def test_a_side_gets_thresholds_that_start_with_a_minus(exported):
     """`--thresholds=-inf,...` (never exit at those steps) reaches each side's process as given: passed
     as two words, the child's argparse took the value for an option and refused the run."""
     import importlib.util
@@ -58,10 +60,11 @@ def test_a_side_gets_thresholds_that_start_with_a_minus(monkeypatch):
     spec = importlib.util.spec_from_file_location("paired_cpu_features", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    k = demo_export().preset.num_exits
+    export = exported("demo")  # given thresholds, an uncalibrated export will do
+    k = export.preset.num_exits
     args = Namespace(
         hide="avx512",
-        export=None,
+        export=str(export.path),
         precision="fp32",
         batch=2,
         threads=1,

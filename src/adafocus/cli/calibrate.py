@@ -252,6 +252,8 @@ class _Sets:
             raise AdaFocusError(
                 f"--int8-graphs: cannot quantise {bad or 'nothing'}", f"choose among {', '.join(INT8_GRAPHS)}"
             )
+        if "dense" in self.int8_graphs:
+            export.graph("dense")  # made with --no-dense: refused here, not after the calibration
         if not self.meaningful and data is None:
             click.echo(
                 f"note: {export.path} was not trained on the synthetic task ({self.task.preset.num_classes} classes "

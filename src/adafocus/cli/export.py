@@ -43,6 +43,12 @@ from adafocus.errors import AdaFocusError
     help="torch.onnx exporter; dynamo falls back to torchscript (recorded in the manifest) if it fails.",
 )
 @click.option("--validate-batch", type=click.IntRange(2), default=5, show_default=True, help="Larger validation batch.")
+@click.option(
+    "--no-dense",
+    is_flag=True,
+    help="Leave out the dense baseline graph (the whole network on every frame): only adafocus-bench's comparison "
+    "runs it, and it is about half the export's time and size. The loop, calibration, INT8 and serving do not need it.",
+)
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt and an NVIDIA GPU).")
 @click.option(
     "--aoti",
@@ -108,6 +114,7 @@ def export(
     opset,
     exporter,
     validate_batch,
+    no_dense,
     trt,
     aoti,
     device,
@@ -119,9 +126,10 @@ def export(
     triton_backend,
 ) -> None:
     """Export a model to ONNX: glance, policy, crop, local and classifier graphs with a dynamic batch
-    axis, each validated against PyTorch in ONNX Runtime, plus manifest.json (shapes, GFLOPs counted
-    from the graphs, validation errors, sha256 of every file). With --trt, TensorRT engines too; with
-    --aoti, AOTInductor packages (and with --into, only those, added to an existing export).
+    axis (and the dense baseline that adafocus-bench compares with, unless --no-dense), each validated
+    against PyTorch in ONNX Runtime, plus manifest.json (shapes, GFLOPs counted from the graphs,
+    validation errors, sha256 of every file). With --trt, TensorRT engines too; with --aoti,
+    AOTInductor packages (and with --into, only those, added to an existing export).
 
     Nothing is left behind if the export fails: the directory appears only when complete. --aoti packages
     and the --triton-repo come after it: if one of those fails, the sealed export stays and --into adds them.
@@ -176,6 +184,7 @@ def export(
         precisions=precision or ("fp16",),
         batch_range=batch_range,
         force=force,
+        dense=not no_dense,
         log=click.echo,
     )
     try:
@@ -193,7 +202,7 @@ def _refuse_ignored_options(into, trt, aoti, triton_repo, checkpoint, preset) ->
     """Options that would do nothing in this combination are refused, not silently ignored."""
     if into is not None:
         refuse_unused(
-            ("checkpoint", "preset", "classes", "seed", "out", "opset", "exporter", "force"),
+            ("checkpoint", "preset", "classes", "seed", "out", "opset", "exporter", "force", "no_dense"),
             "with --into (the export is not re-exported)",
             "leave them out, or export afresh without --into",
         )

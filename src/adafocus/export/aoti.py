@@ -67,14 +67,19 @@ def compile_packages(
     precision: str | None = None,
     batch_range: tuple[int, int, int] = DEFAULT_BATCH_RANGE,
     validate_batch: int = 5,
-    dense: bool = True,
+    dense: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> Export:
     """Compile, validate and add one package per graph (the five loop graphs and, with `dense`, the
     dense baseline that adafocus-bench compares with: the loop itself does not need it) for
-    `device`/`precision` to the export in `export_dir`, then reseal it."""
+    `device`/`precision` to the export in `export_dir`, then reseal it. `dense=None`: where the export
+    has the dense graph (one made with --no-dense has not)."""
     export = open_export(export_dir)
     precision = check_options(device, precision, batch_range)
+    if dense is None:
+        dense = export.has_graph(DENSE)
+    elif dense:
+        export.graph(DENSE)  # refused before the compile where the export was made without it
     model = export.load_model().to(device)
     specs = {name: spec for name, spec in graph_specs(model).items() if dense or name != DENSE}
     cases = validation_cases(model, validate_batch)

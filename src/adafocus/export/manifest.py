@@ -178,6 +178,7 @@ class Export:
 
     @property
     def dense_gflops(self) -> float:
+        self.graph("dense")  # an export made with --no-dense: one clear error, not a KeyError
         return self.manifest["gflops"]["dense_baseline"]
 
     @property
@@ -232,7 +233,8 @@ class Export:
         if name not in self.manifest["graphs"]:
             raise AdaFocusError(
                 f"{self.path} has no {name} graph (it has {', '.join(self.manifest['graphs'])})",
-                "re-export it with this adafocus-deploy",
+                # the dense baseline is the one graph an export may lack on purpose (`--no-dense`)
+                "re-export it without --no-dense" if name == "dense" else "re-export it with this adafocus-deploy",
             )
         g = self.manifest["graphs"][name]
         return GraphRecord(
