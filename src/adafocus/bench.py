@@ -171,7 +171,6 @@ def bench_backend(
     """All methods on one backend, on the same videos, in batches of `batch` (None: one batch). The
     videos are moved to the backend's device once, before timing: the figure is the device's
     throughput, not the host-to-device copy's. Times are per batch."""
-    export.graph(DENSE)  # the baseline every method is compared with (also for callers other than run)
     options = {"threads": threads} if backend == "onnxruntime" and threads else {}
     if call_workers is not None:
         options["call_workers"] = call_workers
