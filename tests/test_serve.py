@@ -446,12 +446,14 @@ def test_a_killed_model_process_fails_only_its_requests_and_stops_the_server(cal
     log = served.log.read_text(encoding="utf-8")
     assert code == 1 and "model instance adafocus_0_0 died" in log and "Triton does not restart it" in log
     # every request got exactly one outcome (grpc_requests checks): a result from the live instance, or an
-    # error or the client's deadline for those the dead one held
+    # error or the client's deadline for those the dead one held. A gRPC server shutting down answers the
+    # calls still pending with CANCELLED, where a closed connection gives UNAVAILABLE: which comes first varies
     assert len(results) == 16
     lost = [error for _, error in results if error is not None]
-    assert 0 < len(lost) < len(results) and all(
-        e.status() in ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE", "StatusCode.INTERNAL") for e in lost
-    )
+    statuses = [f"{e.status()}: {e.message()}" for e in lost]
+    assert 0 < len(lost) < len(results), statuses
+    stopped = ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE", "StatusCode.INTERNAL", "StatusCode.CANCELLED")
+    assert all(e.status() in stopped for e in lost), statuses
     time.sleep(0.5)
     assert not [pid for pid in decoders if Path(f"/proc/{pid}").exists()], "a decoder process was left behind"
     assert shm_regions() <= before
