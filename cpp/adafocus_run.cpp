@@ -218,6 +218,11 @@ std::map<std::string, Graph> load_packages(const fs::path& dir, const json& mani
   *max_batch = std::numeric_limits<int64_t>::max();
   for (const std::string& name : kLoopGraphs) {
     const json& record = records.at(name);
+    // revision 2 (adafocus/export/aoti.py PACKAGE_REVISION): the compiled batch bounds cover the recorded range
+    if (const int64_t revision = record.value("package_revision", int64_t{1}); revision < 2)
+      throw Refusal("the " + name + " package is of revision " + std::to_string(revision) +
+                        ", compiled by an older adafocus-deploy for a narrower batch range than it records; this runner needs revision 2",
+                    "recompile the packages: " + rebuild);
     const std::string built = record["torch"].get<std::string>();
     if (built.substr(0, built.find('+')) != here)
       throw Refusal("the " + name + " package was compiled with torch " + built + "; this runner is built on libtorch " + here,

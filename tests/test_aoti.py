@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from adafocus.errors import AdaFocusError
-from adafocus.export.aoti import compile_packages, package_file, vector_isa
+from adafocus.export.aoti import PACKAGE_REVISION, compile_packages, package_file, vector_isa
 from adafocus.export.graphs import DENSE, GRAPH_NAMES
-from adafocus.export.manifest import MANIFEST, content_hash, open_export
+from adafocus.export.manifest import MANIFEST, open_export
 from adafocus.model import adaptive_inference
 from adafocus.runtime import Runtime
 from adafocus.runtime.backends import make_backend
+from test_protocol import resealed
 from test_runtime import assert_fp16_agrees, assert_same
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +47,7 @@ def test_packages_are_recorded_sealed_and_validated(aoti_export):
         assert aoti_export.files[record["file"]]["sha256"] == record["sha256"]  # sealed with the rest
         assert record["torch"] == torch.__version__ and record["vector_isa"] == vector_isa()
         assert record["batch_range"] == [1, 128, 128] and record["compile_seconds"] > 0
+        assert record["package_revision"] == PACKAGE_REVISION
         for output, errors in record["validation"].items():
             assert errors["max_rel_error"] <= 1e-4, (graph, output, errors)
     open_export(aoti_export.path)  # the resealed directory passes every reader's checks
@@ -173,13 +175,8 @@ def test_aoti_cuda_fp16_agrees_with_the_fp32_reference(aoti_cuda_export, demo_da
     assert_fp16_agrees(runtime.predict(videos.cuda()), reference, "AOTInductor CUDA fp16")
 
 
-def _resealed(source: Path, target: Path, change) -> Path:
-    shutil.copytree(source, target)
-    manifest = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
-    change(manifest)
-    manifest["manifest_sha256"] = content_hash(manifest)
-    (target / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
-    return target
+def _before_the_bounds_fix(manifest):  # packages compiled before revision 2 carry no revision
+    del manifest["engines"]["aoti"]["cpu"]["fp32"]["policy"]["package_revision"]
 
 
 def test_a_tampered_or_foreign_package_is_refused(aoti_export, exported, tmp_path):
@@ -194,10 +191,15 @@ def test_a_tampered_or_foreign_package_is_refused(aoti_export, exported, tmp_pat
         for record in manifest["engines"]["aoti"]["cpu"]["fp32"].values():
             record["torch"] = "2.9.0+cpu"
 
-    foreign = _resealed(aoti_export.path, tmp_path / "foreign", older_torch)
+    foreign = resealed(aoti_export.path, tmp_path / "foreign", older_torch)
     with pytest.raises(AdaFocusError, match=r"compiled with torch 2\.9\.0\+cpu") as caught:
         Runtime.load(foreign, "aoti")
     assert "--aoti --device cpu --precision fp32 --into" in str(caught.value)
+
+    older = resealed(aoti_export.path, tmp_path / "older", _before_the_bounds_fix)
+    with pytest.raises(AdaFocusError, match="of revision 1, compiled by an older adafocus-deploy") as caught:
+        Runtime.load(older, "aoti")
+    assert "recompile them: adafocus-export --aoti --device cpu --precision fp32 --into" in str(caught.value)
 
     if vector_isa() != "amx":  # packages for a wider instruction set than this CPU has
 
@@ -206,7 +208,7 @@ def test_a_tampered_or_foreign_package_is_refused(aoti_export, exported, tmp_pat
                 record["vector_isa"] = "amx"
 
         with pytest.raises(AdaFocusError, match="use amx instructions"):
-            Runtime.load(_resealed(aoti_export.path, tmp_path / "wider", wider), "aoti")
+            Runtime.load(resealed(aoti_export.path, tmp_path / "wider", wider), "aoti")
     with pytest.raises(AdaFocusError, match="no AOTInductor cpu fp32 packages"):
         Runtime.load(exported("demo").path, "aoti")
 
@@ -298,6 +300,9 @@ def test_the_cpp_runner_verifies_the_export(runner, aoti_export, tmp_path):
     (tampered / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
     done = run_cpp(runner, tampered, tmp_path / "videos.npy")
     assert done.returncode == 1 and "content hash does not match" in done.stderr
+    older = resealed(aoti_export.path, tmp_path / "older", _before_the_bounds_fix)
+    done = run_cpp(runner, older, tmp_path / "videos.npy")
+    assert done.returncode == 1 and "policy package is of revision 1" in done.stderr, done.stderr[-2000:]
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((2, 3, 3, 8, 8), np.float32))
     done = run_cpp(runner, aoti_export.path, wrong)

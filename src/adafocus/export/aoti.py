@@ -39,6 +39,10 @@ KIND = "aoti"  # the key under the manifest's `engines`
 PRECISIONS = {"cpu": ("fp32",), "cuda": ("fp16", "fp32")}  # the first is the default
 FP16_RTOL = 2e-2  # fp16 arithmetic against the fp32 module: the agreement that matters is checked by the loop
 DEFAULT_BATCH_RANGE = (1, 128, 128)
+# Bumped when packages compiled by this module change in a way that makes older ones unfit to run:
+# 2: the compiled batch bounds cover the whole recorded range (before, Inductor narrowed them to
+#    2..3 or 2..15 videos, so they refused batch 1 and ran untested sizes). Records without it are 1.
+PACKAGE_REVISION = 2
 
 
 def package_file(graph: str, device: str, precision: str) -> str:
@@ -81,7 +85,7 @@ def compile_packages(
     elif dense:
         export.graph(DENSE)  # refused before the compile where the export was made without it
     model = export.load_model().to(device)
-    specs = {name: spec for name, spec in graph_specs(model).items() if dense or name != DENSE}
+    specs = graph_specs(model, dense=dense)
     cases = validation_cases(model, validate_batch)
     top = min(batch_range[2], VALIDATE_TOP)
     if top != validate_batch:  # (_compile_one: the code chosen at the traced batch, checked far from it)
@@ -216,6 +220,7 @@ def _compile_one(spec: GraphSpec, path: Path, device, precision, batch_range, ca
         "device": device,
         **target_of(device),
         "precision": precision,
+        "package_revision": PACKAGE_REVISION,
         "batch_range": list(batch_range),
         "compile_seconds": round(seconds, 1),
         "validation": validation,
@@ -259,6 +264,13 @@ def packages_for(export: Export, device: str, precision: str, graphs: Sequence[s
             f"{export.path} has no AOTInductor {device} {precision} packages (it has: {have})", f"run {rebuild}"
         )
     sample = next(iter(records.values()))
+    if (revision := min(r.get("package_revision", 1) for r in records.values())) < PACKAGE_REVISION:
+        raise AdaFocusError(
+            f"{export.path}: its AOTInductor {device} {precision} packages are of revision {revision}, compiled by an "
+            f"older adafocus-deploy for a narrower batch range than they record (they refuse batch 1 and were not "
+            f"checked at large batches); this one needs revision {PACKAGE_REVISION}",
+            f"recompile them: {rebuild}",
+        )
     if sample["torch"] != torch.__version__:
         raise AdaFocusError(
             f"{export.path}: its AOTInductor packages were compiled with torch {sample['torch']}, this is torch "

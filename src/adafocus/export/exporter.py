@@ -99,7 +99,7 @@ def export_model(
     _check_arguments(out, force, opset, trt, precisions, batch_range)
     preset = model.preset
     model = model.eval()
-    specs = {name: spec for name, spec in graph_specs(model).items() if dense or name != DENSE}
+    specs = graph_specs(model, dense=dense)
     work = partial_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

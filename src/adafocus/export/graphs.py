@@ -162,8 +162,8 @@ GRAPH_NAMES = ("glance", "policy", "crop", "local", "classifier")  # the loop's 
 DENSE = "dense"
 
 
-def graph_specs(model: Model) -> dict[str, GraphSpec]:
-    """The five graphs of `model` in loop order, then the dense baseline."""
+def graph_specs(model: Model, *, dense: bool = True) -> dict[str, GraphSpec]:
+    """The five graphs of `model` in loop order, then (with `dense`) the dense baseline."""
     p = model.preset
     model = model.eval()
     video = (p.num_frames, 3, p.frame_size, p.frame_size)
@@ -238,7 +238,7 @@ def graph_specs(model: Model) -> dict[str, GraphSpec]:
             ("logits", "entropy", "next_local_state"),
             classifier_inputs,
         ),
-        GraphSpec(DENSE, DenseGraph(model), (videos,), ("logits", "entropy"), floats(videos)),
+        *([GraphSpec(DENSE, DenseGraph(model), (videos,), ("logits", "entropy"), floats(videos))] if dense else []),
     ]
     return {s.name: s for s in specs}
 
