@@ -4,7 +4,8 @@ import torch
 from adafocus import AdaFocusError
 from adafocus.data.synthetic import SyntheticTask
 from adafocus.model import build_model, get_preset, load_checkpoint
-from adafocus.train.cube_gradients import CUBE_FEATURES, deep_feature_cube, pixel_cube
+from adafocus.model.cubes import plan_cubes
+from adafocus.train.cube_gradients import CUBE_FEATURES, deep_feature_cube, pixel_cube, whole_plan_centres
 from adafocus.train.trainer import TrainConfig, summed_cross_entropy, train, train_step, training_logits
 
 DEMO = get_preset("demo")
@@ -96,6 +97,40 @@ def test_crop_training_cuts_the_cubes_inference_cuts(batch):
         run = adaptive_inference(model, videos, [None] * DEMO.num_exits, centres)
     assert run.cube_starts[0, :, 2].tolist() == [3, 2, 4, 1]
     torch.testing.assert_close(trained, run.step_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_gradient_paths_move_each_cube_to_its_frame_of_the_whole_plan_and_keep_its_gradient():
+    # four cubes aimed at frame 3, at different places inside it: inference cuts frames 3, 2, 4, 1
+    centres = torch.tensor([[[0.3, 0.6, 3.5 / 8], [0.2, 0.1, 3.2 / 8], [0.9, 0.5, 3.9 / 8], [0.5, 0.5, 3.02 / 8]]])
+    centres.requires_grad_(True)
+    moved = whole_plan_centres(centres, DEMO)
+    assert plan_cubes(moved.detach(), DEMO)[0, :, 2].tolist() == [3, 2, 4, 1]
+    # the place inside the frame is kept (the moved one at its edge kept off it), x and y untouched
+    torch.testing.assert_close(moved[0, :, 2] * 8, torch.tensor([3.5, 2.2, 4.9, 1.05]))
+    torch.testing.assert_close(moved[..., :2], centres[..., :2])
+    edge = torch.tensor([[[0.5, 0.5, 3.02 / 8]]])
+    assert whole_plan_centres(edge, DEMO)[0, 0, 2] == edge[0, 0, 2]  # a cube on its own frame: not moved
+    (moved * torch.arange(1.0, 13.0).view(1, 4, 3)).sum().backward()
+    torch.testing.assert_close(centres.grad, torch.arange(1.0, 13.0).view(1, 4, 3))  # a shift: gradient 1
+    tsm = get_preset("sthsth-v1-t8")
+    assert whole_plan_centres(centres, tsm) is centres  # cubes several frames long may overlap in time
+
+
+def test_pixel_training_cuts_the_frames_inference_cuts(batch):
+    # at integer pixel positions and frame middles the pixel path samples exactly the crop: with
+    # every cube aimed at one frame it must see the frames inference runs on, not that frame again
+    from adafocus.model.reference import adaptive_inference
+
+    videos, _ = batch
+    model = fresh_model().eval()
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randint(32, 97, (len(videos), DEMO.max_cubes, 3), generator=g) / 128  # starts 0..64
+    centres[..., 2] = 3.5 / 8
+    with torch.no_grad():
+        trained = torch.stack(training_logits(model, videos, CUBE_FEATURES["pixel"], centres), dim=1)
+        run = adaptive_inference(model, videos, [None] * DEMO.num_exits, centres)
+    assert run.cube_starts[0, :, 2].tolist() == [3, 2, 4, 1]
+    torch.testing.assert_close(trained, run.step_logits, rtol=1e-4, atol=1e-4)
 
 
 def tiny_config(**changes) -> TrainConfig:

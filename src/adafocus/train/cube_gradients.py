@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from adafocus.errors import AdaFocusError
-from adafocus.model.cubes import crop_cubes, plan_cubes
+from adafocus.model.cubes import axis_starts, crop_cubes, plan_cubes
 from adafocus.model.networks import AdaFocusV3, stride32_size
 
 FEATURE_STRIDE = 32  # pixels per feature cell of the ResNet trunk
@@ -109,16 +109,28 @@ def cropped_cube(model: AdaFocusV3, videos: torch.Tensor, centres: torch.Tensor)
     return model.local(crop_cubes(videos, rows, starts, p.cube_size, p.cube_frames))
 
 
+# How far inside its frame a moved centre stays (in frames): the crop rule must map it back to that frame.
+_FRAME_MARGIN = 0.05
+
+
 def whole_plan_centres(centres: torch.Tensor, preset) -> torch.Tensor:
-    """centres (B, K, 3) -> the same, with t moved to the middle of the frame the whole plan gives
-    each cube. Frame-wise cubes never re-use a frame (adafocus.model.cubes): a rule over all K
-    cubes that `cropped_cube`, which sees one cube at a time, cannot apply, so without this a
-    policy that aims two cubes at one frame trains on that frame twice but is run on two."""
+    """centres (B, K, 3) -> the same, each t moved into the frame the whole plan gives its cube,
+    with its gradient. Frame-wise cubes never re-use a frame (adafocus.model.cubes): a rule over all
+    K cubes that the cube features, which see one cube at a time, cannot apply, so without this a
+    policy that aims two cubes at one frame trains on that frame twice but is run on two.
+
+    The move keeps the centre's place inside its frame (where the deep-feature and pixel paths
+    interpolate between frames) and is a constant shift, so the policy's t gets the gradient it
+    would get at the frame inference cuts."""
     if not preset.frame_wise:
         return centres
-    frames = plan_cubes(centres.detach(), preset)[..., 2]
-    t = (frames.to(centres.dtype) + 0.5) / preset.num_frames  # the crop rule maps it back to `frames`
-    return torch.cat([centres[..., :2], t[..., None]], dim=-1)
+    t, length = centres[..., 2], preset.num_frames
+    own = axis_starts(t.detach(), length, 1)  # the frame each cube's own rule gives
+    frames = plan_cubes(centres.detach(), preset)[..., 2]  # the whole plan's: each frame once
+    inside = (t.detach() * length - own).clamp(_FRAME_MARGIN, 1 - _FRAME_MARGIN)
+    shift = torch.where(frames == own, 0.0, (frames + inside) / length - t.detach())  # cubes left alone stay put
+    moved = t + shift
+    return torch.cat([centres[..., :2], moved[..., None]], dim=-1)
 
 
 CUBE_FEATURES = {"deep": deep_feature_cube, "pixel": pixel_cube, "crop": cropped_cube}

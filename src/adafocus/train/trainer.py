@@ -38,7 +38,7 @@ from adafocus.model.checkpoint import save_checkpoint, torch_bytes
 from adafocus.model.networks import AdaFocusV3
 from adafocus.model.presets import Preset
 from adafocus.model.reference import adaptive_inference
-from adafocus.train.cube_gradients import CUBE_FEATURES, cropped_cube, whole_plan_centres
+from adafocus.train.cube_gradients import CUBE_FEATURES, whole_plan_centres
 from adafocus.train.sources import FileSource, SyntheticSource
 
 
@@ -114,8 +114,7 @@ def training_logits(
     logits, global_state = model.classifier.glance(pooled)
     if centres is None:
         centres = model.policy(maps.detach())  # the policy reads the glance but does not train it
-    if cube_features is cropped_cube:  # cut where inference cuts (frame-wise: no frame twice)
-        centres = whole_plan_centres(centres, model.preset)
+    centres = whole_plan_centres(centres, model.preset)  # the frames inference cuts (frame-wise: no frame twice)
     local_state = torch.zeros_like(global_state)
     outputs = [logits]
     for k in range(model.preset.max_cubes):
