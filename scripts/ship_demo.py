@@ -23,6 +23,7 @@ from adafocus.weights import DEMO, DEMO_PIXEL
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "adafocus" / "weights"
 HELDOUT = 1000
+RECORDED = ("command", "train_config", "history", "train_seconds", "heldout")  # an unshipped run has no heldout
 DEFAULT_LR, DEFAULT_VAL_EVERY = 2e-3, 200  # adafocus train's defaults: the command names only others
 
 
@@ -44,13 +45,17 @@ def recorded_training(run: Path, meta: dict) -> dict:
     if init is None:
         return {"command": training_command(meta["train_config"], f"runs/{run.name}")}
     before = load_checkpoint(init).meta
-    if "command" not in before:
-        raise click.ClickException(f"{init} records no training command: ship the run it came from first")
-    init_run = before["command"].split(" --out ")[1].split()[0] + "/model.pt"
+    if "command" in before:  # a shipped checkpoint: it records the run it came from
+        init_run = before["command"].split(" --out ")[1].split()[0] + "/model.pt"
+    elif "initialised_from" in before:
+        raise click.ClickException(f"{init} was fine-tuned itself: ship it first, then fine-tune the shipped file")
+    else:  # the run directory that adafocus train wrote, as README's recipe uses it
+        init_run = f"runs/{Path(init).parent.name}/model.pt"
+        before = before | {"command": training_command(before["train_config"], str(Path(init_run).parent))}
     return {
         "command": before["command"] + " && " + training_command(meta["train_config"], f"runs/{run.name}", init_run),
         "train_seconds": round(before["train_seconds"] + meta["train_seconds"], 1),
-        "initial_run": {k: before[k] for k in ("command", "train_config", "history", "train_seconds", "heldout")},
+        "initial_run": {k: before[k] for k in RECORDED if k in before},
         "initialised_from": {"checkpoint": init_run, "stored_as": before.get("storage", "float32")},
     }
 
