@@ -24,7 +24,7 @@ from adafocus.data.synthetic import SyntheticTask
 from adafocus.data.video import to_model_input, write_lossless
 from adafocus.runtime import Runtime
 from adafocus.serve.budgets import Budgets
-from conftest import near_thresholds, strict_loads
+from conftest import clear_front, near_thresholds, strict_loads
 
 
 def _missing() -> str | None:
@@ -212,7 +212,8 @@ def test_budgets_of_one_batch_equal_separate_predicts(server, calibrated_demo, d
     _, videos = demo_frames
     runtime = Runtime.load(calibrated_demo.path)
     budgets = Budgets(calibrated_demo, runtime.thresholds)
-    asked = [budgets.front[1].gflops, budgets.front[len(budgets.front) // 2].gflops, None]
+    front = clear_front(runtime, videos, budgets)
+    asked = [front[1].gflops, front[len(front) // 2].gflops, None]
     turns_before = server.metric("adafocus_mixed_budget_turns_total", model="adafocus")
     rows = list(range(VIDEOS)) * 2
     items = [

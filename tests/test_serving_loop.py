@@ -29,7 +29,7 @@ from adafocus.serve.budgets import Budgets, LatencyTarget
 from adafocus.serve.decoders import DecoderPool
 from adafocus.serve.loop import Overloaded, ServingLoop, Unavailable
 from adafocus.serve.service import ServeOptions, Service, failure_kind
-from conftest import near_thresholds
+from conftest import clear_front, near_thresholds
 
 PROB_TOL = 1e-5
 
@@ -87,7 +87,8 @@ def test_concurrent_submitters_get_what_predict_gives(calibrated_demo, videos):
 def test_budgets_of_one_batch_equal_separate_predicts(calibrated_demo, videos):
     runtime = Runtime.load(calibrated_demo.path)
     budgets = Budgets(calibrated_demo, runtime.thresholds)
-    cheap, dear = budgets.front[len(budgets.front) // 4], budgets.front[-1]
+    front = clear_front(runtime, videos, budgets)
+    cheap, dear = front[len(front) // 4], front[-1]
     asked = [cheap.gflops if row % 3 == 0 else (dear.gflops if row % 3 == 1 else None) for row in range(len(videos))]
     points = [budgets.resolve(b) for b in asked]
     thresholds = np.stack([p.thresholds for p in points])
