@@ -218,6 +218,10 @@ def near_thresholds(runtime, videos, thresholds, tol: float = 1e-4) -> np.ndarra
     `thresholds` is (K+1,) or (B, K+1)): there a 1e-6 difference between batch compositions may flip
     the exit, so comparisons leave them out (and count them)."""
     entropy, _ = runtime.step_outputs(np.asarray(videos))
+    return _near(entropy, thresholds, tol)
+
+
+def _near(entropy: np.ndarray, thresholds, tol: float = 1e-4) -> np.ndarray:
     limits = np.broadcast_to(np.asarray(thresholds, np.float64), entropy.shape)
     return (np.abs(entropy - limits) <= tol).any(axis=1)
 
@@ -228,7 +232,7 @@ def clear_front(runtime, videos, budgets, share: float = 0.1) -> list:
     before the second cube, so most of its cheap points sit within 1e-4 of many videos, where
     a test can compare almost nothing; budget tests pick among the points they can check."""
     entropy, _ = runtime.step_outputs(np.asarray(videos))
-    front = [p for p in budgets.front if (np.abs(entropy - p.thresholds) <= 1e-4).any(axis=1).mean() <= share]
+    front = [p for p in budgets.front if _near(entropy, p.thresholds).mean() <= share]
     assert len(front) >= 3, f"only {len(front)} of {len(budgets.front)} calibrated points are clear of the videos"
     return front
 
