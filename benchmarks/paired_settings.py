@@ -7,8 +7,9 @@ with ONNX Runtime's default for the setting and with it off, timed in turns in o
 
 The settings (runtime/backends/base.py, onnxruntime.py): `call_cache_mib` cuts a graph call into
 parts whose largest tensor stays near 8 MiB, so that a layer's output is still cached when the next
-layer reads it (off: None); `call_workers` runs those parts at once, one per core in single-threaded
-sessions (off: 1, the parts in turn in one multi-threaded session). Each round runs every method
+layer reads it, one row a part where fewer than two fit (off: None); `call_workers` runs those parts
+at once, one per core in single-threaded sessions (off: 1, the parts in turn in one multi-threaded
+session). Each round runs every method
 once, in a new random order (seeded); `speedup` is the median over rounds of (time off ÷ time on)
 per method, so that a change of the machine's load between rounds cancels out. `realisation` is
 computed per round for both, as `benchmarks/paired_realisation.py` does. Without EXPORT_DIR: the

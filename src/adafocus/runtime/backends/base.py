@@ -46,9 +46,11 @@ CPU_CALL_GFLOPS_INT8 = 4 * CPU_CALL_GFLOPS
 # writes tens of MB, more than any cache, and MobileNetV2's early layers are bound by that traffic.
 # Measured on the demo (AMD EPYC, 32 MiB L3; benchmarks/paired_settings.py call_cache_mib): its glance (0.75 MiB
 # a video) and dense graph (2 MiB) run fastest at 4-16 videos a call; the adaptive loop at batch 128
-# became 1.13x as fast (median of five paired runs, 1.05-1.14), the dense graph 1.09x. Applied only
-# where two rows fit: no cache holds a row of Something-Something's big graphs, which keep the bound
-# above.
+# became 1.13x as fast (median of five paired runs, 1.05-1.14), the dense graph 1.09x. A graph of which
+# fewer than two rows fit gets parts of one row: no cache holds a video of Something-Something V1's
+# glance (38 MB in its largest fp32 layer), yet one video a part ran its adaptive loop 1.02-1.10x as
+# fast as parts of 4-123 (fp32 and int8, batch 32 and 128; AMD EPYC, paired) and the loop's peak
+# memory at batch 128 fell from 9.9 to 3.7 GiB (benchmarks/README.md, "One video a part").
 CPU_CALL_CACHE_MIB = 8.0
 
 
@@ -147,8 +149,7 @@ class Backend:
             if graph not in self._activation_bytes:
                 self._activation_bytes[graph] = largest_activation_bytes(self.export.graph_path(graph))
             fits = int(self.call_cache_mib * 2**20 // max(self._activation_bytes[graph], 1))
-            if fits >= 2:
-                limits.append(fits)
+            limits.append(max(fits, 1))
         return min(limits, default=None)
 
     def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
