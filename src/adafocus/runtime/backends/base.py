@@ -49,7 +49,7 @@ CPU_CALL_GFLOPS_INT8 = 4 * CPU_CALL_GFLOPS
 # became 1.13x as fast (median of five paired runs, 1.05-1.14), the dense graph 1.09x. A graph of which
 # fewer than two rows fit gets parts of one row: no cache holds a video of Something-Something V1's
 # glance (38 MB in its largest fp32 layer), yet one video a part ran its adaptive loop 1.02-1.10x as
-# fast as parts of 4-123 (fp32 and int8, batch 32 and 128; AMD EPYC, paired) and the loop's peak
+# fast as the work bound's parts (fp32 and int8, batch 32 and 128; AMD EPYC, paired) and the loop's peak
 # memory at batch 128 fell from 9.9 to 3.7 GiB (benchmarks/README.md, "One video a part").
 CPU_CALL_CACHE_MIB = 8.0
 
