@@ -223,6 +223,11 @@ std::map<std::string, Graph> load_packages(const fs::path& dir, const json& mani
       throw Refusal("the " + name + " package is of revision " + std::to_string(revision) +
                         ", compiled by an older adafocus-deploy for a narrower batch range than it records; this runner needs revision 2",
                     "recompile the packages: " + rebuild);
+    // the loop calls every graph with as few as one video (adafocus/export/graphs.py check_batch_range)
+    if (const int64_t lowest = record["batch_range"][0].get<int64_t>(); lowest != 1)
+      throw Refusal("the " + name + " package refuses batches below " + std::to_string(lowest) +
+                        "; the early-exit loop calls every graph with as few as one video",
+                    "recompile the packages with a batch range from 1 (the default): " + rebuild);
     const std::string built = record["torch"].get<std::string>();
     if (built.substr(0, built.find('+')) != here)
       throw Refusal("the " + name + " package was compiled with torch " + built + "; this runner is built on libtorch " + here,

@@ -179,6 +179,10 @@ def _before_the_bounds_fix(manifest):  # packages compiled before revision 2 car
     del manifest["engines"]["aoti"]["cpu"]["fp32"]["policy"]["package_revision"]
 
 
+def _from_batch_two(manifest):  # compiled with --batch-range 2:... before that was refused: batch 1 unchecked
+    manifest["engines"]["aoti"]["cpu"]["fp32"]["local"]["batch_range"][0] = 2
+
+
 def test_a_tampered_or_foreign_package_is_refused(aoti_export, exported, tmp_path):
     tampered = tmp_path / "tampered"
     shutil.copytree(aoti_export.path, tampered)
@@ -200,6 +204,11 @@ def test_a_tampered_or_foreign_package_is_refused(aoti_export, exported, tmp_pat
     with pytest.raises(AdaFocusError, match="of revision 1, compiled by an older adafocus-deploy") as caught:
         Runtime.load(older, "aoti")
     assert "recompile them: adafocus-export --aoti --device cpu --precision fp32 --into" in str(caught.value)
+
+    from_two = resealed(aoti_export.path, tmp_path / "from-two", _from_batch_two)
+    with pytest.raises(AdaFocusError, match="packages of local refuse batches below 2") as caught:
+        Runtime.load(from_two, "aoti")
+    assert "with a batch range from 1 (the default): adafocus-export --aoti" in str(caught.value)
 
     if vector_isa() != "amx":  # packages for a wider instruction set than this CPU has
 
@@ -303,6 +312,9 @@ def test_the_cpp_runner_verifies_the_export(runner, aoti_export, tmp_path):
     older = resealed(aoti_export.path, tmp_path / "older", _before_the_bounds_fix)
     done = run_cpp(runner, older, tmp_path / "videos.npy")
     assert done.returncode == 1 and "policy package is of revision 1" in done.stderr, done.stderr[-2000:]
+    from_two = resealed(aoti_export.path, tmp_path / "from-two", _from_batch_two)
+    done = run_cpp(runner, from_two, tmp_path / "videos.npy")
+    assert done.returncode == 1 and "local package refuses batches below 2" in done.stderr, done.stderr[-2000:]
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((2, 3, 3, 8, 8), np.float32))
     done = run_cpp(runner, aoti_export.path, wrong)
@@ -360,7 +372,7 @@ def test_aoti_backend_runs_the_uni_adafocus_family(exported, tmp_path):
     ("args", "message"),
     [
         (["--precision", "fp16"], "fp16 packages need a CUDA GPU"),
-        (["--batch-range", "4:8:8"], "must include batch 3"),
+        (["--batch-range", "1:2:2"], "must include batch 3"),
     ],
 )
 def test_cli_aoti_options_are_refused_before_the_onnx_export(tmp_path, args, message):

@@ -251,9 +251,33 @@ def test_cli_trt_without_tensorrt_stops_before_any_work(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_batch_range_is_checked():
-    result = CliRunner().invoke(cli.export, ["--batch-range", "8:4:16"])
-    assert result.exit_code == 2 and "MIN:OPT:MAX" in result.output
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("8:4:16", "is not MIN <= OPT <= MAX"),
+        ("1:8", "is not MIN:OPT:MAX"),
+        ("2:8:16", "starts at 2; the early-exit loop calls every graph with as few as one video"),
+    ],
+)
+def test_cli_batch_range_is_checked(value, message):
+    result = CliRunner().invoke(cli.export, ["--trt", "--batch-range", value])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_batch_range_from_above_one_is_refused_before_any_work(tmp_path):
+    from adafocus.export.aoti import compile_packages
+
+    with pytest.raises(AdaFocusError, match="use --batch-range 1:8:16"):
+        exporter.export_model(
+            build_model(get_preset("demo")),
+            tmp_path / "x",
+            class_names=[str(i) for i in range(10)],
+            weights={"source": "random"},
+            batch_range=(2, 8, 16),
+        )
+    with pytest.raises(AdaFocusError, match="use --batch-range 1:8:16"):
+        compile_packages(tmp_path / "no-export", batch_range=(2, 8, 16))
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_manifest_holding_nan_is_refused_as_not_strict_json(demo_copy):

@@ -7,7 +7,7 @@ import math
 
 import click
 
-from adafocus.errors import AdaFocusError
+from adafocus.errors import AdaFocusError, error_text
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -81,10 +81,15 @@ def parse_thresholds(ctx, param, value: str | None) -> list[float | None] | None
 
 
 def parse_batch_range(ctx, param, value: str) -> tuple[int, int, int]:
+    from adafocus.export.graphs import check_batch_range  # imports torch: not on every command's start
+
     try:
         parts = tuple(int(v) for v in value.split(":"))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
-        raise click.BadParameter(f"{value!r} is not MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX (e.g. 1:128:128)")
-    return parts
+    if len(parts) != 3:
+        raise click.BadParameter(f"{value!r} is not MIN:OPT:MAX (e.g. 1:128:128)")
+    try:
+        return check_batch_range(parts)
+    except AdaFocusError as e:
+        raise click.BadParameter(error_text(e)) from None

@@ -83,7 +83,7 @@ from adafocus.errors import AdaFocusError
     show_default=True,
     callback=parse_batch_range,
     help="MIN:OPT:MAX batch sizes the engines take: TensorRT's optimisation profile, AOTInductor's dynamic batch "
-    "axis (larger batches are split by the runtime).",
+    "axis (larger batches are split by the runtime). MIN is 1: the loop runs every graph down to one video.",
 )
 @click.option(
     "--force",

@@ -28,7 +28,7 @@ import torch
 from adafocus.data.synthetic import SyntheticTask
 from adafocus.errors import AdaFocusError
 from adafocus.export.exporter import Fp16Graph
-from adafocus.export.graphs import DENSE, GraphSpec, graph_specs, real_inputs
+from adafocus.export.graphs import DENSE, GraphSpec, check_batch_range, graph_specs, real_inputs
 from adafocus.export.manifest import Export, open_export, sha256_file, update_manifest
 from adafocus.export.onnx_export import EXAMPLE_BATCH
 from adafocus.export.validate import FP32_RTOL, Case, compare_outputs, validation_cases
@@ -78,8 +78,8 @@ def compile_packages(
     dense baseline that adafocus-bench compares with: the loop itself does not need it) for
     `device`/`precision` to the export in `export_dir`, then reseal it. `dense=None`: where the export
     has the dense graph (one made with --no-dense has not)."""
-    export = open_export(export_dir)
     precision = check_options(device, precision, batch_range)
+    export = open_export(export_dir)
     if dense is None:
         dense = export.has_graph(DENSE)
     elif dense:
@@ -130,11 +130,12 @@ def check_options(device: str, precision: str | None, batch_range) -> str:
         )
     if device == "cuda" and not torch.cuda.is_available():
         raise AdaFocusError("--device cuda: torch sees no CUDA GPU", "compile on the GPU host that will run them")
-    lo, _, hi = batch_range
-    if not 1 <= lo <= EXAMPLE_BATCH <= hi:
+    _, _, hi = check_batch_range(batch_range)
+    if hi < EXAMPLE_BATCH:
         raise AdaFocusError(
-            f"batch range {batch_range} must include batch {EXAMPLE_BATCH} (torch.export traces there)",
-            "e.g. --batch-range 1:128:128",
+            f"batch range {':'.join(map(str, batch_range))} must include batch {EXAMPLE_BATCH} (torch.export traces "
+            "there)",
+            f"use a MAX of at least {EXAMPLE_BATCH}, e.g. --batch-range 1:128:128",
         )
     return precision
 
@@ -270,6 +271,12 @@ def packages_for(export: Export, device: str, precision: str, graphs: Sequence[s
             f"older adafocus-deploy for a narrower batch range than they record (they refuse batch 1 and were not "
             f"checked at large batches); this one needs revision {PACKAGE_REVISION}",
             f"recompile them: {rebuild}",
+        )
+    if low := sorted(g for g, r in records.items() if r["batch_range"][0] != 1):
+        raise AdaFocusError(
+            f"{export.path}: its AOTInductor {device} {precision} packages of {', '.join(low)} refuse batches below "
+            f"{records[low[0]]['batch_range'][0]}; the early-exit loop calls every graph with as few as one video",
+            f"recompile them with a batch range from 1 (the default): {rebuild}",
         )
     if sample["torch"] != torch.__version__:
         raise AdaFocusError(

@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from adafocus.errors import AdaFocusError, InternalError
-from adafocus.export.graphs import DENSE, GraphSpec, graph_specs
+from adafocus.export.graphs import DENSE, GraphSpec, check_batch_range, graph_specs
 from adafocus.export.manifest import (
     FORMAT,
     MANIFEST,
@@ -158,8 +158,7 @@ def _check_arguments(out: Path, force: bool, opset: int, trt: bool, precisions, 
             raise AdaFocusError(f"--trt: {reason}", "drop --trt to write the ONNX graphs only")
     if bad := [p for p in precisions if p not in PRECISIONS]:
         raise AdaFocusError(f"unknown precision {bad}", f"use {' or '.join(PRECISIONS)}")
-    if not 1 <= batch_range[0] <= batch_range[1] <= batch_range[2]:
-        raise AdaFocusError(f"batch range {batch_range} is not min <= opt <= max", "e.g. --batch-range 1:128:128")
+    check_batch_range(batch_range)
 
 
 _EXPORT_FILES = (MANIFEST, SCHEMA_FILE, PYTORCH_FILE, "timing.cache", "*.onnx", "*.engine", "*.pt2")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adafocus.errors import AdaFocusError
 from adafocus.model.cubes import crop_cubes, plan_cubes
 from adafocus.model.families import Model
 from adafocus.model.networks import stride32_size
@@ -39,6 +40,23 @@ from adafocus.model.uni import crop_patches
 
 BATCH = "batch"  # the symbolic batch axis of every graph
 POOL = "pool"  # the crop graph's second batch-like axis: the videos the rows index into
+
+
+def check_batch_range(batch_range) -> tuple[int, int, int]:
+    """The MIN, OPT and MAX batch of TensorRT engines or AOTInductor packages, checked before any work.
+    MIN must be 1: the loop calls each graph with the rows that are left, down to one video (the last
+    not yet exited) or one cube. An engine refuses a batch below its range mid-run; a package checks
+    only under AOTI_RUNTIME_CHECK_INPUTS=1 and otherwise runs a size it was never validated at."""
+    lo, opt, hi = batch_range
+    if not 1 <= lo <= opt <= hi:
+        raise AdaFocusError(f"batch range {lo}:{opt}:{hi} is not MIN <= OPT <= MAX", "e.g. --batch-range 1:128:128")
+    if lo != 1:
+        raise AdaFocusError(
+            f"batch range {lo}:{opt}:{hi} starts at {lo}; the early-exit loop calls every graph with as few as one "
+            "video (the last one left)",
+            f"use --batch-range 1:{opt}:{hi}",
+        )
+    return lo, opt, hi
 
 
 @dataclass(frozen=True)

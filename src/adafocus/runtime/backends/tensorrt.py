@@ -51,7 +51,14 @@ class TensorRTBackend(Backend):
         self.engines = {
             g: TensorRTEngine(export.engine_path(g, self.precision), device=self.device) for g in self.graphs
         }
-        self.max_batch = min(self.engines[g].profile_range(self.inputs[g][0])[2][0] for g in self.graphs)
+        profiles = {g: self.engines[g].profile_range(self.inputs[g][0]) for g in self.graphs}
+        if low := sorted(g for g, (smallest, _, _) in profiles.items() if smallest[0] != 1):
+            raise AdaFocusError(
+                f"the {self.precision} TensorRT engines of {', '.join(low)} in {export.path} refuse batches below "
+                f"{profiles[low[0]][0][0]}; the early-exit loop calls every graph with as few as one video",
+                "rebuild them with adafocus-export --trt and a --batch-range from 1 (the default)",
+            )
+        self.max_batch = min(largest[0] for _, _, largest in profiles.values())
 
     def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
         return self.engines[graph].run({k: v.contiguous() for k, v in feeds.items()})
