@@ -648,17 +648,18 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
             return _OnOneThread(f"decoding on {threads or 'several'} threads failed ({err})")
         return _Damaged(f"damaged: decoding failed ({err})")
 
-    def settle() -> None:
-        """Drain what the decoder still holds before a seek flushes it, and at the end: a frame kept
-        may reference a damaged one that has not come out yet (a B-frame shown before it). What
-        comes out is checked, not kept (a flush would wait for the frame threads all the same)."""
+    def drain() -> None:
+        """Take every frame the decoder still holds: where no wanted frame lies ahead, before a seek
+        flushes it, and at the end. What comes out is checked (a frame kept may reference a damaged
+        one that has not come out yet: a B-frame shown before it) and kept if wanted (a decoder's
+        output depends only on the packets before, so a frame held back by reordering is the same
+        drained as decoded on). A flush instead would wait for the frame threads all the same."""
         nonlocal pending, next_packet
         if not pending:
             return
         try:
             for frame in codec.decode(None):
-                if frame.is_corrupt:
-                    raise _Damaged(f"damaged: the frame at pts {frame.pts} came out concealed")
+                take(frame)
         except av.error.FFmpegError as err:
             raise failed(err) from err
         pending, next_packet = False, -1  # a drained decoder takes packets again only after a seek
@@ -687,7 +688,7 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
         key = keyframe_for(wanted[todo], back)
         sought = next_packet < 0 or key > next_packet or back > 0
         if sought:
-            settle()
+            drain()
             seeks += 1
             if seeks > (_RETRIES + 1) * len(wanted):  # a demuxer that never lands where asked
                 raise _NotExact("seeking does not reach the wanted frames")
@@ -721,13 +722,10 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
                     # The decoder holds a frame back until later packets arrive (B-frame reordering,
                     # plus one packet per extra frame thread). If no other wanted frame is reachable
                     # from here, feeding more would decode reference frames nobody wants: drain it
-                    # instead (a decoder's output depends only on the packets before, so the frame
-                    # is the same) and seek on from a flushed decoder.
+                    # instead and seek on from an empty decoder.
                     ahead = next((pts for pts in wanted[todo:] if pts not in fed), None)
                     if ahead is None or keyframe_for(ahead, 0) > next_packet:
-                        for frame in codec.decode(None):
-                            take(frame)
-                        pending, next_packet = False, -1  # a drained decoder takes packets again only after a seek
+                        drain()
                         if todo < len(wanted) and wanted[todo] in fed:
                             missed = True  # sent, drained, and never shown
                         break
@@ -739,7 +737,7 @@ def _seek_and_decode(container, stream, packets: PacketIndex, wanted: list[int],
                 if todo < len(wanted):
                     missed = True  # the end of the file, a wanted frame never shown
             if todo == len(wanted):
-                settle()
+                drain()
         except av.error.FFmpegError as err:
             raise failed(err) from err
         if missed:
