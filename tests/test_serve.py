@@ -435,7 +435,7 @@ def test_a_killed_model_process_fails_only_its_requests_and_stops_the_server(cal
     results = []
     sender = threading.Thread(
         target=lambda: results.extend(
-            grpc_requests(served, "adafocus", [({"VIDEO": v}, None) for v in videos[:16]], timeout=20)
+            grpc_requests(served, "adafocus", [({"VIDEO": v}, None) for v in videos[:16]], timeout=90)
         )
     )
     sender.start()
@@ -443,18 +443,17 @@ def test_a_killed_model_process_fails_only_its_requests_and_stops_the_server(cal
     assert served.metric("adafocus_answered_total") == 16  # the new requests are in flight, none answered yet
     os.kill(victim, signal.SIGKILL)
     code = served.process.wait(120)
-    sender.join(90)
+    sender.join(120)
     log = served.log.read_text(encoding="utf-8")
     assert code == 1 and "model instance adafocus_0_0 died" in log and "Triton does not restart it" in log
-    # every request got exactly one outcome (grpc_requests checks): a result from the live instance, or an
-    # error or the client's deadline for those the dead one held. A gRPC server shutting down answers the
-    # calls still pending with CANCELLED, where a closed connection gives UNAVAILABLE: which comes first varies
+    # every request got exactly one answer (grpc_requests checks), none by the client's deadline (90 s): a
+    # result from the live instance, or for those the dead one held, the closed connection of the server
+    # killed once its exit timeout (5 s) had passed (tritonserver waits for those calls: EXIT_GRACE_S)
     assert len(results) == 16
     lost = [error for _, error in results if error is not None]
     statuses = [f"{e.status()}: {e.message()}" for e in lost]
     assert 0 < len(lost) < len(results), statuses
-    stopped = ("StatusCode.DEADLINE_EXCEEDED", "StatusCode.UNAVAILABLE", "StatusCode.INTERNAL", "StatusCode.CANCELLED")
-    assert all(e.status() in stopped for e in lost), statuses
+    assert all(e.status() in ("StatusCode.UNAVAILABLE", "StatusCode.INTERNAL") for e in lost), statuses
     time.sleep(0.5)
     assert not [pid for pid in decoders if Path(f"/proc/{pid}").exists()], "a decoder process was left behind"
     assert shm_regions() <= before

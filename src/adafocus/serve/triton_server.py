@@ -36,6 +36,12 @@ from adafocus.files import cache_root
 
 INSTALL = "pip install -c constraints.txt -e '.[serve]' (or pip install 'adafocus-deploy[serve]')"
 SHM = Path("/dev/shm")
+# How long past its exit timeout a stopping server may take before it is killed. Triton 2.51 logs "Exit
+# timeout expired. Exiting immediately." on time, but a process holding gRPC calls that will never be
+# answered (those of a model process that died) then lives on until their clients give up (measured:
+# it exited only when their 20 s deadline passed). Killed, it closes their connections: they fail at
+# once (UNAVAILABLE) instead of waiting out their deadlines, or forever without one.
+EXIT_GRACE_S = 5
 
 
 def _wheel() -> Path:
@@ -203,7 +209,7 @@ class TritonServer:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout_s or self.exit_timeout_s + 30)
+                self.process.wait(timeout_s or self.exit_timeout_s + EXIT_GRACE_S)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
