@@ -1,12 +1,14 @@
-// adafocus-run: the AdaFocusV3 early-exit loop in C++, on the AOTInductor packages of an export.
+// adafocus-run: the early-exit loop in C++, on the AOTInductor packages of an export (AdaFocusV3 and
+// Uni-AdaFocus: the protocol's one loop, whose crop graph takes a patch box too for the latter).
 //
 //   adafocus-run EXPORT_DIR VIDEOS.npy [--device cpu|cuda] [--precision fp32|fp16] [--thresholds H0,...,HK]
 //
 // Follows docs/runtime-protocol.md: verifies the export (format, versions, the manifest's own sha256
 // over its canonical JSON, every file's sha256, no stray files), then runs the batched loop with
 // compaction on the packages listed under engines.aoti.<device>.<precision>, and prints one JSON line
-// per video in input order: index, class_index, exit_step, cube_starts (the cubes used), probabilities
-// (softmax of the float32 exit logits, in float64), gflops.
+// per video in input order: index, class_index, exit_step, cube_starts and centres (of the cubes used;
+// Uni-AdaFocus centres are patch boxes), probabilities (softmax of the float32 exit logits, in
+// float64), gflops.
 //
 // VIDEOS.npy: one float32 array (B, T, 3, H, W), C order, written by numpy.save in one call, the
 // videos preprocessed as the manifest's `input` says. Build: cpp/build.sh (README, "C++ runner").
@@ -192,6 +194,7 @@ at::Tensor read_npy(const fs::path& path) {
 }
 
 struct Graph {
+  std::vector<std::string> inputs;  // the manifest's order
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
   std::vector<std::string> outputs;
 
@@ -235,6 +238,7 @@ std::map<std::string, Graph> load_packages(const fs::path& dir, const json& mani
     Graph graph;
     graph.loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>((dir / record["file"].get<std::string>()).string());
     for (const auto& output : manifest["graphs"][name]["outputs"]) graph.outputs.push_back(output["name"].get<std::string>());
+    for (const auto& input : manifest["graphs"][name]["inputs"]) graph.inputs.push_back(input["name"].get<std::string>());
     *max_batch = std::min<int64_t>(*max_batch, record["batch_range"][2].get<int64_t>());
     graphs.emplace(name, std::move(graph));
   }
@@ -245,6 +249,7 @@ struct Result {
   int64_t exit_step = 0;
   at::Tensor logits;  // (N,) float32, host
   std::vector<std::array<int64_t, 3>> starts;  // the cubes used
+  std::vector<std::vector<float>> centres;  // theirs: (x, y, t) in [0, 1], or a Uni-AdaFocus box (x0, y0, w, h)
 };
 
 // Section 3 of the protocol, per batch with compaction.
@@ -266,26 +271,34 @@ void run_batch(std::map<std::string, Graph>& g, const at::Tensor& videos, const 
   auto rows = at::tensor(running, at::kLong).to(device);
   auto plan = g["policy"].run({glance["maps"].index_select(0, rows)});
   auto starts = plan["cube_starts"];  // (n, K, 3) on the device
+  auto centres = plan["centres"];  // (n, K, 3), or (n, K, 4) boxes: Uni-AdaFocus's crop resamples them
   auto global_state = glance["global_state"].index_select(0, rows);
   auto local_state = at::zeros_like(global_state);
   for (int64_t k = 1; k <= k_max && !running.empty(); ++k) {
-    auto step_starts = starts.select(1, k - 1).contiguous();
-    auto cubes = g["crop"].run({videos, rows, step_starts})["cubes"];
+    const std::map<std::string, at::Tensor> crop_feeds = {
+        {"pool", videos}, {"rows", rows}, {"starts", starts.select(1, k - 1)}, {"boxes", centres.select(1, k - 1)}};
+    std::vector<at::Tensor> crop_inputs;
+    for (const auto& name : g["crop"].inputs) crop_inputs.push_back(crop_feeds.at(name));  // checked at load
+    auto cubes = g["crop"].run(crop_inputs)["cubes"];
     auto features = g["local"].run({cubes})["features"];
     auto step = at::full({int64_t(running.size())}, k, at::TensorOptions().dtype(at::kLong).device(device));
     auto out = g["classifier"].run({features, local_state, global_state, step});
     auto entropy = out["entropy"].to(at::kCPU);
     auto logits = out["logits"].to(at::kCPU);
     auto host_starts = starts.to(at::kCPU);
+    auto host_centres = centres.to(at::kCPU).contiguous();
     std::vector<int64_t> keep, next_running;
     for (size_t r = 0; r < running.size(); ++r) {
       if (k == k_max || entropy[r].item<float>() <= eta[k]) {
         Result& result = results[first_index + running[r]];
         result.exit_step = k;
         result.logits = logits[r];
-        for (int64_t c = 0; c < k; ++c)
+        for (int64_t c = 0; c < k; ++c) {
           result.starts.push_back({host_starts[r][c][0].item<int64_t>(), host_starts[r][c][1].item<int64_t>(),
                                    host_starts[r][c][2].item<int64_t>()});
+          const float* centre = host_centres[r][c].data_ptr<float>();
+          result.centres.emplace_back(centre, centre + host_centres.size(2));
+        }
       } else {
         keep.push_back(int64_t(r));
         next_running.push_back(running[r]);
@@ -294,6 +307,7 @@ void run_batch(std::map<std::string, Graph>& g, const at::Tensor& videos, const 
     if (next_running.empty()) break;
     auto kept = at::tensor(keep, at::kLong).to(device);
     starts = starts.index_select(0, kept);
+    centres = centres.index_select(0, kept);
     local_state = out["next_local_state"].index_select(0, kept);
     global_state = global_state.index_select(0, kept);
     running = next_running;
@@ -359,11 +373,12 @@ int main(int argc, char** argv) {
     }
     const fs::path dir = positional[0];
     const json manifest = open_export(dir);
-    // A Uni-AdaFocus export's crop graph resamples a patch box (an input this loop does not feed)
-    const std::string family = manifest["preset"].value("family", "adafocusv3");
-    if (family != "adafocusv3")
-      throw Refusal(dir.string() + " is a " + family + " (Uni-AdaFocus) export; this runner drives AdaFocusV3 exports only",
-                    "run it with the Python runtime: adafocus-predict, or adafocus.runtime.Runtime (onnxruntime, pytorch, aoti)");
+    // the crop graph's inputs this loop feeds (a Uni-AdaFocus crop also takes the step's patch box)
+    for (const auto& input : manifest["graphs"]["crop"]["inputs"])
+      if (const std::string name = input["name"].get<std::string>();
+          name != "pool" && name != "rows" && name != "starts" && name != "boxes")
+        throw Refusal(dir.string() + ": its crop graph takes an input '" + name + "' this runner does not know",
+                      "run it with the Python runtime (adafocus-predict), or update adafocus-run");
     const int64_t k_max = manifest["protocol"]["max_cubes"].get<int64_t>();
 
     std::vector<float> eta(k_max + 1, -std::numeric_limits<float>::infinity());  // null: never exit early
@@ -397,6 +412,7 @@ int main(int argc, char** argv) {
                    {"class_index", results[i].logits.argmax().item<int64_t>()},
                    {"exit_step", results[i].exit_step},
                    {"cube_starts", results[i].starts},
+                   {"centres", results[i].centres},
                    {"probabilities", std::vector<double>(probs.data_ptr<double>(), probs.data_ptr<double>() + probs.numel())},
                    {"gflops", costs[results[i].exit_step]}};
       std::cout << line.dump() << "\n";
