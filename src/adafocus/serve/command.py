@@ -18,7 +18,7 @@ from adafocus.files import cache_root
 from adafocus.runtime.runtime import budget_entry
 from adafocus.serve.repository import CONTINUOUS, PER_BATCH, standard_models, write_repository
 from adafocus.serve.service import ServeOptions
-from adafocus.serve.triton_server import TritonServer
+from adafocus.serve.triton_server import EXIT_GRACE_S, TritonServer
 
 WATCH_EVERY_S = 0.5
 
@@ -78,7 +78,12 @@ def serve(
         code = server.stop()
         status = 1 if problem or code != 0 else 0
         if code != 0 and not problem:
-            log(f"error: tritonserver exited with code {code}:\n{server.log_tail()}")
+            how = (
+                f"was killed {EXIT_GRACE_S} s after its exit timeout"
+                if code == -signal.SIGKILL
+                else f"exited with code {code}"
+            )
+            log(f"error: tritonserver {how}:\n{server.log_tail()}")
         return status
     finally:
         if server is not None and server.process is not None and server.process.poll() is None:
