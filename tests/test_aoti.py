@@ -27,8 +27,9 @@ from test_runtime import assert_fp16_agrees, assert_same
 
 REPO = Path(__file__).resolve().parents[1]
 PROB_TOL_CPP = 1e-4
-# the same packages in other batch sizes: AdaFocusV3 centres lie in [0, 1], Uni-AdaFocus boxes in pixels
-CENTRES_TOL = {"rtol": 1e-5, "atol": 1e-6}
+# the same packages in other batch sizes (on a GPU, other kernels too): AdaFocusV3 centres lie in [0, 1],
+# Uni-AdaFocus boxes in pixels; a box off by a pixel or a cube of another step is far outside
+CENTRES_TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
 @pytest.fixture(scope="module")
