@@ -322,7 +322,7 @@ def _first_frame(path: Path) -> tuple[int, np.ndarray, bool]:
     display matrix is attached at all, read with plain PyAV."""
     with av.open(str(path)) as container:
         frame = next(container.decode(video=0))
-        has_matrix = any(data.type.name == "DISPLAYMATRIX" for data in frame.side_data)
+        has_matrix = "DISPLAYMATRIX" in frame.side_data  # PyAV 18.1.1 iterates its keys, 18.1.0 its values
         return frame.rotation, frame.to_ndarray(format="rgb24"), has_matrix
 
 
